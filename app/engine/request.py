@@ -1,0 +1,125 @@
+"""One request's state: tokens, KV blocks, sampling, SLO fields and timings."""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from app.engine.config import SamplingParams
+
+
+class RequestStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass
+class RequestMetrics:
+    arrival_time: float
+    first_token_time: float | None
+    finish_time: float | None
+    num_prompt_tokens: int
+    num_output_tokens: int
+    ttft_s: float | None
+    tpot_s: float | None  # mean time per output token over the decode phase (first to last token)
+    tpot_slo_ms: float | None
+    ttft_slo_ms: float | None
+    slo_attained: bool | None
+    num_preemptions: int
+    num_spec_steps: int
+    num_accepted_draft_tokens: int
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    new_token_ids: list[int]
+    new_text: str
+    finished: bool
+    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    token_ids: list[int] | None = None  # all output tokens, filled when finished
+    text: str | None = None  # all output text, filled when finished
+    metrics: RequestMetrics | None = None  # filled when finished
+
+
+@dataclass
+class Request:
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling: SamplingParams
+    eos_token_ids: frozenset[int]
+    generator: torch.Generator | None = None
+    tpot_slo_ms: float | None = None
+    ttft_slo_ms: float | None = None
+    policy: str | None = None  # per-request speculation policy override (experiments)
+    arrival_time: float = field(default_factory=time.perf_counter)
+
+    token_ids: list[int] = field(init=False)  # prompt, then output
+    num_computed_tokens: int = 0  # tokens whose K/V sits in the cache
+    block_ids: list[int] = field(default_factory=list)
+    status: RequestStatus = RequestStatus.WAITING
+    finish_reason: str | None = None
+    first_token_time: float | None = None
+    token_times: list[float] = field(default_factory=list)
+    finish_time: float | None = None
+    text: str = ""  # detokenised output, cut at a stop string
+    num_emitted_chars: int = 0  # text already streamed
+    num_emitted_tokens: int = 0
+    num_preemptions: int = 0
+    num_spec_steps: int = 0
+    num_accepted_draft_tokens: int = 0
+
+    def __post_init__(self) -> None:
+        self.token_ids = list(self.prompt_token_ids)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens:]
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def num_uncomputed_tokens(self) -> int:
+        return len(self.token_ids) - self.num_computed_tokens
+
+    @property
+    def is_decoding(self) -> bool:
+        """Only the last sampled token is missing from the cache: the next step yields new tokens."""
+        return self.num_output_tokens > 0 and self.num_uncomputed_tokens == 1
+
+    @property
+    def finished(self) -> bool:
+        return self.status is RequestStatus.FINISHED
+
+    def decode_time_s(self, now: float) -> float:
+        """l_r of the SLO maths: time spent since the first output token."""
+        return 0.0 if self.first_token_time is None else now - self.first_token_time
+
+    def metrics(self) -> RequestMetrics:
+        ttft = None if self.first_token_time is None else self.first_token_time - self.arrival_time
+        tpot = None
+        if len(self.token_times) > 1:
+            tpot = (self.token_times[-1] - self.token_times[0]) / (len(self.token_times) - 1)
+        attained = None
+        if self.tpot_slo_ms is not None or self.ttft_slo_ms is not None:
+            attained = True
+            if self.tpot_slo_ms is not None and tpot is not None:
+                attained &= tpot * 1e3 <= self.tpot_slo_ms
+            if self.ttft_slo_ms is not None:
+                attained &= ttft is not None and ttft * 1e3 <= self.ttft_slo_ms
+        return RequestMetrics(
+            arrival_time=self.arrival_time, first_token_time=self.first_token_time, finish_time=self.finish_time,
+            num_prompt_tokens=self.num_prompt_tokens, num_output_tokens=self.num_output_tokens, ttft_s=ttft,
+            tpot_s=tpot, tpot_slo_ms=self.tpot_slo_ms, ttft_slo_ms=self.ttft_slo_ms, slo_attained=attained,
+            num_preemptions=self.num_preemptions, num_spec_steps=self.num_spec_steps,
+            num_accepted_draft_tokens=self.num_accepted_draft_tokens)

@@ -1,0 +1,121 @@
+"""Torch reference implementations of the attention-side kernels (the CPU path, and the tests' oracle)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from kernels.metadata import AttnMetadata
+
+# Requests with more step tokens than this get their own SDPA call instead of padding the others' queries.
+_PAD_QUERY_LIMIT = 64
+
+
+def write_kv_reference(
+    k: torch.Tensor,  # [num_tokens, kv_heads, head_dim]
+    v: torch.Tensor,
+    k_cache: torch.Tensor,  # [num_blocks, block_size, kv_heads, head_dim]
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,  # [num_tokens] int64, -1 = skip
+) -> None:
+    keep = slot_mapping >= 0
+    slots = slot_mapping
+    if not bool(keep.all()):
+        slots, k, v = slot_mapping[keep], k[keep], v[keep]
+    k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slots, k.to(k_cache.dtype))
+    v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slots, v.to(v_cache.dtype))
+
+
+def kv_commit_reference(
+    k_cache: torch.Tensor,  # [num_layers, num_blocks, block_size, kv_heads, head_dim]
+    v_cache: torch.Tensor,
+    src_slots: torch.Tensor,  # [n] int64 flat slots of accepted entries
+    dst_slots: torch.Tensor,  # [n] int64 flat slots they must end up in
+) -> None:
+    """Gather-then-scatter, so overlapping source and destination ranges are safe."""
+    if src_slots.numel() == 0:
+        return
+    for cache in (k_cache, v_cache):
+        flat = cache.view(cache.shape[0], -1, *cache.shape[3:])
+        flat[:, dst_slots] = flat[:, src_slots]
+
+
+def _logical_slots(meta: AttnMetadata, req_ids: list[int], max_kv: int, block_size: int) -> torch.Tensor:
+    """[len(req_ids), max_kv] flat cache slots of each request's logical kv indices (0 where unused)."""
+    tables = meta.block_tables[req_ids].long().clamp_min(0)  # [R, max_blocks]
+    j = torch.arange(max_kv, device=tables.device)
+    blocks = tables.gather(1, (j // block_size).clamp_max(tables.shape[1] - 1).expand(len(req_ids), -1))
+    return blocks * block_size + j % block_size
+
+
+def tree_attention_reference(
+    q: torch.Tensor,  # [num_tokens, heads, head_dim]
+    k_cache: torch.Tensor,  # [num_blocks, block_size, kv_heads, head_dim]
+    v_cache: torch.Tensor,
+    meta: AttnMetadata,
+    scale: float,
+) -> torch.Tensor:
+    """Attention of every step token over its request's committed context plus its visible step tokens."""
+    num_tokens, num_heads, head_dim = q.shape
+    out = torch.empty_like(q)
+    if num_tokens == 0:
+        return out
+    qsl = meta.query_start_loc_host or meta.query_start_loc.tolist()
+    q_lens = [qsl[r + 1] - qsl[r] for r in range(meta.num_reqs)]
+    ctx = meta.context_lens.tolist()
+    small = [r for r in range(meta.num_reqs) if 0 < q_lens[r] <= _PAD_QUERY_LIMIT]
+    large = [r for r in range(meta.num_reqs) if q_lens[r] > _PAD_QUERY_LIMIT]
+    groups = ([small] if small else []) + [[r] for r in large]
+    for group in groups:
+        _attend_group(q, k_cache, v_cache, meta, scale, group, qsl, q_lens, ctx, out)
+    return out
+
+
+def _attend_group(q, k_cache, v_cache, meta, scale, reqs, qsl, q_lens, ctx, out) -> None:
+    device = q.device
+    block_size = k_cache.shape[1]
+    num_heads, head_dim = q.shape[1], q.shape[2]
+    n = len(reqs)
+    max_q = max(q_lens[r] for r in reqs)
+    kv_lens = [ctx[r] + q_lens[r] for r in reqs]
+    max_kv = max(kv_lens)
+
+    # Queries, padded to [n, max_q].
+    starts = torch.tensor([qsl[r] for r in reqs], device=device)
+    lens = torch.tensor([q_lens[r] for r in reqs], device=device)
+    qi = torch.arange(max_q, device=device)
+    q_valid = qi[None, :] < lens[:, None]  # [n, max_q]
+    tok = (starts[:, None] + qi[None, :]).clamp_max(q.shape[0] - 1)  # [n, max_q]
+    qp = q[tok]  # [n, max_q, H, D]
+
+    # Keys/values of the whole logical range, gathered from the blocks.
+    slots = _logical_slots(meta, reqs, max_kv, block_size)  # [n, max_kv]
+    kf = k_cache.view(-1, *k_cache.shape[2:])
+    vf = v_cache.view(-1, *v_cache.shape[2:])
+    kp, vp = kf[slots], vf[slots]  # [n, max_kv, KVH, D]
+
+    # Mask: context always visible; step token k visible to step token i by causality or tree bits.
+    ctx_t = torch.tensor([ctx[r] for r in reqs], device=device)
+    kj = torch.arange(max_kv, device=device)
+    step_k = kj[None, :] - ctx_t[:, None]  # [n, max_kv], step index of each key (negative = context)
+    kv_valid = kj[None, :] < torch.tensor(kv_lens, device=device)[:, None]
+    causal = step_k[:, None, :] <= qi[None, :, None]  # [n, max_q, max_kv]
+    bits = meta.tree_bits[tok]  # [n, max_q]
+    shift = step_k.clamp(0, 63)
+    tree_vis = ((bits[:, :, None] >> shift[:, None, :]) & 1).bool()
+    is_tree = meta.is_tree[reqs].to(device)[:, None, None]
+    step_vis = torch.where(is_tree, tree_vis, causal)
+    mask = kv_valid[:, None, :] & ((step_k < 0)[:, None, :] | step_vis)
+    mask = mask & q_valid[:, :, None]
+    mask[:, :, 0] |= ~q_valid  # padded query rows see one key so softmax stays finite
+
+    kv_heads = kp.shape[2]
+    o = F.scaled_dot_product_attention(
+        qp.transpose(1, 2),  # [n, H, max_q, D]
+        kp.transpose(1, 2).to(q.dtype),
+        vp.transpose(1, 2).to(q.dtype),
+        attn_mask=mask[:, None],
+        scale=scale,
+        enable_gqa=kv_heads != num_heads,
+    ).transpose(1, 2)  # [n, max_q, H, D]
+    out[tok[q_valid]] = o[q_valid]

@@ -1,0 +1,88 @@
+"""Step token budget, adaptive draft shape, and the spare budget a replica reports to the router (DESIGN.md 3)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from policies.latency_model import LatencyModel
+
+
+def choose_token_budget(
+    model: LatencyModel,
+    *,
+    context_tokens: float = 0.0,
+    tolerance: float = 1.2,
+    min_tokens: int = 1,
+    max_tokens: int = 1024,
+    max_step_s: float | None = None,
+) -> int:
+    """Largest step size (tokens, roots included) whose predicted time stays within ``tolerance`` x the
+    memory-bound floor (the time of a 1-token step at this context), and within ``max_step_s`` if given.
+
+    ``max_step_s`` is how an SLO mix enters: e.g. tightest TPOT SLO x tokens a tight request expects per
+    step. Returns at least ``min_tokens`` even if that is over the limits (a step must make progress).
+    """
+    sizes = np.arange(min_tokens, max(max_tokens, min_tokens) + 1)
+    t_s = np.asarray(model.predict(sizes, context_tokens))
+    ok = t_s <= tolerance * float(model.predict(1, context_tokens))
+    if max_step_s is not None:
+        ok &= t_s <= max_step_s
+    # the latency model is non-decreasing, so ``ok`` is a prefix; take its end
+    return int(sizes[ok][-1]) if ok.any() else int(min_tokens)
+
+
+def adaptive_shape(
+    token_budget: int,
+    num_requests: int,
+    draft_budget: int,
+    c1: float = 1.0,
+    c2: int = 0,
+    d_min: int = 1,
+    d_max: int = 8,
+    w_max: int = 8,
+) -> tuple[int, int]:
+    """(depth, width) of the draft beam, the paper's rule:
+
+    ``d = clip(floor(B / (n + c1)) - 1, d_min, d_max)``, ``w = clip(floor(B_draft / n) + c2, 1, w_max)``.
+    ``token_budget`` is the step budget B (roots included: B / n tokens per request, minus its root, bounds
+    a useful depth); ``draft_budget`` is B_draft, tokens one draft step may process over all requests.
+    c1 > 0 keeps depth below the per-request share so the budget can still be shared unevenly; our defaults
+    (c1 = 1, c2 = 0, d in [1, 8], w <= 8) are our own choice, the paper does not fix them.
+    """
+    n = max(int(num_requests), 1)
+    depth = int(np.clip(math.floor(token_budget / (n + c1)) - 1, d_min, d_max))
+    width = int(np.clip(math.floor(draft_budget / n) + c2, 1, w_max))
+    return depth, width
+
+
+def required_nodes(required_accept: np.ndarray, acceptance_rate: float, max_nodes: int) -> np.ndarray:
+    """Draft nodes request r likely needs to gain ``A(r)`` tokens this step ([R] int64).
+
+    Estimate: the root pays 1, so the nodes must yield ``A - 1``; a k-chain whose every token is accepted with
+    probability ``a`` yields ``a (1 - a^k) / (1 - a)`` in expectation; take the smallest such k. Trees do
+    better than chains at equal size, so this overestimates the need (spare budget errs low). A need the
+    infinite chain cannot reach (``A - 1 >= a / (1 - a)``) costs ``max_nodes``.
+    """
+    need = np.maximum(np.asarray(required_accept, dtype=np.float64) - 1.0, 0.0)
+    a = float(acceptance_rate)
+    if a >= 1.0:
+        k = np.ceil(need - 1e-9)
+    elif a <= 0.0:
+        k = np.where(need > 0, np.inf, 0.0)
+    else:
+        frac = need * (1.0 - a) / a  # need = a (1 - a^k) / (1 - a)  <=>  a^k = 1 - frac
+        with np.errstate(divide="ignore", invalid="ignore"):
+            k = np.where(frac < 1.0, np.ceil(np.log1p(-np.minimum(frac, 1.0)) / math.log(a) - 1e-9), np.inf)
+    k = np.where(need > 0, np.maximum(k, 1.0), 0.0)
+    return np.minimum(k, max_nodes).astype(np.int64)
+
+
+def spare_budget(token_budget: int, required_nodes_per_request: np.ndarray) -> int:
+    """Node budget left after every running request's SLO need; negative means over-committed.
+
+    ``token_budget`` counts draft nodes (roots excluded), as ``tree_selection.select`` does; the need comes
+    from ``required_nodes``. The router sends tight-SLO requests where this is largest.
+    """
+    return int(token_budget) - int(np.sum(required_nodes_per_request))
