@@ -47,6 +47,13 @@ class ModelConfig:
 
     @classmethod
     def from_hf(cls, hf: dict) -> "ModelConfig":
+        try:
+            return cls._from_hf(hf)
+        except KeyError as exc:
+            raise ModelLoadError(f"config.json lacks {exc.args[0]!r}") from None
+
+    @classmethod
+    def _from_hf(cls, hf: dict) -> "ModelConfig":
         arch = (hf.get("architectures") or [""])[0]
         model_type = hf.get("model_type", "")
         if model_type not in ("llama", "qwen2", "mistral") and "Llama" not in arch and "Qwen2" not in arch:

@@ -9,9 +9,7 @@ inside tests, after the variable is set.
 from __future__ import annotations
 
 import pytest
-import torch
-
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+from kernel_batches import DEVICE
 
 
 @pytest.fixture(autouse=True, scope="module")

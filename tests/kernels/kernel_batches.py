@@ -2,11 +2,23 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from types import SimpleNamespace
 
 import torch
 
 from kernels.metadata import AttnMetadata, bits_from_parents, chain_bits
+
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def triton_ops() -> SimpleNamespace:
+    """The Triton entry points, imported on first use (after conftest has set TRITON_INTERPRET on CPU)."""
+    from kernels.kv_commit import kv_commit
+    from kernels.tree_attention import tree_attention, write_kv
+
+    return SimpleNamespace(tree_attention=tree_attention, write_kv=write_kv, kv_commit=kv_commit)
 
 
 @dataclass(frozen=True)
@@ -30,6 +42,11 @@ class Batch:
     meta: AttnMetadata
     specs: list[ReqSpec]
     owned_blocks: list[list[int]]  # physical blocks of each request, in logical order
+
+    def to(self, device: torch.device, dtype: torch.dtype | None = None) -> "Batch":
+        cast = (lambda x: x.to(device, dtype)) if dtype is not None else (lambda x: x.to(device))
+        return replace(self, q=cast(self.q), k_cache=cast(self.k_cache), v_cache=cast(self.v_cache),
+                       meta=self.meta.to(device))
 
 
 def make_batch(

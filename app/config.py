@@ -1,0 +1,159 @@
+"""Application settings: the ``args`` block of serve_config.yaml, validated strictly, and SLO-class resolution.
+
+Ray Serve drops misspelled deployment keys silently; our own settings forbid unknown keys instead, so a typo
+in ``args`` fails the deploy loudly rather than serving with a default.
+
+An SLO class is either absolute (``tpot_slo_ms: 50``) or relative to the replica's measured unloaded TPOT
+(``tpot_slo_x_baseline: 1.2``), the latter being how the AdaServe paper defines its tightest class.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_CONFIG_PATH = REPO_ROOT / "serve_config.yaml"
+
+
+class SLOError(ValueError):
+    """The request's SLO fields cannot be honoured (unknown class, non-positive or impossible target)."""
+
+    def __init__(self, message: str, param: str):
+        super().__init__(message)
+        self.param = param
+
+
+class SLOClass(BaseModel):
+    """One named class. Exactly one TPOT form; the TTFT target is optional and absolute."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    tpot_slo_ms: float | None = Field(default=None, gt=0)
+    tpot_slo_x_baseline: float | None = Field(default=None, gt=0)
+    ttft_slo_ms: float | None = Field(default=None, gt=0)
+
+    @model_validator(mode="after")
+    def _one_tpot_form(self) -> "SLOClass":
+        if (self.tpot_slo_ms is None) == (self.tpot_slo_x_baseline is None):
+            raise ValueError("an SLO class needs exactly one of tpot_slo_ms or tpot_slo_x_baseline")
+        return self
+
+
+class EngineSettings(BaseModel):
+    """Engine knobs exposed in the YAML (a subset of EngineConfig; the rest keep their defaults)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model: str = "embedded"
+    draft: str | None = None
+    policy: str = "none"
+    device: str = "auto"
+    dtype: str = "auto"
+    num_kv_blocks: int | None = None
+    kv_cache_memory_gb: float = 2.0
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 512
+    prefill_chunk_tokens: int = 256
+    max_model_len: int | None = None
+    seed: int = 0
+
+    def engine_config_kwargs(self) -> dict[str, Any]:
+        return self.model_dump()
+
+
+class AppSettings(BaseModel):
+    """Everything under ``applications[].args`` in serve_config.yaml."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    served_model_name: str = "SmolLM2-135M-Instruct"
+    engine: EngineSettings = EngineSettings()
+    max_waiting: int = Field(default=64, ge=0)  # requests queued beyond max_num_seqs before 429
+    slo_classes: dict[str, SLOClass] = {}
+    default_slo_class: str | None = None  # applied when a request names no SLO at all
+    min_tpot_slo_x_baseline: float = Field(default=0.5, gt=0)  # below this x unloaded TPOT: impossible, 400
+    replica_timeout_s: float = Field(default=60.0, gt=0)  # no answer from any replica by then: 503
+    unloaded_tpot_probe_tokens: int = Field(default=8, ge=2)
+    replica_torch_threads: int | None = Field(default=None, ge=1)  # None: Ray's OMP_NUM_THREADS (num_cpus)
+
+    @model_validator(mode="after")
+    def _default_class_exists(self) -> "AppSettings":
+        if self.default_slo_class is not None and self.default_slo_class not in self.slo_classes:
+            raise ValueError(f"default_slo_class {self.default_slo_class!r} is not among slo_classes")
+        return self
+
+
+@dataclass(frozen=True)
+class ResolvedSLO:
+    """The absolute targets a request runs under; ``slo_class`` is the metrics label ("custom", "none" or a name)."""
+
+    tpot_slo_ms: float | None
+    ttft_slo_ms: float | None
+    slo_class: str
+
+
+def needs_baseline(settings: AppSettings, slo_class: str | None, tpot_slo_ms: float | None) -> bool:
+    """Whether resolving this request needs the replica's unloaded TPOT (relative class or floor check)."""
+    name = slo_class or (settings.default_slo_class if tpot_slo_ms is None else None)
+    cls = settings.slo_classes.get(name) if name else None
+    return tpot_slo_ms is not None or (cls is not None and cls.tpot_slo_x_baseline is not None)
+
+
+def resolve_slo(settings: AppSettings, *, slo_class: str | None, tpot_slo_ms: float | None,
+                ttft_slo_ms: float | None, unloaded_tpot_s: float | None) -> ResolvedSLO:
+    """Turn a request's SLO fields into absolute targets.
+
+    Explicit ``tpot_slo_ms`` / ``ttft_slo_ms`` override the class's values. A TPOT target under
+    ``min_tpot_slo_x_baseline`` x the unloaded TPOT is rejected: no speculation can bring a request that far
+    below one target step per token on this hardware, so accepting it would only guarantee a miss.
+    """
+    for param, value in (("tpot_slo_ms", tpot_slo_ms), ("ttft_slo_ms", ttft_slo_ms)):
+        if value is not None and not (math.isfinite(value) and value > 0):
+            raise SLOError(f"{param} must be a positive number of milliseconds, got {value}", param)
+    if slo_class is not None and slo_class not in settings.slo_classes:
+        known = ", ".join(sorted(settings.slo_classes)) or "none configured"
+        raise SLOError(f"unknown slo_class {slo_class!r}; known classes: {known}", "slo_class")
+    name = slo_class
+    if name is None and tpot_slo_ms is None and ttft_slo_ms is None:
+        name = settings.default_slo_class
+    tpot, ttft, label = tpot_slo_ms, ttft_slo_ms, "custom"
+    if name is not None:
+        cls = settings.slo_classes[name]
+        label = name
+        if tpot is None:
+            if cls.tpot_slo_ms is not None:
+                tpot = cls.tpot_slo_ms
+            else:
+                if unloaded_tpot_s is None:
+                    raise SLOError(f"slo_class {name!r} is relative to the unloaded TPOT, which no replica has "
+                                   "reported yet; retry shortly", "slo_class")
+                tpot = cls.tpot_slo_x_baseline * unloaded_tpot_s * 1e3
+        if ttft is None:
+            ttft = cls.ttft_slo_ms
+    elif tpot is None and ttft is None:
+        label = "none"
+    if tpot is not None and unloaded_tpot_s is not None:
+        floor_ms = settings.min_tpot_slo_x_baseline * unloaded_tpot_s * 1e3
+        if tpot < floor_ms:
+            raise SLOError(f"tpot_slo_ms {tpot:.3g} is impossible on this deployment: the floor is "
+                           f"{settings.min_tpot_slo_x_baseline} x the unloaded TPOT = {floor_ms:.3g} ms",
+                           "slo_class" if slo_class is not None and tpot_slo_ms is None else "tpot_slo_ms")
+    return ResolvedSLO(tpot_slo_ms=tpot, ttft_slo_ms=ttft, slo_class=label)
+
+
+def load_serve_config(path: str | Path = DEFAULT_CONFIG_PATH) -> dict[str, Any]:
+    """The raw YAML as a dict (what `serve run` reads)."""
+    return yaml.safe_load(Path(path).read_text())
+
+
+def app_settings_from_config(config: dict[str, Any], app_name: str = "adaserve") -> AppSettings:
+    for app in config.get("applications", []):
+        if app.get("name") == app_name:
+            return AppSettings.model_validate(app.get("args") or {})
+    raise KeyError(f"no application named {app_name!r} in the config")

@@ -1,0 +1,385 @@
+"""Train the distilled draft for the embedded target (SmolLM2-135M-Instruct) on CPU.
+
+    python -m app.engine.draft.train --out-dir /tmp/draft-run [--minutes 45] [--quick] [--resume]
+
+Data (all local, nothing held out for evaluation is touched: MT-Bench and HumanEval are never read here):
+- ShareGPT conversations, formatted with the target's chat template, cut into `--seq-len` chunks, with the
+  target's next-token distribution computed on the fly (teacher forcing, bf16 at prefill speed).
+- Self-distillation: the target's own greedy answers to ShareGPT prompts (`--self-distill N` prompts, generated
+  once with the engine and cached in the run directory); `--self-distill-frac` of every batch comes from them.
+Loss: KL(target || draft) over the draft's vocabulary (a frequency-ranked subset of `--vocab-subset` rows, both
+distributions renormalised over it). The draft's layers are initialised from target layers `--init-layers`.
+
+Resumable: every `--ckpt-every` steps the run directory gets `ckpt.pt` (params, optimiser, step, data cursors,
+RNG) and `draft.safetensors` (the shipped format); `--resume` continues from ckpt.pt. Seeded (`--seed`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from app.engine.draft.distilled import dense_forward, fused_layer, rope_cos_sin, save_draft_weights
+from app.engine.model import LlamaModel, _rms_norm
+from app.engine.weights import Checkpoint, load_checkpoint, load_tokenizer
+from bench.datasets import iter_sharegpt_conversations
+
+
+@dataclass
+class TrainConfig:
+    out_dir: str = "/tmp/adaserve-draft"
+    target: str = "embedded"
+    init_layers: str = "0,29"  # target layers the draft's layers start from (their count = draft depth)
+    vocab_subset: int = 16384  # 0 = full vocabulary head
+    vocab_count_convs: int = 3000  # ShareGPT conversations used to rank token frequencies
+    seq_len: int = 256
+    batch_size: int = 8
+    max_chunks_per_conv: int = 2
+    steps: int = 1500  # cosine schedule length (the run may stop earlier on --minutes)
+    minutes: float = 0.0  # wall-clock limit for this invocation (0 = none)
+    lr: float = 3e-4
+    min_lr_frac: float = 0.1
+    warmup: int = 30
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    val_convs: int = 64  # the first conversations are validation, training starts after them
+    val_chunks: int = 16
+    eval_every: int = 100
+    ckpt_every: int = 50
+    self_distill: int = 256  # prompts answered greedily by the target (0 = off)
+    self_distill_tokens: int = 128
+    self_distill_frac: float = 0.25
+    seed: int = 0
+    threads: int = 1  # torch threads (0 = torch default); 1 is far faster when the cores are shared
+    export: str = ""  # also copy draft.safetensors here at every checkpoint
+    quick: bool = False
+    resume: bool = False
+
+
+QUICK = dict(vocab_subset=8192, vocab_count_convs=200, seq_len=128, batch_size=4, steps=400, minutes=1.0,
+             lr=1e-3, warmup=5, val_convs=8, val_chunks=4, eval_every=10**9, ckpt_every=10**9, self_distill=4,
+             self_distill_tokens=16)
+
+
+# ---- data ----------------------------------------------------------------------------------------------------
+
+def format_conversation(tokenizer, messages: list[dict], max_chars: int) -> list[int]:
+    kept, total = [], 0
+    for m in messages:
+        kept.append({"role": m["role"], "content": m["content"][: max(1, max_chars - total)]})
+        total += len(kept[-1]["content"])
+        if total >= max_chars:
+            break
+    return list(tokenizer.apply_chat_template(kept, tokenize=True, return_dict=False))
+
+
+class ShareGPTChunks:
+    """Chat-formatted ShareGPT conversations from index `cursor` on, cut into chunks of at most seq_len tokens."""
+
+    def __init__(self, tokenizer, seq_len: int, max_chunks: int, cursor: int):
+        self.tokenizer, self.seq_len, self.max_chunks = tokenizer, seq_len, max_chunks
+        self.cursor = cursor  # conversations fully handed out
+        self._it = iter_sharegpt_conversations(skip=cursor)
+        self._pending: list[list[int]] = []
+
+    def next(self) -> list[int]:
+        while not self._pending:
+            conv = next(self._it, None)
+            if conv is None:  # wrapped around the whole file
+                self._it, self.cursor = iter_sharegpt_conversations(), 0
+                continue
+            self.cursor += 1
+            ids = format_conversation(self.tokenizer, conv["messages"], self.seq_len * self.max_chunks * 6)
+            for s in range(0, min(len(ids), self.seq_len * self.max_chunks), self.seq_len):
+                chunk = ids[s: s + self.seq_len]
+                if len(chunk) >= 32:
+                    self._pending.append(chunk)
+        return self._pending.pop(0)
+
+
+def frequency_ranked_vocab(tokenizer, num_convs: int, size: int, vocab_size: int,
+                           always: list[int]) -> torch.Tensor:
+    """The `size` most frequent token ids over chat-formatted ShareGPT text (special tokens always in)."""
+    counts: Counter[int] = Counter()
+    for conv in iter_sharegpt_conversations(limit=num_convs):
+        counts.update(format_conversation(tokenizer, conv["messages"], 8000))
+    for t in always:
+        counts[t] += 10**9
+    ranked = [t for t, _ in counts.most_common() if t < vocab_size]
+    if len(ranked) < size:  # fill with the remaining ids in order
+        seen = set(ranked)
+        ranked += [t for t in range(vocab_size) if t not in seen][: size - len(ranked)]
+    return torch.tensor(ranked[:size], dtype=torch.int64)
+
+
+def self_distill_answers(cfg: TrainConfig, tokenizer, path: Path) -> list[list[int]]:
+    """Prompt + the target's greedy answer, for ShareGPT prompts; generated once and cached as jsonl."""
+    if cfg.self_distill <= 0:
+        return []
+    if path.exists():
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        if len(rows) >= cfg.self_distill:
+            return [r["token_ids"] for r in rows[: cfg.self_distill]]
+    from app.engine.config import EngineConfig, SamplingParams
+    from app.engine.engine import LLMEngine
+
+    prompts = []
+    for conv in iter_sharegpt_conversations(limit=cfg.self_distill, skip=cfg.val_convs):
+        first = next(m["content"] for m in conv["messages"] if m["role"] == "user")
+        prompts.append(list(tokenizer.apply_chat_template([{"role": "user", "content": first[:600]}],
+                                                          add_generation_prompt=True, tokenize=True,
+                                                          return_dict=False)))
+    engine = LLMEngine(EngineConfig(model=cfg.target, device="cpu", dtype="bfloat16", max_num_seqs=32,
+                                    kv_cache_memory_gb=1.0))
+    outs = []
+    bar = tqdm(total=len(prompts), desc="self-distill answers", unit="prompt")
+    for i in range(0, len(prompts), 32):
+        batch = prompts[i: i + 32]
+        res = engine.generate(batch, SamplingParams(max_tokens=cfg.self_distill_tokens))
+        outs += [p + r.token_ids for p, r in zip(batch, res)]
+        bar.update(len(batch))
+    bar.close()
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(json.dumps({"token_ids": t}) + "\n" for t in outs))
+    tmp.replace(path)
+    return outs
+
+
+def pad_batch(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    L = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), L), pad_id, dtype=torch.int64)
+    mask = torch.zeros((len(seqs), L), dtype=torch.bool)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = torch.tensor(s)
+        mask[i, : len(s)] = True
+    return ids, mask
+
+
+# ---- teacher and student -------------------------------------------------------------------------------------
+
+class Teacher:
+    """The target in bf16: next-token log-probabilities over the draft's vocabulary, teacher-forced."""
+
+    def __init__(self, ckpt: Checkpoint, vocab_ids: torch.Tensor | None):
+        self.model = LlamaModel(ckpt.config, ckpt.state_dict, torch.bfloat16, torch.device("cpu"))
+        self.config = ckpt.config
+        self.head = self.model.lm_head if vocab_ids is None else self.model.lm_head[vocab_ids].contiguous()
+
+    @torch.inference_mode()
+    def logprobs(self, ids: torch.Tensor) -> torch.Tensor:
+        cos, sin = rope_cos_sin(self.config, ids.shape[1], torch.bfloat16, ids.device)
+        h = dense_forward(self.model.layers, self.model.embed[ids], self.config, cos, sin)
+        h = _rms_norm(h, self.model.norm, self.config.rms_norm_eps)
+        return F.log_softmax(F.linear(h, self.head).float(), dim=-1)  # [B, L, S]
+
+
+class Student(torch.nn.Module):
+    def __init__(self, ckpt: Checkpoint, init_layers: list[int], vocab_ids: torch.Tensor | None):
+        super().__init__()
+        self.config = ckpt.config
+        self.layers = torch.nn.ModuleList()
+        for i in init_layers:
+            d = torch.nn.ParameterDict({k: torch.nn.Parameter(v) for k, v in fused_layer(ckpt.state_dict, i).items()})
+            self.layers.append(d)
+        embed = ckpt.state_dict["model.embed_tokens.weight"]
+        self.register_buffer("embed", embed.to(torch.bfloat16), persistent=False)
+        head = embed if vocab_ids is None else embed[vocab_ids]
+        self.register_buffer("head", head.to(torch.bfloat16).contiguous(), persistent=False)
+        self.register_buffer("norm", ckpt.state_dict["model.norm.weight"].float(), persistent=False)
+
+    def layer_dicts(self) -> list[dict[str, torch.Tensor]]:
+        return [dict(d.items()) for d in self.layers]
+
+    def logits(self, ids: torch.Tensor) -> torch.Tensor:
+        cos, sin = rope_cos_sin(self.config, ids.shape[1], torch.float32, ids.device)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            h = dense_forward(self.layer_dicts(), self.embed[ids].float(), self.config, cos, sin)
+            h = _rms_norm(h, self.norm, self.config.rms_norm_eps)
+            return F.linear(h, self.head).float()  # [B, L, S]
+
+
+def kl_and_agreement(student_logits: torch.Tensor, teacher_logp: torch.Tensor,
+                     mask: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """Mean per-token KL(teacher || student) over valid positions, and top-1 agreement."""
+    logq = F.log_softmax(student_logits, dim=-1)
+    kl = F.kl_div(logq, teacher_logp, log_target=True, reduction="none").sum(-1)  # [B, L]
+    m = mask.float()
+    loss = (kl * m).sum() / m.sum().clamp_min(1)
+    agree = ((student_logits.argmax(-1) == teacher_logp.argmax(-1)).float() * m).sum() / m.sum().clamp_min(1)
+    return loss, float(agree)
+
+
+def lr_at(cfg: TrainConfig, step: int) -> float:
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    frac = min(1.0, (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup))
+    return cfg.lr * (cfg.min_lr_frac + (1 - cfg.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * frac)))
+
+
+# ---- the loop --------------------------------------------------------------------------------------------------
+
+def train(cfg: TrainConfig) -> dict:
+    """Run (or resume) training; returns a summary with the loss history."""
+    start_time = time.perf_counter()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    ckpt = load_checkpoint(cfg.target)
+    tokenizer = load_tokenizer(ckpt.tokenizer_dir)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+    vocab_path = out / "vocab_ids.pt"
+    vocab_ids = None
+    if cfg.vocab_subset:
+        if vocab_path.exists():
+            vocab_ids = torch.load(vocab_path)
+        else:
+            always = sorted({*ckpt.config.eos_token_ids, *tokenizer.all_special_ids})
+            vocab_ids = frequency_ranked_vocab(tokenizer, cfg.vocab_count_convs, cfg.vocab_subset,
+                                               ckpt.config.vocab_size, always)
+            torch.save(vocab_ids, vocab_path)
+    answers = self_distill_answers(cfg, tokenizer, out / f"self_distill_{cfg.self_distill}x{cfg.self_distill_tokens}.jsonl")
+
+    init_layers = [int(x) for x in cfg.init_layers.split(",")]
+    teacher = Teacher(ckpt, vocab_ids)
+    student = Student(ckpt, init_layers, vocab_ids)
+    opt = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98))
+
+    step, cursor, answer_pos, history = 0, cfg.val_convs, 0, []
+    order_rng = random.Random(cfg.seed)
+    ckpt_path = out / "ckpt.pt"
+    if cfg.resume and ckpt_path.exists():
+        state = torch.load(ckpt_path, weights_only=False)
+        student.load_state_dict(state["student"])
+        opt.load_state_dict(state["opt"])
+        step, cursor, answer_pos, history = state["step"], state["cursor"], state["answer_pos"], state["history"]
+        order_rng.setstate(state["order_rng"])
+        torch.set_rng_state(state["torch_rng"])
+    answer_order = list(range(len(answers)))
+    order_rng.shuffle(answer_order)
+
+    # Validation: fixed chunks from the first val_convs conversations, teacher outputs computed once.
+    val_stream = ShareGPTChunks(tokenizer, cfg.seq_len, cfg.max_chunks_per_conv, 0)
+    val_seqs = [val_stream.next() for _ in range(cfg.val_chunks)]
+    val_ids, val_mask = pad_batch(val_seqs, pad_id)
+    val_teacher = torch.cat([teacher.logprobs(val_ids[i: i + 4]) for i in range(0, len(val_seqs), 4)])
+
+    def evaluate() -> dict:
+        with torch.no_grad():
+            kls, agrees = [], []
+            for i in range(0, len(val_seqs), 4):
+                kl, ag = kl_and_agreement(student.logits(val_ids[i: i + 4]), val_teacher[i: i + 4],
+                                          val_mask[i: i + 4])
+                kls.append(float(kl))
+                agrees.append(ag)
+        return {"val_kl": sum(kls) / len(kls), "val_agree": sum(agrees) / len(agrees)}
+
+    def save() -> None:
+        state = {"student": student.state_dict(), "opt": opt.state_dict(), "step": step, "cursor": stream.cursor,
+                 "answer_pos": answer_pos, "history": history, "order_rng": order_rng.getstate(),
+                 "torch_rng": torch.get_rng_state(), "config": asdict(cfg)}
+        torch.save(state, str(ckpt_path) + ".tmp")
+        os.replace(str(ckpt_path) + ".tmp", ckpt_path)
+        extra = {"init_layers": cfg.init_layers, "train_steps": step, "train_tokens": tokens_seen,
+                 "seq_len": cfg.seq_len, "self_distill_answers": len(answers)}
+        save_draft_weights(out / "draft.safetensors", student.layer_dicts(), ckpt.config,
+                           ckpt.state_dict["model.embed_tokens.weight"], vocab_ids, extra)
+        if cfg.export:
+            Path(cfg.export).parent.mkdir(parents=True, exist_ok=True)
+            Path(cfg.export).write_bytes((out / "draft.safetensors").read_bytes())
+
+    stream = ShareGPTChunks(tokenizer, cfg.seq_len, cfg.max_chunks_per_conv, cursor)
+    n_answers = round(cfg.batch_size * cfg.self_distill_frac) if answers else 0
+    tokens_seen = sum(h.get("tokens", 0) for h in history)
+    first_eval = evaluate() if step == 0 else None
+    if first_eval:
+        history.append({"step": 0, **first_eval})
+    bar = tqdm(total=cfg.steps, initial=step, desc="distill", unit="step")
+    deadline = time.perf_counter() + cfg.minutes * 60 if cfg.minutes else None
+    stopped = "steps"
+    while step < cfg.steps:
+        if deadline and time.perf_counter() > deadline:
+            stopped = "time"
+            break
+        seqs = []
+        for _ in range(n_answers):
+            a = answers[answer_order[answer_pos % len(answers)]]
+            answer_pos += 1
+            seqs.append(a[-cfg.seq_len:])
+        seqs += [stream.next() for _ in range(cfg.batch_size - len(seqs))]
+        ids, mask = pad_batch(seqs, pad_id)
+        target_logp = teacher.logprobs(ids)
+        for g in opt.param_groups:
+            g["lr"] = lr_at(cfg, step)
+        loss, agree = kl_and_agreement(student.logits(ids), target_logp, mask)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.grad_clip)
+        opt.step()
+        step += 1
+        ntok = int(mask.sum())
+        tokens_seen += ntok
+        rec = {"step": step, "loss": float(loss.detach()), "agree": agree, "tokens": ntok,
+               "elapsed_s": round(time.perf_counter() - start_time, 1)}
+        if step % cfg.eval_every == 0:
+            rec.update(evaluate())
+        history.append(rec)
+        bar.set_postfix(loss=f"{float(loss):.3f}", agree=f"{agree:.3f}", tok=tokens_seen)
+        bar.update(1)
+        if step % cfg.ckpt_every == 0:
+            save()
+            (out / "history.jsonl").write_text("".join(json.dumps(h) + "\n" for h in history))
+    bar.close()
+    final = evaluate()
+    history.append({"step": step, **final})
+    save()
+    (out / "history.jsonl").write_text("".join(json.dumps(h) + "\n" for h in history))
+    losses = [h["loss"] for h in history if "loss" in h]
+    return {"steps": step, "stopped_on": stopped, "tokens_seen": tokens_seen,
+            "unique_sharegpt_conversations": stream.cursor - cfg.val_convs, "self_distill_answers": len(answers),
+            "wall_s": round(time.perf_counter() - start_time, 1), "losses": losses, **final,
+            "weights": str(out / "draft.safetensors")}
+
+
+def parse_args(argv: list[str] | None = None) -> TrainConfig:
+    defaults = TrainConfig()
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    for name, value in asdict(defaults).items():
+        flag = "--" + name.replace("_", "-")
+        if isinstance(value, bool):
+            p.add_argument(flag, action="store_true", default=None)
+        else:
+            p.add_argument(flag, type=type(value), default=None)
+    args = {k: v for k, v in vars(p.parse_args(argv)).items() if v is not None}
+    base = asdict(defaults)
+    if args.get("quick"):
+        base.update(QUICK)
+    base.update(args)
+    return TrainConfig(**base)
+
+
+def main(argv: list[str] | None = None) -> None:
+    summary = train(parse_args(argv))
+    losses = summary.pop("losses")
+    k = max(1, min(5, len(losses) // 4))
+    summary["loss_first"] = sum(losses[:k]) / k if losses else None
+    summary["loss_last"] = sum(losses[-k:]) / k if losses else None
+    print(json.dumps(summary, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,323 @@
+"""OpenAI-compatible ingress (FastAPI through Ray Serve) and the application builder for serve_config.yaml.
+
+Per request: validate (schemas + SamplingParams), resolve the SLO class to absolute targets, call the replica
+deployment through a streaming handle (the SLO router picks the replica from the ``tpot_slo_ms`` kwarg),
+wait for the replica's "accepted" message before answering (so bad prompts become 400s, not broken streams),
+then relay tokens as SSE chunks or one JSON body.
+
+Errors are OpenAI-shaped ``{"error": {"message", "type", "param", "code"}}``: 400 for the client's mistakes
+(FastAPI's validation handler is replaced so that schema errors are 400, not 422), 404 for an unknown model,
+429 when the replica's admission queue is full or Serve pushes back, 503 when no replica answers in time or
+replicas are unavailable. If the client goes away, the call to the replica is cancelled, and the replica
+aborts the request, freeing its KV blocks.
+"""
+
+# No `from __future__ import annotations`: FastAPI must see real classes on the endpoints that Serve rewrites.
+import asyncio
+import json
+import logging
+import statistics
+import time
+from typing import Any, AsyncIterator
+
+import ray
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from ray import serve
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
+from ray.serve.handle import DeploymentHandle
+
+from app.config import AppSettings, ResolvedSLO, SLOError, needs_baseline, resolve_slo
+from app.engine.config import SamplingParams  # light: dataclasses only, no torch
+from app.metrics import CONTENT_TYPE, ServeMetrics, latest_replica_stats
+from app.replica import LLMReplica
+from app.schemas import (ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest,
+                         ChatCompletionResponse, ChatMessageOut, CompletionChoice, CompletionRequest,
+                         CompletionResponse, DeltaMessage, ErrorBody, ErrorResponse, ModelCard, ModelList,
+                         SLOReport, Usage, dump, new_id)
+
+logger = logging.getLogger("ray.serve")
+
+_ERROR_TYPES = {400: "invalid_request_error", 404: "invalid_request_error", 429: "rate_limit_error",
+                500: "server_error", 503: "service_unavailable"}
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+
+    def body(self) -> dict[str, Any]:
+        return ErrorResponse(error=ErrorBody(message=self.message, type=_ERROR_TYPES.get(self.status, "error"),
+                                             param=self.param, code=self.code)).model_dump()
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status)
+
+
+def error_from_handle_exception(exc: BaseException) -> APIError:
+    """Map what a DeploymentHandle call raises to the client-facing status."""
+    if isinstance(exc, BackPressureError):
+        return APIError(429, "the server is overloaded (too many queued requests); retry later")
+    if isinstance(exc, (asyncio.TimeoutError, TimeoutError)):
+        return APIError(503, "no healthy replica answered in time")
+    if isinstance(exc, (DeploymentUnavailableError, ReplicaUnavailableError, ray.exceptions.RayActorError,
+                        ray.exceptions.ActorUnavailableError)):
+        return APIError(503, "no healthy replica is available")
+    if isinstance(exc, StopAsyncIteration):
+        return APIError(503, "the replica closed the stream without answering")
+    return APIError(500, "internal error while serving the request")
+
+
+fastapi_app = FastAPI(title="adaserve", description="OpenAI-compatible, SLO-aware LLM serving")
+
+
+@fastapi_app.exception_handler(RequestValidationError)
+async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+    """OpenAI answers schema errors with 400 and a readable message naming the parameter."""
+    err = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
+    loc = [str(p) for p in err.get("loc", ()) if p != "body"]
+    msg = str(err.get("msg", "invalid request")).removeprefix("Value error, ")
+    param = loc[0] if loc else None
+    where = ".".join(loc)
+    return APIError(400, f"{where}: {msg}" if where else msg, param).response()
+
+
+@fastapi_app.exception_handler(APIError)
+async def _api_error(_: Request, exc: APIError) -> JSONResponse:
+    return exc.response()
+
+
+def _sse(payload: dict[str, Any]) -> str:
+    return f"data: {json.dumps(payload, separators=(',', ':'))}\n\n"
+
+
+def _first_param(message: str) -> str | None:
+    for name in ("max_tokens", "temperature", "top_p", "top_k", "stop", "seed"):
+        if name in message:
+            return name
+    return None
+
+
+class _Relay:
+    """Relays one accepted request's replica messages to the client, then records its metrics."""
+
+    def __init__(self, ingress: "OpenAIIngress", endpoint: str, body: Any, slo: ResolvedSLO, request_id: str,
+                 gen: Any, prompt_tokens: int):
+        self.ingress, self.endpoint, self.body, self.slo = ingress, endpoint, body, slo
+        self.request_id, self.gen, self.prompt_tokens = request_id, gen, prompt_tokens
+        self.model = ingress.settings.served_model_name
+        self.created = int(time.time())
+        self.num_tokens = 0
+        self.finished = False
+
+    async def messages(self) -> AsyncIterator[dict[str, Any]]:
+        """Replica messages until the final one; always cancels the replica call if we stop early."""
+        metrics = self.ingress.metrics
+        try:
+            async for msg in self.gen:
+                if msg["type"] == "error":
+                    raise APIError(msg["status"], msg["message"], msg.get("param"))
+                self.num_tokens += len(msg["token_ids"])
+                metrics.generation_tokens.inc(len(msg["token_ids"]))
+                yield msg
+                if msg["finished"]:
+                    self.finished = True
+                    metrics.observe_finished(self.slo.slo_class, msg.get("metrics"))
+                    return
+            raise APIError(503, "the replica ended the stream early")
+        finally:
+            metrics.in_flight.dec()
+            if not self.finished:
+                self.gen.cancel()
+                metrics.aborted.inc()
+
+    def usage(self) -> Usage:
+        return Usage(prompt_tokens=self.prompt_tokens, completion_tokens=self.num_tokens,
+                     total_tokens=self.prompt_tokens + self.num_tokens)
+
+    def slo_report(self, metrics: dict[str, Any] | None) -> SLOReport:
+        m = metrics or {}
+        return SLOReport(slo_class=self.slo.slo_class, tpot_slo_ms=self.slo.tpot_slo_ms,
+                         ttft_slo_ms=self.slo.ttft_slo_ms,
+                         ttft_ms=None if m.get("ttft_s") is None else m["ttft_s"] * 1e3,
+                         tpot_ms=None if m.get("tpot_s") is None else m["tpot_s"] * 1e3,
+                         attained=m.get("slo_attained"))
+
+    async def whole(self) -> Response:
+        parts: list[str] = []
+        last: dict[str, Any] = {}
+        try:
+            async for msg in self.messages():
+                parts.append(msg["text"])
+                last = msg
+        except APIError as err:
+            return self.ingress._fail(self.endpoint, err)
+        except Exception as exc:  # noqa: BLE001
+            return self.ingress._fail(self.endpoint, error_from_handle_exception(exc))
+        text, reason = "".join(parts), last.get("finish_reason")
+        slo = self.slo_report(last.get("metrics"))
+        if self.endpoint == "chat":
+            resp: Any = ChatCompletionResponse(id=self.request_id, created=self.created, model=self.model,
+                                               choices=[ChatChoice(message=ChatMessageOut(content=text),
+                                                                   finish_reason=reason)],
+                                               usage=self.usage(), slo=slo)
+        else:
+            resp = CompletionResponse(id=self.request_id, created=self.created, model=self.model,
+                                      choices=[CompletionChoice(text=text, finish_reason=reason)],
+                                      usage=self.usage(), slo=slo)
+        self.ingress.metrics.requests.labels(self.endpoint, "200").inc()
+        return JSONResponse(dump(resp))
+
+    def _chunk(self, text: str | None, reason: str | None, slo: SLOReport | None, first: bool = False) -> dict:
+        if self.endpoint == "chat":
+            delta = DeltaMessage(role="assistant" if first else None, content=text)
+            return dump(ChatCompletionChunk(id=self.request_id, created=self.created, model=self.model,
+                                            choices=[ChatChunkChoice(delta=delta, finish_reason=reason)], slo=slo))
+        return dump(CompletionResponse(id=self.request_id, created=self.created, model=self.model,
+                                       choices=[CompletionChoice(text=text or "", finish_reason=reason)], slo=slo))
+
+    async def sse(self) -> AsyncIterator[str]:
+        status = "200"
+        try:
+            if self.endpoint == "chat":
+                yield _sse(self._chunk("", None, None, first=True))
+            async for msg in self.messages():
+                final = msg["finished"]
+                if msg["text"] or final:
+                    slo = self.slo_report(msg.get("metrics")) if final else None
+                    yield _sse(self._chunk(msg["text"], msg["finish_reason"] if final else None, slo))
+            if self.body.include_usage_in_stream:
+                usage_chunk = self._chunk(None, None, None)
+                usage_chunk["choices"], usage_chunk["usage"] = [], self.usage().model_dump()
+                yield _sse(usage_chunk)
+        except APIError as err:  # headers are gone: report in-band, as OpenAI does
+            status = str(err.status)
+            yield _sse(err.body())
+        except Exception as exc:  # noqa: BLE001
+            err = error_from_handle_exception(exc)
+            status = str(err.status)
+            yield _sse(err.body())
+        finally:
+            if status == "200" and not self.finished:
+                status = "499"  # client closed the stream
+            self.ingress.metrics.requests.labels(self.endpoint, status).inc()
+        yield "data: [DONE]\n\n"
+
+
+@serve.deployment(name="OpenAIIngress", max_ongoing_requests=256, ray_actor_options={"num_cpus": 0.1})
+@serve.ingress(fastapi_app)
+class OpenAIIngress:
+    def __init__(self, replica: DeploymentHandle, settings: dict[str, Any] | AppSettings):
+        self.settings = settings if isinstance(settings, AppSettings) else AppSettings.model_validate(settings)
+        self.replica = replica
+        self.stream_replica = replica.options(stream=True)
+        self.metrics = ServeMetrics(latest_replica_stats)
+        self._cached_baseline_s: float | None = None
+
+    # ---- plain endpoints ------------------------------------------------------------------------------------
+    @fastapi_app.get("/health")
+    async def health(self) -> dict[str, Any]:
+        stats = latest_replica_stats()
+        return {"status": "ok", "replicas_reporting": len(stats),
+                "replicas_healthy": sum(bool(s.get("healthy", True)) for s in stats.values())}
+
+    @fastapi_app.get("/v1/models")
+    async def models(self) -> dict[str, Any]:
+        return ModelList(data=[ModelCard(id=self.settings.served_model_name)]).model_dump()
+
+    @fastapi_app.get("/metrics")
+    async def metrics_endpoint(self) -> Response:
+        if not latest_replica_stats():  # nothing routed yet: make the router appear, then report
+            await self._unloaded_tpot_s()
+        return Response(self.metrics.render(), media_type=CONTENT_TYPE)
+
+    # ---- generation -----------------------------------------------------------------------------------------
+    @fastapi_app.post("/v1/chat/completions")
+    async def chat_completions(self, body: ChatCompletionRequest) -> Response:
+        try:
+            messages = body.chat_messages()
+        except ValueError as exc:
+            return self._fail("chat", APIError(400, str(exc), "messages"))
+        return await self._generate("chat", body, {"messages": messages})
+
+    @fastapi_app.post("/v1/completions")
+    async def completions(self, body: CompletionRequest) -> Response:
+        return await self._generate("completion", body, {"prompt": body.prompt})
+
+    async def _generate(self, endpoint: str, body: ChatCompletionRequest | CompletionRequest,
+                        prompt: dict[str, Any]) -> Response:
+        try:
+            slo = await self._validate(body)
+        except APIError as err:
+            return self._fail(endpoint, err)
+        request_id = new_id("chatcmpl" if endpoint == "chat" else "cmpl")
+        payload = {"request_id": request_id, **prompt, "sampling": body.sampling_kwargs(),
+                   "tpot_slo_ms": slo.tpot_slo_ms, "ttft_slo_ms": slo.ttft_slo_ms}
+        gen = self.stream_replica.generate.remote(payload, tpot_slo_ms=slo.tpot_slo_ms)
+        self.metrics.in_flight.inc()
+        try:
+            first = await asyncio.wait_for(gen.__anext__(), timeout=self.settings.replica_timeout_s)
+        except asyncio.CancelledError:
+            gen.cancel()
+            self.metrics.in_flight.dec()
+            raise
+        except BaseException as exc:  # noqa: BLE001 - every failure becomes an OpenAI-style status
+            gen.cancel()
+            self.metrics.in_flight.dec()
+            if not isinstance(exc, Exception):
+                raise
+            err = error_from_handle_exception(exc)
+            if err.status == 500:
+                logger.exception("replica call failed")
+            return self._fail(endpoint, err)
+        if first["type"] == "error":
+            self.metrics.in_flight.dec()
+            return self._fail(endpoint, APIError(first["status"], first["message"], first.get("param")))
+        relay = _Relay(self, endpoint, body, slo, request_id, gen, first["prompt_tokens"])
+        if body.stream:
+            return StreamingResponse(relay.sse(), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache"})
+        return await relay.whole()
+
+    async def _validate(self, body: ChatCompletionRequest | CompletionRequest) -> ResolvedSLO:
+        if body.model != self.settings.served_model_name:
+            raise APIError(404, f"the model {body.model!r} does not exist; this server serves "
+                                f"{self.settings.served_model_name!r}", "model", "model_not_found")
+        try:
+            SamplingParams(**body.sampling_kwargs())
+        except ValueError as exc:
+            raise APIError(400, str(exc), _first_param(str(exc))) from None
+        baseline = None
+        if needs_baseline(self.settings, body.slo_class, body.tpot_slo_ms):
+            baseline = await self._unloaded_tpot_s()
+        try:
+            return resolve_slo(self.settings, slo_class=body.slo_class, tpot_slo_ms=body.tpot_slo_ms,
+                               ttft_slo_ms=body.ttft_slo_ms, unloaded_tpot_s=baseline)
+        except SLOError as exc:
+            raise APIError(400, str(exc), exc.param) from None
+
+    async def _unloaded_tpot_s(self) -> float | None:
+        """Median unloaded TPOT over the replicas (from routing stats; asks a replica once at start)."""
+        values = [float(s["unloaded_tpot_s"]) for s in latest_replica_stats().values() if s.get("unloaded_tpot_s")]
+        if values:
+            self._cached_baseline_s = statistics.median(values)
+        elif self._cached_baseline_s is None:
+            try:
+                self._cached_baseline_s = await asyncio.wait_for(
+                    self.replica.get_unloaded_tpot_s.remote(), timeout=self.settings.replica_timeout_s)
+            except Exception as exc:  # noqa: BLE001
+                raise error_from_handle_exception(exc) from None
+        return self._cached_baseline_s
+
+    def _fail(self, endpoint: str, err: APIError) -> JSONResponse:
+        self.metrics.requests.labels(endpoint, str(err.status)).inc()
+        return err.response()
+
+
+def build_app(args: dict[str, Any]) -> serve.Application:
+    """Application builder named by serve_config.yaml (``import_path: app.ingress:build_app``)."""
+    settings = AppSettings.model_validate(args or {})
+    replica = LLMReplica.bind(settings.model_dump())
+    return OpenAIIngress.bind(replica, settings.model_dump())

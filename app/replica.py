@@ -1,0 +1,291 @@
+"""Replica deployment: one LLMEngine, driven by one background thread, streaming tokens to the ingress.
+
+Why a thread: ``engine.step()`` is blocking torch work (torch releases the GIL), so the replica's asyncio
+loop stays free to accept requests, stream tokens and answer Serve's control calls while a step runs. The
+thread is the only code that touches the engine; the asyncio side talks to it through a queue of add/abort
+commands and receives outputs through per-request asyncio queues (``call_soon_threadsafe``).
+
+Messages yielded to the ingress are plain dicts (the ingress must not import torch):
+- ``{"type": "accepted", "prompt_tokens": n}`` once the engine has validated and queued the request;
+- ``{"type": "delta", "text", "token_ids", "finished", "finish_reason", "metrics"}``, several tokens merged
+  when they arrived together (one SSE chunk each: Ray's per-message cost is ~2 ms of CPU);
+- ``{"type": "error", "status", "message", "param"}`` for bad input (400), admission full (429), engine
+  failure (500); nothing follows an error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import queue
+import threading
+import time
+import uuid
+from typing import Any, AsyncIterator, Callable
+
+from ray import serve
+from ray.serve.config import RequestRouterConfig
+
+from app.config import AppSettings
+
+logger = logging.getLogger("ray.serve")
+
+ROUTER_CLASS_PATH = "app.router.SLORequestRouter"
+Sink = Callable[[dict[str, Any]], None]
+
+
+def _error(status: int, message: str, param: str | None = None) -> dict[str, Any]:
+    return {"type": "error", "status": status, "message": message, "param": param}
+
+
+class EngineLoop:
+    """Owns the engine: applies queued commands between steps, steps while work exists, publishes stats."""
+
+    def __init__(self, engine: Any, idle_wait_s: float = 0.05):
+        self.engine = engine
+        self._commands: queue.SimpleQueue[tuple] = queue.SimpleQueue()
+        self._sinks: dict[str, Sink] = {}  # loop thread only
+        self._stop = threading.Event()
+        self._idle_wait_s = idle_wait_s
+        self.stats: dict[str, Any] = dict(engine.stats())  # replaced whole, read from other threads
+        self.num_step_errors = 0
+        self._tokens_per_step_ewma: float | None = None
+        self._tpot_ewma_s: float | None = None
+        self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def add(self, request_id: str, payload: dict[str, Any], sink: Sink) -> None:
+        self._commands.put(("add", request_id, payload, sink))
+
+    def abort(self, request_id: str) -> None:
+        self._commands.put(("abort", request_id, None, None))
+
+    # ---- loop thread ----------------------------------------------------------------------------------------
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._apply_commands(block=not self.engine.has_unfinished())
+            if self.engine.has_unfinished():
+                self._step()
+            self._publish_stats()
+
+    def _apply_commands(self, block: bool) -> None:
+        try:
+            cmd = self._commands.get(timeout=self._idle_wait_s) if block else self._commands.get_nowait()
+        except queue.Empty:
+            return
+        while True:
+            kind, request_id, payload, sink = cmd
+            if kind == "add":
+                self._add(request_id, payload, sink)
+            else:
+                self.engine.abort(request_id)
+                self._sinks.pop(request_id, None)
+            try:
+                cmd = self._commands.get_nowait()
+            except queue.Empty:
+                return
+
+    def _add(self, request_id: str, payload: dict[str, Any], sink: Sink) -> None:
+        from app.engine.config import SamplingParams
+
+        try:
+            sampling = SamplingParams(**payload.get("sampling", {}))
+            prompt = payload.get("prompt")
+            chat = False
+            if payload.get("messages") is not None:
+                prompt = list(self.engine.tokenizer.apply_chat_template(
+                    payload["messages"], add_generation_prompt=True, tokenize=True, return_dict=False))
+            elif payload.get("chat"):
+                chat = True
+            self.engine.add_request(prompt, sampling, request_id, chat=chat,
+                                    tpot_slo_ms=payload.get("tpot_slo_ms"), ttft_slo_ms=payload.get("ttft_slo_ms"),
+                                    policy=payload.get("policy"))
+        except ValueError as exc:  # InvalidRequestError is a ValueError; so are SamplingParams' checks
+            sink(_error(400, str(exc), _param_of(str(exc))))
+            return
+        except Exception as exc:  # a template or tokenizer failure on odd input is still the client's input
+            logger.exception("could not add request %s", request_id)
+            sink(_error(400, f"could not process the prompt: {exc}"))
+            return
+        self._sinks[request_id] = sink
+        sink({"type": "accepted", "prompt_tokens": self.engine.requests[request_id].num_prompt_tokens})
+
+    def _step(self) -> None:
+        try:
+            outputs = self.engine.step()
+        except Exception:
+            logger.exception("engine step failed; failing its requests")
+            self.num_step_errors += 1
+            for request_id, sink in list(self._sinks.items()):
+                self.engine.abort(request_id)
+                sink(_error(500, "the engine failed while serving this request"))
+            self._sinks.clear()
+            return
+        emitted = 0
+        for out in outputs:
+            emitted += len(out.new_token_ids)
+            sink = self._sinks.get(out.request_id)
+            if out.finished:
+                self._sinks.pop(out.request_id, None)
+                if out.metrics is not None and out.metrics.tpot_s is not None:
+                    self._tpot_ewma_s = _ewma(self._tpot_ewma_s, out.metrics.tpot_s, 0.2)
+            if sink is None:
+                continue
+            sink({"type": "delta", "text": out.new_text, "token_ids": list(out.new_token_ids),
+                  "finished": out.finished, "finish_reason": out.finish_reason,
+                  "metrics": dataclasses.asdict(out.metrics) if out.metrics is not None else None})
+        if outputs:
+            self._tokens_per_step_ewma = _ewma(self._tokens_per_step_ewma, emitted / len(outputs), 0.1)
+
+    def _publish_stats(self) -> None:
+        stats = dict(self.engine.stats())
+        stats.setdefault("accepted_tokens_per_step", self._tokens_per_step_ewma)
+        stats.setdefault("measured_tpot_s", self._tpot_ewma_s)
+        self.stats = stats
+
+
+def _ewma(old: float | None, new: float, alpha: float) -> float:
+    return new if old is None else (1 - alpha) * old + alpha * new
+
+
+def _param_of(message: str) -> str | None:
+    """Best-effort OpenAI ``param`` for an engine validation message."""
+    for name in ("max_tokens", "temperature", "top_p", "top_k", "stop", "tpot_slo_ms", "ttft_slo_ms"):
+        if name in message:
+            return name
+    return "prompt" if "prompt" in message or "context window" in message else None
+
+
+def measure_unloaded_tpot_s(engine: Any, num_tokens: int, num_probes: int = 3) -> float:
+    """TPOT of one short greedy request on the idle engine: the baseline for relative SLO classes.
+
+    A 2-token warm-up runs first so that one-off allocation costs do not inflate the figure, and the best
+    of a few probes is kept: at replica start the other Serve actors are still starting on the same cores."""
+    from app.engine.config import SamplingParams
+
+    engine.generate(["Hello"], SamplingParams(max_tokens=2, ignore_eos=True))
+    probes = engine.generate(["Hello"], SamplingParams(max_tokens=num_tokens, ignore_eos=True))
+    best = float(probes[0].metrics.tpot_s)
+    for _ in range(num_probes - 1):
+        out = engine.generate(["Hello"], SamplingParams(max_tokens=num_tokens, ignore_eos=True))[0]
+        best = min(best, float(out.metrics.tpot_s))
+    return best
+
+
+@serve.deployment(
+    name="LLMReplica",
+    max_ongoing_requests=64,
+    ray_actor_options={"num_cpus": 0.5},
+    health_check_period_s=5,
+    request_router_config=RequestRouterConfig(request_router_class=ROUTER_CLASS_PATH,
+                                              request_routing_stats_period_s=0.3),
+)
+class LLMReplica:
+    """One engine per replica (one per GPU, or per CPU replica)."""
+
+    def __init__(self, settings: dict[str, Any] | AppSettings):
+        self.settings = settings if isinstance(settings, AppSettings) else AppSettings.model_validate(settings)
+        if self.settings.replica_torch_threads:
+            import torch
+
+            torch.set_num_threads(self.settings.replica_torch_threads)
+        from app.engine.config import EngineConfig
+        from app.engine.engine import LLMEngine
+
+        self.engine = LLMEngine(EngineConfig(**self.settings.engine.engine_config_kwargs()))
+        reported = self.engine.stats().get("unloaded_tpot_s")
+        self.unloaded_tpot_s = float(reported) if reported else measure_unloaded_tpot_s(
+            self.engine, self.settings.unloaded_tpot_probe_tokens)
+        self.capacity = self.engine.config.max_num_seqs + self.settings.max_waiting
+        self._active: set[str] = set()  # requests this replica holds: queued commands, waiting, running
+        self.loop = EngineLoop(self.engine)
+        self.loop.start()
+        logger.info("replica ready: unloaded TPOT %.1f ms, capacity %d", self.unloaded_tpot_s * 1e3, self.capacity)
+
+    async def generate(self, request: dict[str, Any], tpot_slo_ms: float | None = None) -> AsyncIterator[dict]:
+        """Stream one request's messages. ``tpot_slo_ms`` is read by the router (the SLO itself travels in
+        ``request``); cancellation (client gone) aborts the request so its KV blocks are freed at once."""
+        if len(self._active) >= self.capacity:
+            yield _error(429, f"the replica is full ({self.capacity} requests queued or running); retry later")
+            return
+        request_id = f"{request.get('request_id') or 'req'}-{uuid.uuid4().hex[:8]}"
+        self._active.add(request_id)
+        messages: asyncio.Queue[dict] = asyncio.Queue()
+        event_loop = asyncio.get_running_loop()
+        self.loop.add(request_id, request, lambda m: event_loop.call_soon_threadsafe(messages.put_nowait, m))
+        done = False
+        try:
+            while not done:
+                batch = [await messages.get()]
+                while not messages.empty():
+                    batch.append(messages.get_nowait())
+                for msg in merge_deltas(batch):
+                    done = msg["type"] == "error" or bool(msg.get("finished"))
+                    yield msg
+        except asyncio.CancelledError:
+            self.loop.abort(request_id)
+            done = True
+            raise
+        finally:
+            self._active.discard(request_id)
+            if not done:  # the consumer closed the stream early (GeneratorExit)
+                self.loop.abort(request_id)
+
+    def record_routing_stats(self) -> dict[str, Any]:
+        """Polled by Serve every ``request_routing_stats_period_s``; the router reads it as ``routing_stats``."""
+        return self.state()
+
+    def state(self) -> dict[str, Any]:
+        s = self.loop.stats
+        running = int(s.get("running_requests", 0))
+        spare = s.get("spare_token_budget")
+        if spare is None:  # until the engine reports SLO-aware spare budget: tokens left after one per request
+            spare = self.engine.config.max_num_batched_tokens - running
+        return {
+            "spare_token_budget": int(spare),
+            "running_requests": running,
+            "queue_len": max(0, len(self._active) - running),
+            "waiting_requests": int(s.get("waiting_requests", 0)),
+            "kv_free_blocks": int(s.get("kv_free_blocks", 0)),
+            "kv_total_blocks": int(s.get("kv_total_blocks", 0)),
+            "measured_tpot_s": s.get("measured_tpot_s"),
+            "unloaded_tpot_s": self.unloaded_tpot_s,
+            "accepted_tokens_per_step": s.get("accepted_tokens_per_step"),
+            "num_steps": int(s.get("num_steps", 0)),
+            "healthy": self.loop.alive,
+            "recorded_at": time.time(),
+        }
+
+    def get_unloaded_tpot_s(self) -> float:
+        return self.unloaded_tpot_s
+
+    def check_health(self) -> None:
+        if not self.loop.alive:
+            raise RuntimeError("the engine loop thread has stopped")
+
+    def __del__(self) -> None:
+        loop = getattr(self, "loop", None)
+        if loop is not None:
+            loop.stop()
+
+
+def merge_deltas(batch: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Merge consecutive token deltas into one message (fewer Ray messages, fewer SSE chunks)."""
+    merged: list[dict[str, Any]] = []
+    for msg in batch:
+        prev = merged[-1] if merged else None
+        if msg["type"] == "delta" and prev is not None and prev["type"] == "delta" and not prev["finished"]:
+            merged[-1] = {**msg, "text": prev["text"] + msg["text"], "token_ids": prev["token_ids"] + msg["token_ids"]}
+        else:
+            merged.append(msg)
+    return merged

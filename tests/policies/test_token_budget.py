@@ -1,0 +1,57 @@
+"""budget: token budget from the latency model, adaptive draft shape, required nodes and spare budget."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from policies.budget import adaptive_shape, choose_token_budget, required_nodes, spare_budget
+from policies.latency_model import LatencyModel, PiecewiseLinear
+
+# 20 ms floor up to 64 tokens, then 1 ms per token; 1 us per context token
+MODEL = LatencyModel(PiecewiseLinear((1.0, 64.0, 128.0), (0.020, 0.020, 0.084), tail_slope=0.001), 1e-6)
+
+
+def test_choose_token_budget_golden():
+    assert choose_token_budget(MODEL, tolerance=1.2) == 68  # 20 ms * 1.2 = 24 ms -> 64 + 4
+    assert choose_token_budget(MODEL, tolerance=1.0) == 64  # the end of the flat part
+    # the floor rises with context (20 ms + 10 ms): 30 ms * 1.2 = 36 ms -> 64 + 6
+    assert choose_token_budget(MODEL, context_tokens=10_000, tolerance=1.2) == 70
+    assert choose_token_budget(MODEL, tolerance=3.0, max_tokens=100) == 100
+    assert choose_token_budget(MODEL, tolerance=2.0, max_step_s=0.030) == 74  # SLO mix caps the step
+    assert choose_token_budget(MODEL, max_step_s=0.001, min_tokens=8) == 8  # never below min_tokens
+
+
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        ((64, 8, 64), (6, 8)),  # d = floor(64 / 9) - 1, w = floor(64 / 8)
+        ((16, 16, 16), (1, 1)),  # d clipped up to d_min, w = 1
+        ((1024, 2, 1024), (8, 8)),  # both clipped to their maxima
+        ((64, 0, 64), (8, 8)),  # no requests: treated as one
+        ((40, 4, 8), (7, 2)),
+    ],
+)
+def test_adaptive_shape_golden(args, expected):
+    assert adaptive_shape(*args) == expected
+
+
+def test_adaptive_shape_constants():
+    assert adaptive_shape(64, 8, 64, c1=0, c2=2, d_max=16, w_max=16) == (7, 10)
+    assert adaptive_shape(64, 8, 64, d_min=2, d_max=4, w_max=3) == (4, 3)
+
+
+def test_required_nodes_golden():
+    a = np.array([1.0, 1.5, 1.75, 1.875, 2.0, 5.0])
+    # acceptance 0.5: a k-chain yields 1 - 0.5^k; needs 0, 0.5, 0.75, 0.875 -> 0, 1, 2, 3; 1 is unreachable
+    np.testing.assert_array_equal(required_nodes(a, 0.5, max_nodes=16), [0, 1, 2, 3, 16, 16])
+    np.testing.assert_array_equal(required_nodes(a, 1.0, max_nodes=16), [0, 1, 1, 1, 1, 4])
+    np.testing.assert_array_equal(required_nodes(a, 0.0, max_nodes=16), [0, 16, 16, 16, 16, 16])
+    # need 2: .8 + .64 + .512 = 1.952 falls short, a 4th node (+ .4096) reaches it
+    np.testing.assert_array_equal(required_nodes(np.array([3.0]), 0.8, max_nodes=16), [4])
+
+
+def test_spare_budget():
+    assert spare_budget(100, np.array([3, 0, 16])) == 81
+    assert spare_budget(10, np.array([8, 8])) == -6  # over-committed is reported as such
+    assert spare_budget(10, np.array([], dtype=np.int64)) == 10
