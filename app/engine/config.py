@@ -23,6 +23,13 @@ class EngineConfig:
     max_model_len: int | None = None  # None: the model's max_position
     cache_dir: str | None = None
     seed: int = 0
+    # Speculation (policy != "none"): the step's token budget B and the draft tree's limits.
+    token_budget: int | None = None  # None: profiled at start-up (largest step within budget_tolerance x floor)
+    budget_tolerance: float = 1.5
+    max_tree_nodes: int = 32  # n_max: most tree nodes one request verifies in a step
+    max_draft_depth: int = 8
+    max_draft_width: int = 4
+    profile_latency: bool = True  # profile the target's step latency at start-up (cached per model+device)
 
     def __post_init__(self) -> None:
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "prefill_chunk_tokens"):

@@ -5,6 +5,8 @@ from __future__ import annotations
 import itertools
 import time
 import uuid
+from collections import deque
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -16,11 +18,22 @@ from app.engine.request import Request, RequestOutput, RequestStatus
 from app.engine.runner import ModelRunner, SeqInput
 from app.engine.sampling import sample_rows
 from app.engine.scheduler import Scheduler, StepPlan
+from app.engine.spec.accept import accept_tree
+from app.engine.spec.speculator import Speculator
 from app.engine.weights import load_checkpoint, load_tokenizer
+from policies.budget import choose_token_budget
+from policies.latency_model import LatencyModel
+from policies.tree_selection import parse_policy
 
 
 class InvalidRequestError(ValueError):
     """The client's request cannot be served as given (empty prompt, too long, bad parameters)."""
+
+
+def _default_cache() -> Path:
+    from app.engine.weights import default_cache_dir
+
+    return default_cache_dir()
 
 
 def resolve_device(name: str) -> torch.device:
@@ -40,6 +53,21 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return dtypes[name]
 
 
+@dataclass
+class StepStats:
+    """One engine step, for metrics and benchmarks."""
+
+    num_tokens: int  # target tokens in the step (prefill + roots + tree nodes)
+    num_decodes: int
+    num_tree_nodes: int  # draft nodes verified
+    num_accepted: int  # draft nodes accepted
+    draft_s: float
+    select_s: float
+    verify_s: float
+    accept_s: float
+    step_s: float
+
+
 class LLMEngine:
     def __init__(self, config: EngineConfig = EngineConfig()):
         self.config = config
@@ -47,6 +75,7 @@ class LLMEngine:
         self.dtype = resolve_dtype(config.dtype, self.device)
         cache_dir = Path(config.cache_dir) if config.cache_dir else None
         ckpt = load_checkpoint(config.model, cache_dir)
+        ckpt_dir = ckpt.tokenizer_dir
         self.model_config = ckpt.config
         self.tokenizer = load_tokenizer(ckpt.tokenizer_dir)
         self.model = LlamaModel(ckpt.config, ckpt.state_dict, self.dtype, self.device)
@@ -65,6 +94,32 @@ class LLMEngine:
         self.eos_token_ids = frozenset(eos)
         self._seed_counter = itertools.count()
         self.num_steps = 0
+        self.step_history: deque[StepStats] = deque(maxlen=1024)
+        self.totals = {"tree_nodes": 0, "accepted": 0, "spec_steps": 0, "draft_s": 0.0, "select_s": 0.0,
+                       "step_s": 0.0, "verify_s": 0.0, "accept_s": 0.0}
+        self._step_ema_s: float | None = None
+        parse_policy(config.policy)  # a bad name fails at start, not at the first step
+        self.speculator: Speculator | None = None
+        self.latency_model: LatencyModel | None = None
+        self.token_budget = config.token_budget or config.max_num_batched_tokens
+        if config.draft:
+            from app.engine.draft import load_drafter
+
+            drafter = load_drafter(config.draft, target=self.model, target_tokenizer=self.tokenizer,
+                                   target_dir=ckpt_dir, num_blocks=self.kv.allocator.num_blocks,
+                                   block_size=config.block_size)
+            self.speculator = Speculator(drafter, config.policy, max_tree_nodes=config.max_tree_nodes,
+                                         max_depth=config.max_draft_depth, max_width=config.max_draft_width)
+        elif parse_policy(config.policy).kind != "none":
+            raise ValueError(f"policy {config.policy!r} needs a draft (--draft)")
+        if self.speculator is not None and config.profile_latency:
+            from app.engine.profiler import profile_target
+
+            self.latency_model = profile_target(self.runner, config.model, cache_dir or _default_cache())
+            if config.token_budget is None:
+                self.token_budget = choose_token_budget(
+                    self.latency_model, context_tokens=256, tolerance=config.budget_tolerance,
+                    max_tokens=config.max_num_batched_tokens)
 
     def _num_kv_blocks(self) -> int:
         cfg = self.config
@@ -122,8 +177,7 @@ class LLMEngine:
         req = self.requests.pop(request_id, None)
         if req is None or req.finished:
             return False
-        self.scheduler.finish(req, "abort")
-        req.finish_time = time.perf_counter()
+        self._finish(req, "abort", time.perf_counter())
         return True
 
     def has_unfinished(self) -> bool:
@@ -131,28 +185,106 @@ class LLMEngine:
 
     # ---- the step -------------------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        t_start = time.perf_counter()
         plan = self.scheduler.schedule()
+        if self.speculator is not None:
+            for req in plan.preempted:
+                self.speculator.release(req.request_id)
         if not plan:
             return []
-        new_tokens = self._execute(plan)
+        new_tokens, stats = self._execute(plan, t_start)
         self.num_steps += 1
-        return self._postprocess(plan, new_tokens)
+        outputs = self._postprocess(plan, new_tokens)
+        stats.step_s = time.perf_counter() - t_start
+        self._record(stats)
+        return outputs
 
-    def _execute(self, plan: StepPlan) -> dict[str, list[int]]:
-        """Run the target over the plan; return the tokens each request gains this step."""
+    def predicted_step_s(self, num_tokens: int, context_tokens: int) -> float:
+        if self.latency_model is not None:
+            return float(self.latency_model.predict(num_tokens, context_tokens))
+        return self._step_ema_s or 0.05
+
+    def _execute(self, plan: StepPlan, t_start: float) -> tuple[dict[str, list[int]], StepStats]:
+        """Run the target over the plan (prefill chunks, decode roots, speculation trees); return new tokens."""
+        decodes = [c.request for c in plan.decodes]
+        trees = {}
+        draft_s = select_s = 0.0
+        if self.speculator is not None and decodes:
+            prefill_tokens = sum(c.num_tokens for c in plan.prefills)
+            node_budget = min(plan.spec_token_budget, self.token_budget - len(decodes) - prefill_tokens)
+            context = sum(r.num_computed_tokens for r in decodes)
+            t_step_s = self.predicted_step_s(len(decodes) + prefill_tokens + max(node_budget, 0), context)
+            proposal = self.speculator.propose(decodes, node_budget, t_step_s, t_start)
+            draft_s, select_s = proposal.draft_s, proposal.select_s
+            for req in decodes:
+                tree = proposal.trees.get(req.request_id)
+                # Trees need KV room for their nodes; without it the request decodes plainly this step.
+                if tree and req.num_computed_tokens + len(tree.tokens) <= self.max_model_len and self.kv.ensure_capacity(req.block_ids, req.num_computed_tokens + len(tree.tokens)):
+                    trees[req.request_id] = tree
+        t_verify = time.perf_counter()
         chunks = plan.chunks
-        seqs = [SeqInput(block_ids=c.request.block_ids, context_len=c.request.num_computed_tokens,
-                         token_ids=c.request.token_ids[c.request.num_computed_tokens:
-                                                       c.request.num_computed_tokens + c.num_tokens],
-                         logits="last" if c.completes else "none") for c in chunks]
-        out = self.runner.run(seqs)
-        sampling = [c for c in chunks if c.completes]
-        rows = [out.logit_rows[i][0] for i, c in enumerate(chunks) if c.completes]
-        tokens = sample_rows(out.logits[rows], [c.request.sampling for c in sampling],
-                             [c.request.generator for c in sampling]) if rows else []
+        seqs = []
         for c in chunks:
-            c.request.num_computed_tokens += c.num_tokens
-        return {c.request.request_id: [t] for c, t in zip(sampling, tokens)}
+            req = c.request
+            tree = trees.get(req.request_id)
+            if tree is not None:
+                seqs.append(SeqInput(req.block_ids, req.num_computed_tokens, tree.tokens, tree.parents, "all"))
+            else:
+                seqs.append(SeqInput(req.block_ids, req.num_computed_tokens,
+                                     req.token_ids[req.num_computed_tokens:req.num_computed_tokens + c.num_tokens],
+                                     logits="last" if c.completes else "none"))
+        out = self.runner.run(seqs)
+        t_accept = time.perf_counter()
+
+        new_tokens: dict[str, list[int]] = {}
+        plain = [(i, c) for i, c in enumerate(chunks) if c.completes and c.request.request_id not in trees]
+        if plain:
+            rows = [out.logit_rows[i][0] for i, _ in plain]
+            tokens = sample_rows(out.logits[rows], [c.request.sampling for _, c in plain],
+                                 [c.request.generator for _, c in plain])
+            for (_, c), t in zip(plain, tokens):
+                new_tokens[c.request.request_id] = [t]
+                c.request.num_computed_tokens += c.num_tokens
+        for c in chunks:
+            if not c.completes:
+                c.request.num_computed_tokens += c.num_tokens
+        num_nodes = num_accepted = 0
+        if trees:
+            tree_idx = [i for i, c in enumerate(chunks) if c.request.request_id in trees]
+            greedy = torch.argmax(out.logits, dim=-1).tolist()
+            moves = []
+            for i in tree_idx:
+                req = chunks[i].request
+                tree = trees[req.request_id]
+                rows = out.logit_rows[i]
+                path, emitted = accept_tree(tree.tokens, tree.parents, out.logits[rows[0]:rows[-1] + 1],
+                                            req.sampling, req.generator, [greedy[j] for j in rows])
+                moves.append((req.block_ids, req.num_computed_tokens, path))
+                req.num_computed_tokens += len(path)
+                req.num_spec_steps += 1
+                req.num_accepted_draft_tokens += len(path) - 1
+                num_nodes += tree.num_nodes
+                num_accepted += len(path) - 1
+                new_tokens[req.request_id] = emitted
+            self.kv.keep_accepted(moves)
+            for i in tree_idx:
+                req = chunks[i].request
+                self.kv.trim(req.block_ids, req.num_computed_tokens)
+        t_end = time.perf_counter()
+        stats = StepStats(num_tokens=sum(len(s.token_ids) for s in seqs), num_decodes=len(decodes),
+                          num_tree_nodes=num_nodes, num_accepted=num_accepted, draft_s=draft_s, select_s=select_s,
+                          verify_s=t_accept - t_verify, accept_s=t_end - t_accept, step_s=0.0)
+        return new_tokens, stats
+
+    def _record(self, stats: StepStats) -> None:
+        self.step_history.append(stats)
+        t = self.totals
+        t["tree_nodes"] += stats.num_tree_nodes
+        t["accepted"] += stats.num_accepted
+        t["spec_steps"] += 1 if stats.num_tree_nodes else 0
+        for k in ("draft_s", "select_s", "step_s", "verify_s", "accept_s"):
+            t[k] += getattr(stats, k)
+        self._step_ema_s = stats.step_s if self._step_ema_s is None else 0.8 * self._step_ema_s + 0.2 * stats.step_s
 
     def _postprocess(self, plan: StepPlan, new_tokens: dict[str, list[int]]) -> list[RequestOutput]:
         now = time.perf_counter()
@@ -188,8 +320,13 @@ class LLMEngine:
                 text, reason = text[:idx], "stop"
         req.text = text
         if reason:
-            self.scheduler.finish(req, reason)
-            req.finish_time = now
+            self._finish(req, reason, now)
+
+    def _finish(self, req: Request, reason: str, now: float) -> None:
+        self.scheduler.finish(req, reason)
+        req.finish_time = now
+        if self.speculator is not None:
+            self.speculator.release(req.request_id)
 
     def _output(self, req: Request) -> RequestOutput:
         new_ids = req.output_token_ids[req.num_emitted_tokens:]
@@ -234,4 +371,8 @@ class LLMEngine:
             "kv_free_blocks": self.kv.allocator.num_free,
             "kv_total_blocks": self.kv.allocator.num_blocks,
             "num_steps": self.num_steps,
+            "token_budget": self.token_budget,
+            "accepted_tokens_per_step": (self.totals["accepted"] / self.totals["spec_steps"] + 1.0)
+            if self.totals["spec_steps"] else 1.0,
+            "selection_time_fraction": self.totals["select_s"] / self.totals["step_s"] if self.totals["step_s"] else 0.0,
         }

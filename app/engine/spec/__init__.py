@@ -1,0 +1,1 @@
+"""Speculative decoding: draft -> select -> verify -> accept, as separate, testable steps."""

@@ -1,0 +1,90 @@
+"""Per step: draft candidate trees, select nodes under the step's token budget, hand verify trees back."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from app.engine.request import Request
+from app.engine.spec.tree import VerifyTree, build_verify_trees, pad
+from kernels.metadata import MAX_TREE_TOKENS
+from policies.tree_selection import PolicySpec, SLOState, draft_shape, parse_policy, select
+
+
+@dataclass
+class ProposeResult:
+    trees: dict[str, VerifyTree] = field(default_factory=dict)
+    draft_s: float = 0.0
+    select_s: float = 0.0
+    num_candidates: int = 0
+
+
+class Speculator:
+    """Owns the drafter and the selection policy; the engine owns verify and accept."""
+
+    def __init__(self, drafter, default_policy: str, *, max_tree_nodes: int, max_depth: int, max_width: int):
+        self.drafter = drafter
+        self.default_policy = parse_policy(default_policy)
+        self.n_max = min(max_tree_nodes, MAX_TREE_TOKENS - 1)  # the root takes one of the 64 mask bits
+        self.max_depth, self.max_width = max_depth, max_width
+
+    def policy_of(self, req: Request) -> PolicySpec:
+        return parse_policy(req.policy) if req.policy else self.default_policy
+
+    def propose(self, reqs: list[Request], node_budget: int, t_step_s: float, now: float) -> ProposeResult:
+        """Verify trees for decoding requests. node_budget: tree nodes (roots excluded) the step may verify."""
+        result = ProposeResult()
+        groups: dict[PolicySpec, list[Request]] = {}
+        for r in reqs:
+            spec = self.policy_of(r)
+            if spec.kind != "none":
+                groups.setdefault(spec, []).append(r)
+        budget = max(node_budget, 0)
+        for spec, group in groups.items():
+            if spec.budgeted and budget == 0:
+                continue
+            depth, beam, topk = draft_shape(spec, len(group), budget, d_max=self.max_depth, w_max=self.max_width)
+            depth = min(depth, (MAX_TREE_TOKENS - 1) // max(beam, 1))  # frontier + ancestors fit the mask
+            if depth == 0:
+                continue
+            t0 = time.perf_counter()
+            cands = self.drafter.propose(
+                [_draft_request(r) for r in group], depth=depth, beam_width=beam, topk=topk,
+                widths=spec.static_widths or None)
+            t1 = time.perf_counter()
+            padded = pad(cands)
+            slo = SLOState(
+                decode_time_s=np.array([r.decode_time_s(now) for r in group]),
+                decoded_tokens=np.array([max(r.num_output_tokens - 1, 0) for r in group]),
+                tpot_slo_s=np.array([r.tpot_slo_ms / 1e3 if r.tpot_slo_ms else np.inf for r in group]))
+            selected = select(spec, padded.path_prob, padded.parent, padded.valid, slo, budget, t_step_s,
+                              depth, self.n_max)
+            selected = _cap_tree_size(selected, self.n_max)
+            trees = build_verify_trees([r.token_ids[-1] for r in group], padded, selected)
+            result.select_s += time.perf_counter() - t1
+            result.draft_s += t1 - t0
+            result.num_candidates += int(padded.valid.sum())
+            for r, tree in zip(group, trees):
+                if tree.num_nodes:
+                    result.trees[r.request_id] = tree
+            if spec.budgeted:
+                budget -= int(selected.sum())
+        return result
+
+    def release(self, request_id: str) -> None:
+        self.drafter.release(request_id)
+
+
+def _draft_request(req: Request):
+    from app.engine.draft.drafter import DraftRequest
+
+    return DraftRequest(request_id=req.request_id, token_ids=req.token_ids)
+
+
+def _cap_tree_size(selected: np.ndarray, n_max: int) -> np.ndarray:
+    """Unbudgeted shapes (static-tree, chain) can exceed the mask width: keep the first n_max (parents-first)."""
+    if selected.size == 0 or int(selected.sum(axis=1).max()) <= n_max:
+        return selected
+    return selected & (np.cumsum(selected, axis=1) <= n_max)

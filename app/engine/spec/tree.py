@@ -1,0 +1,72 @@
+"""Candidate trees from the drafter -> padded policy arrays -> compact verify trees."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from policies import token_tree
+
+
+@dataclass
+class CandidateTree:
+    """One request's drafted candidates, nodes parents-first; the root (the request's last token) is implicit."""
+
+    tokens: np.ndarray  # [M] int64
+    parent: np.ndarray  # [M] int64, -1 = child of the root
+    draft_prob: np.ndarray  # [M] float32, draft probability of the token given its path
+    path_prob: np.ndarray  # [M] float32, f: product of draft_prob along root -> node
+
+    @classmethod
+    def empty(cls) -> "CandidateTree":
+        z = np.zeros(0, dtype=np.int64)
+        return cls(z, z.copy(), np.zeros(0, dtype=np.float32), np.zeros(0, dtype=np.float32))
+
+    def __len__(self) -> int:
+        return int(self.tokens.shape[0])
+
+
+@dataclass
+class PaddedCandidates:
+    tokens: np.ndarray  # [R, M] int64
+    parent: np.ndarray  # [R, M] int64
+    path_prob: np.ndarray  # [R, M] float32
+    valid: np.ndarray  # [R, M] bool
+
+
+def pad(trees: list[CandidateTree]) -> PaddedCandidates:
+    r, m = len(trees), max((len(t) for t in trees), default=0)
+    out = PaddedCandidates(np.zeros((r, m), np.int64), np.full((r, m), -1, np.int64),
+                           np.zeros((r, m), np.float32), np.zeros((r, m), bool))
+    for i, t in enumerate(trees):
+        n = len(t)
+        out.tokens[i, :n], out.parent[i, :n], out.path_prob[i, :n], out.valid[i, :n] = (
+            t.tokens, t.parent, t.path_prob, True)
+    return out
+
+
+@dataclass
+class VerifyTree:
+    """What the target verifies for one request: index 0 is the root token, then the selected nodes."""
+
+    tokens: list[int]
+    parents: list[int]  # -1 for the root
+    path_prob: list[float]  # f per token (1.0 for the root)
+
+    @property
+    def num_nodes(self) -> int:
+        return len(self.tokens) - 1
+
+
+def build_verify_trees(roots: list[int], cands: PaddedCandidates, selected: np.ndarray) -> list[VerifyTree]:
+    order, new_parent, counts = token_tree.compact(cands.parent, selected)
+    trees = []
+    for r, root in enumerate(roots):
+        k = int(counts[r])
+        slots = order[r, :k]
+        trees.append(VerifyTree(
+            tokens=[root] + cands.tokens[r, slots].tolist(),
+            parents=[-1] + (new_parent[r, :k] + 1).tolist(),  # the root is local index 0
+            path_prob=[1.0] + cands.path_prob[r, slots].tolist()))
+    return trees

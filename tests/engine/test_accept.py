@@ -1,0 +1,56 @@
+"""Acceptance walk and verify-tree construction on hand-checked arrays."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from app.engine.config import SamplingParams
+from app.engine.spec.accept import accept_tree
+from app.engine.spec.tree import CandidateTree, build_verify_trees, pad
+
+
+def _logits_choosing(choices: list[int], vocab: int = 10) -> torch.Tensor:
+    logits = torch.zeros(len(choices), vocab)
+    for i, c in enumerate(choices):
+        logits[i, c] = 5.0
+    return logits
+
+
+def test_greedy_walk_descends_while_children_match():
+    # root(0) -> a=3 (1) -> b=4 (3); root -> c=5 (2)
+    tokens, parents = [9, 3, 5, 4], [-1, 0, 0, 1]
+    # target picks 3 at root, 4 at node 1, 7 at node 3: accepts nodes 1 and 3, bonus 7
+    path, emitted = accept_tree(tokens, parents, _logits_choosing([3, 4, 0, 7]), SamplingParams(), None)
+    assert path == [0, 1, 3] and emitted == [3, 4, 7]
+
+
+def test_greedy_walk_rejects_at_root():
+    path, emitted = accept_tree([9, 3], [-1, 0], _logits_choosing([6, 1]), SamplingParams(), None)
+    assert path == [0] and emitted == [6]
+
+
+def test_sampling_walk_consumes_generator_like_plain_decoding():
+    torch.manual_seed(0)
+    logits = torch.randn(3, 10)
+    params = SamplingParams(temperature=1.0)
+    g1, g2 = torch.Generator().manual_seed(7), torch.Generator().manual_seed(7)
+    from app.engine.sampling import sample_token
+
+    first = sample_token(logits[0], params, g2)
+    tokens, parents = [9, first, (first + 1) % 10], [-1, 0, 0]
+    path, emitted = accept_tree(tokens, parents, logits, params, g1)
+    assert emitted[0] == first and path[:2] == [0, 1]
+    assert emitted[1] == sample_token(logits[1], params, g2)  # same draw sequence as non-speculative
+
+
+def test_build_verify_trees_compacts_selected_nodes():
+    trees = [CandidateTree(np.array([11, 12, 13, 14]), np.array([-1, -1, 0, 2]),
+                           np.array([.6, .3, .5, .9], np.float32), np.array([.6, .3, .3, .27], np.float32)),
+             CandidateTree.empty()]
+    cands = pad(trees)
+    assert cands.valid.tolist() == [[True] * 4, [False] * 4]
+    selected = np.array([[True, False, True, True], [False] * 4])
+    vt = build_verify_trees([100, 200], cands, selected)
+    assert vt[0].tokens == [100, 11, 13, 14] and vt[0].parents == [-1, 0, 1, 2]
+    assert vt[1].tokens == [200] and vt[1].num_nodes == 0
