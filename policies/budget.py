@@ -26,9 +26,10 @@ def choose_token_budget(
     """
     sizes = np.arange(min_tokens, max(max_tokens, min_tokens) + 1)
     t_s = np.asarray(model.predict(sizes, context_tokens))
-    ok = t_s <= tolerance * float(model.predict(1, context_tokens))
+    slack = 1.0 + 1e-9  # a size exactly on the limit counts as within it, whatever the rounding
+    ok = t_s <= tolerance * float(model.predict(1, context_tokens)) * slack
     if max_step_s is not None:
-        ok &= t_s <= max_step_s
+        ok &= t_s <= max_step_s * slack
     # the latency model is non-decreasing, so ``ok`` is a prefix; take its end
     return int(sizes[ok][-1]) if ok.any() else int(min_tokens)
 

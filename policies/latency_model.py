@@ -128,7 +128,8 @@ class LatencyModel:
 
     def predict(self, num_tokens: ArrayLike, context_tokens: ArrayLike = 0) -> np.ndarray | float:
         """Seconds for a step of ``num_tokens`` new tokens reading ``context_tokens`` cached tokens."""
-        y = np.asarray(self.tokens(num_tokens)) + self.context_s_per_token * np.asarray(context_tokens, dtype=np.float64)
+        ctx = np.asarray(context_tokens, dtype=np.float64)
+        y = np.asarray(self.tokens(num_tokens)) + self.context_s_per_token * ctx
         return float(y) if y.ndim == 0 else y
 
     def to_dict(self) -> dict:

@@ -15,8 +15,6 @@ Every helper here loops only ``ceil(log2(M))`` times (pointer jumping), never ov
 
 from __future__ import annotations
 
-from typing import Callable
-
 import numpy as np
 
 MAX_TREE_TOKENS = 64  # root + nodes that fit an int64 ancestor bitmask (kernels/metadata.py)
@@ -38,28 +36,38 @@ def _sanitize_parent(parent: np.ndarray, valid: np.ndarray | None) -> np.ndarray
 def path_reduce(
     parent: np.ndarray,
     values: np.ndarray,
-    op: Callable[[np.ndarray, np.ndarray], np.ndarray],
+    op: np.ufunc,
+    identity: float | int | bool | None = None,
 ) -> np.ndarray:
     """``out[r, i] = op`` over ``values`` on the path root -> i (i included, the implicit root excluded).
 
     Pointer jumping: after k rounds ``out[i]`` covers i's 2**k nearest path nodes and ``jump[i]`` is its
-    2**k-th ancestor, so ``ceil(log2(M))`` rounds of [R, M] gathers replace an M-long loop. ``op`` must be
-    associative (np.multiply, np.add, np.minimum, np.logical_and, np.bitwise_or, ...). ``parent`` must be
-    sanitised: -1 for roots' children and padding, otherwise ``parent[r, i] < i`` (see ``_sanitize_parent``).
+    2**k-th ancestor, so ``ceil(log2(depth))`` rounds of [R, M] gathers replace an M-long loop. Arrays carry
+    one extra column per row, a sentinel holding ``identity`` that the root's children point to (and that
+    points to itself), so each round is two gathers and one ``op`` with no masking. ``op`` must be an
+    associative ufunc; ``identity`` defaults to ``op.identity`` (pass it for np.minimum / np.maximum).
+    ``parent`` must be sanitised: -1 for the root's children and padding, else ``parent[r, i] < i``.
     """
     r, m = parent.shape
-    out = np.array(values, copy=True)
-    if out.size == 0:
-        return out
-    offset = (np.arange(r, dtype=np.int64) * m)[:, None]
-    jump = parent
-    has = jump >= 0
-    while has.any():
-        flat = np.where(has, jump, 0) + offset
-        out = np.where(has, op(out, out.ravel()[flat]), out)
-        jump = np.where(has, jump.ravel()[flat], -1)
-        has = jump >= 0
-    return out
+    values = np.asarray(values)
+    if values.size == 0:
+        return values.copy()
+    ident = op.identity if identity is None else identity
+    if ident is None:
+        raise ValueError(f"{op.__name__} has no identity; pass one")
+    stride = m + 1
+    base = (np.arange(r, dtype=np.int64) * stride)[:, None]
+    jump = np.empty((r, stride), dtype=np.int64)
+    jump[:, :m] = np.where(parent >= 0, parent, m) + base
+    jump[:, m:] = base + m  # the sentinel points to itself
+    out = np.empty((r, stride), dtype=values.dtype)
+    out[:, :m] = values
+    out[:, m] = ident
+    sentinel = base + m
+    while not (jump[:, :m] == sentinel).all():
+        out = op(out, out.ravel()[jump])
+        jump = jump.ravel()[jump]
+    return out[:, :m]
 
 
 def depths(parent: np.ndarray, valid: np.ndarray) -> np.ndarray:
@@ -94,7 +102,7 @@ def monotone_path_probs(parent: np.ndarray, path_prob: np.ndarray, valid: np.nda
     p = _sanitize_parent(parent, None)
     f = np.where(valid, np.nan_to_num(np.asarray(path_prob, dtype=np.float64), nan=0.0), 0.0)
     # a valid node under a padding parent must become 0: gather through the raw parent, padding included
-    return path_reduce(p, f, np.minimum)
+    return path_reduce(p, f, np.minimum, identity=np.inf)
 
 
 def is_valid_tree(parent: np.ndarray, selected: np.ndarray) -> bool:

@@ -3,14 +3,14 @@
 Input: candidate trees in the ``token_tree`` layout (``[R, M]`` arrays, implicit root, parents-first) with
 path probabilities ``f``. Output: a boolean ``[R, M]`` mask that is always a valid tree per request.
 
-Numpy throughout (torch only for one row-wise cumsum, ~4x faster than numpy's on CPU). Torch's CPU sort
-is ~10x slower than numpy's, and the selection runs on the host between the draft and the verify forwards.
+Numpy only: the selection runs on the host between the draft and the verify forwards, on [R, M] arrays
+that fit in cache; torch's CPU sort is ~10x slower than numpy's and its per-op overhead dominates here.
 
 The core trick: for the budgeted policies every request keeps a *prefix* of its nodes ranked by
 ``(-f, slot)``. Since ``f(parent) >= f(child)`` and ``parent slot < child slot``, a parent always ranks
 before its children, so every prefix is a valid tree. Ranks come from one integer sort of keys that pack
-``f``'s float bits (high bits; order-preserving for f >= 0) and the slot (low bits): keys are unique per row,
-so an unstable sort is exact, and "the top-k of row r" is simply ``key >= k-th largest key of row r``.
+``f``'s float32 bits (high bits; order-preserving for f >= 0) and the slot (low bits): keys are unique per
+row, so a plain sort is exact, and "the top-k of row r" is simply ``key >= k-th largest key of row r``.
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
 from policies import token_tree
 from policies.budget import adaptive_shape
@@ -28,7 +27,6 @@ from policies.budget import adaptive_shape
 DEFAULT_STATIC_WIDTHS: tuple[int, ...] = (1, 1, 3, 1, 1, 1, 1, 1)  # SpecInfer-style: 20 nodes, depth 8
 LATENCY_CORRECTION = 1.05  # flexflow-serve inflates the step-time estimate by ~5% when computing A(r)
 SLO_CAP_FACTOR = 1.2  # flexflow-serve: one request takes at most ~1.2 * budget / n nodes in the SLO phase
-_KINDS = ("adaserve", "dynamic-tree", "static-tree", "chain", "none")
 
 
 @dataclass(frozen=True)
@@ -111,130 +109,173 @@ def required_acceptance(
     """A(r) = (l_r + t_step * correction) / tpot_slo_r - o_r, clipped to [1, d + 1]; [R] float64.
 
     Tokens request r must gain this step (root/bonus token included) to be on its SLO after it.
-    No SLO (inf), non-positive or NaN SLOs give 1: the free root token is enough.
+    No SLO (inf), zero, negative or NaN SLOs give 1: the free root token is enough.
     """
     slo_s = np.asarray(slo.tpot_slo_s, dtype=np.float64)
-    ok = np.isfinite(slo_s) & (slo_s > 0)
+    slo_s = np.where(slo_s > 0, slo_s, np.inf)  # NaN, 0 and negative SLOs count as none
     elapsed_s = np.asarray(slo.decode_time_s, dtype=np.float64) + float(t_step_s) * latency_correction
-    a = elapsed_s / np.where(ok, slo_s, 1.0) - np.asarray(slo.decoded_tokens, dtype=np.float64)
-    a = np.where(ok & ~np.isnan(a), a, 1.0)
-    return np.clip(a, 1.0, float(max_depth) + 1.0)
+    a = elapsed_s / slo_s - np.asarray(slo.decoded_tokens)
+    return np.fmin(np.fmax(a, 1.0), float(max_depth) + 1.0)  # fmax: a NaN (inf / inf) becomes 1
 
 
-def _keys(path_prob: np.ndarray, usable: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
-    """Unique per-row int64 keys ordering nodes by (f desc, slot asc), and the rows sorted descending.
+_SLOT_BITS_MAX = 16  # keys keep 23 - slot_bits mantissa bits of f; M <= 65536 keeps >= 7
+REACH_RTOL = 2.0**-15  # f is truncated to ~17 bits (always down): a prefix this close to the need reaches it
 
-    Unusable nodes get f = 0 and so rank after all usable ones; ``key > low_mask`` iff usable. Dropping
-    the b low mantissa bits (b = bits of M - 1) merges f values equal to ~1e-14 relative: harmless, and the
-    slot tiebreak still puts a parent first.
+
+@functools.lru_cache(maxsize=16)
+def _slot_bits(m: int, b: int) -> np.ndarray:
+    """``2**b - 1 - slot`` for slots 0..m-1: the low bits of the keys (larger for earlier slots)."""
+    out = np.int32((1 << b) - 1) - np.arange(m, dtype=np.int32)
+    out.flags.writeable = False
+    return out
+
+
+def _keys(path_prob: np.ndarray, valid: np.ndarray, positive_only: bool) -> tuple[np.ndarray, int]:
+    """Per-row unique int32 keys ordering nodes by (f desc, slot asc), and the slot bit count b.
+
+    A key is f's float32 bit pattern (order-preserving for f >= 0) with its low b bits replaced by
+    ``2**b - 1 - slot``. f values closer than ~2**(b - 23) relative (~8e-6 for M = 64) compare equal and
+    fall to the slot tiebreak: negligible for the objective, and a parent (f >= child's, smaller slot) still
+    ranks first. Unusable nodes (padding; with ``positive_only`` also f <= 0, NaN, inf) get f bits 0: their
+    keys are <= ``2**b - 1`` and rank after every usable node.
     """
     m = path_prob.shape[1]
     b = max(1, (m - 1).bit_length())
+    if b > _SLOT_BITS_MAX:
+        raise ValueError(f"at most {1 << _SLOT_BITS_MAX} candidate slots per request, got {m}")
     low = (1 << b) - 1
-    bits = np.ascontiguousarray(path_prob, dtype=np.float64).view(np.int64) * usable
-    key = ((bits >> b) << b) | (low - np.arange(m, dtype=np.int64))
-    sorted_desc = np.sort(-key, axis=1)
-    np.negative(sorted_desc, out=sorted_desc)
-    return key, sorted_desc, b
+    f32 = np.ascontiguousarray(path_prob, dtype=np.float32)
+    if not positive_only:  # fixed shapes keep every valid node: NaN and negatives just rank as 0
+        f32 = np.fmax(f32, np.float32(0))
+    bits = f32.view(np.int32)
+    if positive_only:
+        # low < bits < inf's bits (one unsigned compare): f > 0, finite, not lost to the slot bits
+        usable = (bits - np.int32(low + 1)).view(np.uint32) < np.uint32(0x7F800000 - low - 1)
+        usable &= valid
+    else:
+        usable = valid
+    return ((bits & np.int32(~low)) * usable) | _slot_bits(m, b), b
 
 
-def _sorted_f(sorted_desc: np.ndarray, b: int) -> np.ndarray:
-    """The (truncated) f values of the sorted keys; 0 for unusable nodes."""
-    return ((sorted_desc >> b) << b).view(np.float64)
+def _sorted_desc(key: np.ndarray) -> np.ndarray:
+    """Each row's keys, largest first (a reversed view of an ascending sort; faster than sorting -key)."""
+    return np.sort(key, axis=1)[:, ::-1]
 
 
-def _mask_from_counts(key: np.ndarray, sorted_desc: np.ndarray, k: np.ndarray) -> np.ndarray:
-    """Boolean [R, M]: each row's top-k[r] nodes (keys unique per row, so ``>=`` the k-th key is exact)."""
-    r, m = key.shape
-    thresh = sorted_desc[np.arange(r), np.clip(k - 1, 0, max(m - 1, 0))]
-    return (key >= thresh[:, None]) & (k > 0)[:, None]
+_KEY_MAX = np.int32(np.iinfo(np.int32).max)  # above every key
 
 
-def _fill_globally(sorted_desc: np.ndarray, base: np.ndarray, cap: np.ndarray, budget: int) -> np.ndarray:
-    """Per-row counts after spending ``budget`` more nodes on the globally highest-f ranks in [base, cap).
-
-    Exactly ``min(budget, available)`` nodes are added; ties at the threshold go to lower rows first. Within a
-    row the additions are consecutive ranks, so the result stays a prefix.
-    """
-    r, m = sorted_desc.shape
-    room = np.maximum(cap - base, 0)
-    if budget <= 0 or r == 0:
-        return base
-    if int(room.sum()) <= budget:
-        return base + room
-    ranks = np.arange(m)
-    cand = (ranks >= base[:, None]) & (ranks < cap[:, None])
-    values = sorted_desc * cand  # non-candidates -> 0, below every usable key
-    flat = values.ravel()
-    v = np.partition(flat, flat.size - budget)[flat.size - budget]  # budget-th largest, > 0
-    chosen = values > v
-    take = budget - int(chosen.sum())
-    eq = values == v
-    if int(eq.sum()) > take:  # cross-row ties on the threshold key: first rows win
-        eq &= (np.cumsum(eq.ravel()) <= take).reshape(eq.shape)
-    chosen |= eq
-    return base + chosen.sum(axis=1)
-
-
-def _adaserve_counts(
+def _slo_phase(
     sorted_desc: np.ndarray,
     b: int,
-    n_usable: np.ndarray,
     slo: SLOState,
     token_budget: int,
     t_step_s: float,
     max_depth: int,
-    n_max: int,
+    n_cap: int,
     latency_correction: float,
     slo_cap_factor: float,
 ) -> np.ndarray:
-    """Per-request node counts: SLO phase (cheapest-to-satisfy first) then throughput phase.
+    """Nodes each request gets in the SLO phase ([R] int64): a prefix of its ranking, sum <= budget.
 
-    Order of the SLO phase: requests that can reach their need ``A(r) - 1`` (the root pays 1) within their
-    SLO-phase cap go first, by ascending node cost (ties: larger A(r) first, then request index); those that
-    cannot go after, by ascending shortfall. Cheapest-first maximises the number of requests on their SLO
-    this step (unit-value knapsack) and is what flexflow's "ascending target" order approximates, since the
-    cost grows with the target for similar trees. Requests that cannot make it still get their capped
-    share, as in flexflow, but only after every request that can.
+    Order: requests by ascending node cost, the number of their best nodes whose f sums to their need
+    ``A(r) - 1`` (the root pays 1); ties: larger A(r) first, then request index. Requests that cannot reach
+    it within the SLO-phase cap (``min(n_max, ceil(1.2 * budget / R))``) come last, larger A(r) first, and
+    get all their usable nodes within the cap, as in flexflow. Cheapest-first maximises the number of
+    requests on their SLO this step (unit values, integer costs: the classic greedy) and is what flexflow's
+    "ascending target" order approximates, since cost grows with the target for similar trees. When the
+    budget runs out mid-request, that request gets the rest.
     """
-    r, m = sorted_desc.shape
+    r = sorted_desc.shape[0]
     need = required_acceptance(slo, t_step_s, max_depth, latency_correction) - 1.0
-    slo_cap = min(n_max, max(1, math.ceil(slo_cap_factor * token_budget / max(r, 1))))
-    avail = np.minimum(slo_cap, n_usable)
-    prefix = torch.cumsum(torch.from_numpy(_sorted_f(sorted_desc, b)), dim=1).numpy()
-    tol = 1e-9 * np.maximum(need, 1.0)
-    short = (prefix < (need - tol)[:, None]).sum(axis=1)  # ranks whose prefix sum is still below need
-    cost = np.where(need > tol, short + 1, 0)
-    feasible = cost <= avail
-    reach = np.where(avail > 0, prefix[np.arange(r), np.maximum(avail - 1, 0)], 0.0)
-    grant = np.where(feasible, cost, avail)
-    order = np.lexsort((-need, np.where(feasible, cost, need - reach), ~feasible))
+    if need.shape != (r,):
+        raise ValueError(f"SLOState holds {need.shape} requests, the candidate arrays {r}")
+    slo_cap = min(n_cap, max(1, math.ceil(slo_cap_factor * token_budget / r)))
+    top_f = ((sorted_desc[:, :slo_cap] >> b) << b).view(np.float32)  # truncated f by rank; 0 = unusable
+    prefix = np.cumsum(top_f, axis=1, dtype=np.float64)
+    goal = need * (1.0 - REACH_RTOL)
+    # nodes needed = prefixes (the empty one included) still short of the goal; slo_cap + 1 = unreachable
+    cost = np.count_nonzero(prefix < goal[:, None], axis=1) + (goal > 0)
+    grant = np.where(cost <= slo_cap, cost, np.count_nonzero(top_f, axis=1))
+    order = np.argsort(cost * (max_depth + 2.0) - need, kind="stable")
     g = grant[order]
-    before = np.cumsum(g) - g
     given = np.empty_like(grant)
-    given[order] = np.clip(token_budget - before, 0, g)
-    rest = token_budget - int(given.sum())
-    return _fill_globally(sorted_desc, given, np.minimum(n_max, n_usable), rest)
+    given[order] = np.minimum(g, np.maximum(token_budget - (np.cumsum(g) - g), 0))
+    return given
+
+
+def _thresholds(sorted_desc: np.ndarray, low: int, base: np.ndarray, budget: int, n_cap: int) -> np.ndarray:
+    """Per-request key thresholds ([R]): keep each request's ``base`` best nodes, then spend ``budget``
+    more on the globally best remaining ones among each request's top ``n_cap``; select ``key >= thr``.
+
+    The throughput phase picks the ``budget`` largest candidate keys, candidates being ranks in
+    [base, n_cap) with usable keys (> ``low``); its global cut ``v`` becomes a per-row threshold, capped
+    by the row's ``n_cap``-th key. Exactly ``min(budget, candidates)`` nodes are added; on cross-row ties
+    at ``v`` (one per row at most: keys are unique in a row) the first rows win. Every row keeps a prefix
+    of its ranking, hence a valid tree.
+    """
+    r = sorted_desc.shape[0]
+    rows = np.arange(r)
+    slo_thr = np.where(base > 0, sorted_desc[rows, np.maximum(base - 1, 0)], _KEY_MAX)
+    if budget <= 0:
+        return slo_thr
+    values = sorted_desc[:, :n_cap] * (np.arange(n_cap) >= base[:, None])  # ranks below base -> 0
+    thr = np.maximum(sorted_desc[:, n_cap - 1], low + 1)  # the n_cap cap; usable keys only
+    flat = values.ravel()
+    if budget < flat.size:
+        v = np.partition(flat, flat.size - budget)[flat.size - budget]  # the budget-th largest
+        if v > low:  # else fewer usable candidates than budget: take them all
+            thr = np.maximum(thr, v)
+            extra = int(np.count_nonzero(values >= v)) - budget
+            if extra > 0:
+                losers = np.nonzero((values == v).any(axis=1))[0][-extra:]
+                thr[losers] = v + 1
+    return np.minimum(slo_thr, thr)
 
 
 def _shape_select(path_prob: np.ndarray, parent: np.ndarray, valid: np.ndarray, widths: tuple[int, ...]) -> np.ndarray:
-    """Fixed shape: each kept node at depth l-1 keeps its top-``widths[l-1]`` children by (f desc, slot asc)."""
+    """Fixed shape: each kept node at depth l-1 keeps its top-``widths[l-1]`` children by (f desc, slot asc).
+
+    One sort of (parent group, f key) lines siblings up best-first, so "rank among siblings >= w" is "the
+    sorted entry w places earlier has the same parent"; then one [R, M] gather per level moves the frontier
+    down from the root. No depth array needed.
+    """
     r, m = valid.shape
     p = token_tree._sanitize_parent(parent, valid)
-    depth = token_tree.depths(p, valid)
-    f = np.where(valid, np.nan_to_num(np.asarray(path_prob, dtype=np.float64), nan=0.0), 0.0)
-    key, _, _ = _keys(np.maximum(f, 0.0), valid)
-    perm = np.lexsort((-key, p), axis=-1)  # grouped by parent, best sibling first
-    sp = np.take_along_axis(p, perm, axis=1)
-    pos = np.broadcast_to(np.arange(m), (r, m))
-    new_group = np.ones((r, m), dtype=bool)
-    new_group[:, 1:] = sp[:, 1:] != sp[:, :-1]
-    sib_rank_sorted = pos - np.maximum.accumulate(np.where(new_group, pos, 0), axis=1)
-    sib_rank = np.empty_like(sib_rank_sorted)
-    np.put_along_axis(sib_rank, perm, sib_rank_sorted, axis=1)
-    width_at = np.array((0,) + tuple(widths) + (0,), dtype=np.int64)[np.minimum(depth, len(widths) + 1)]
-    node_ok = valid & (sib_rank < width_at)
-    return token_tree.path_reduce(p, node_ok, np.logical_and)
+    key, b = _keys(path_prob, valid, positive_only=False)
+    low = (1 << b) - 1
+    group = np.where(valid, m - p, 0)  # parent group; padding in group 0, sorted last
+    comp_desc = _sorted_desc((group << 31) | key)
+    grp = comp_desc >> 31
+    # rank_class[j] = how many of the distinct widths the node's sibling rank reaches (0 = below all)
+    distinct = sorted(set(w for w in widths if w < m))
+    rank_class = np.zeros((r, m), dtype=np.int8)
+    same = np.zeros((r, m), dtype=bool)
+    for w in distinct:
+        same[:, :w] = False  # the first w of a row have no entry w places earlier
+        np.equal(grp[:, w:], grp[:, :-w], out=same[:, w:])
+        rank_class += same.view(np.int8)
+    node_flat = (low - (comp_desc & low)) + (np.arange(r) * m)[:, None]
+    by_node = np.empty(r * m, dtype=np.int8)
+    by_node[node_flat.ravel()] = rank_class.ravel()
+    by_node = by_node.reshape(r, m)
+    # ok[k]: the node is among its parent's top distinct[k] children (and real); widths >= m admit all
+    ok = {w: valid & (by_node <= i) for i, w in enumerate(distinct)}
+    front = np.zeros((r, m + 1), dtype=bool)  # last column: the implicit root
+    front[:, m] = True
+    front_flat = front.ravel()
+    parent_flat = np.where(p >= 0, p, m) + (np.arange(r) * (m + 1))[:, None]
+    selected = np.zeros((r, m), dtype=bool)
+    kept = np.empty((r, m), dtype=bool)
+    for w in widths:
+        np.take(front_flat, parent_flat, out=kept)
+        kept &= ok.get(w, valid)
+        if not kept.any():
+            break
+        selected |= kept
+        front[:, :m] = kept
+        front[:, m] = False
+    return selected
 
 
 def select(
@@ -263,6 +304,7 @@ def select(
 
     adaserve / dynamic-tree skip nodes with f <= 0 (or NaN): they add nothing to the expected acceptance.
     static-tree / chain keep their shape from whatever valid nodes exist (no budget, no n_max).
+    f is compared in float32 (pass float32 to skip a conversion); values closer than ~1e-5 relative tie.
     """
     spec = parse_policy(policy) if isinstance(policy, str) else policy
     valid = np.asarray(valid, dtype=bool)
@@ -273,20 +315,21 @@ def select(
         return _shape_select(path_prob, parent, valid, (1,) * spec.chain_len)
     if spec.kind == "static-tree":
         return _shape_select(path_prob, parent, valid, spec.static_widths)
-    f = np.asarray(path_prob)
-    usable = valid & (f > 0) & (f < np.inf)
-    key, sorted_desc, b = _keys(f, usable)
-    n_usable = usable.sum(axis=1)
     budget = max(int(token_budget), 0)
-    cap = np.minimum(max(int(n_max), 0), n_usable)
+    n_max = max(int(n_max), 0)
+    if n_max == 0 or budget == 0:
+        return np.zeros((r, m), dtype=bool)
+    key, b = _keys(path_prob, valid, positive_only=True)
+    sorted_desc = _sorted_desc(key)
+    n_cap = min(n_max, m)
     if spec.kind == "dynamic-tree":
-        counts = _fill_globally(sorted_desc, np.zeros(r, dtype=np.int64), cap, budget)
+        base = np.zeros(r, dtype=np.int64)
     else:
-        counts = _adaserve_counts(
-            sorted_desc, b, n_usable, slo, budget, t_step_s, max_depth, max(int(n_max), 0),
-            latency_correction, slo_cap_factor,
+        base = _slo_phase(
+            sorted_desc, b, slo, budget, t_step_s, max_depth, n_cap, latency_correction, slo_cap_factor
         )
-    return _mask_from_counts(key, sorted_desc, counts)
+    thr = _thresholds(sorted_desc, (1 << b) - 1, base, budget - int(base.sum()), n_cap)
+    return key >= thr[:, None]
 
 
 def draft_shape(

@@ -244,9 +244,8 @@ class LLMEngine:
                                  [c.request.generator for _, c in plain])
             for (_, c), t in zip(plain, tokens):
                 new_tokens[c.request.request_id] = [t]
-                c.request.num_computed_tokens += c.num_tokens
         for c in chunks:
-            if not c.completes:
+            if c.request.request_id not in trees:
                 c.request.num_computed_tokens += c.num_tokens
         num_nodes = num_accepted = 0
         if trees:

@@ -289,7 +289,8 @@ def test_none_and_empty():
     assert not select("none", GOLD_F, GOLD_PARENT, GOLD_VALID, SLOState.no_slo(1), 10, 0.1, 4, 4).any()
     empty = np.zeros((0, 4))
     for name in POLICIES:
-        assert select(name, empty, empty.astype(int), empty.astype(bool), SLOState.no_slo(0), 4, 0.1, 4, 4).shape == (0, 4)
+        sel = select(name, empty, empty.astype(int), empty.astype(bool), SLOState.no_slo(0), 4, 0.1, 4, 4)
+        assert sel.shape == (0, 4)
 
 
 def test_bench_sized_batch():
@@ -300,7 +301,21 @@ def test_bench_sized_batch():
     f, parent, valid = random_candidate_trees(rng, 256, 64, 8)
     slo = random_slo_state(rng, 256, 0.1)
     for name in POLICIES:
-        sel = select(name, f.astype(np.float32), parent, valid, slo, 1024, 0.1, 8, 32)
+        sel = select(name, f, parent, valid, slo, 1024, 0.1, 8, 32)
         assert tt.is_valid_tree(parent, sel), name
         if parse_policy(name).budgeted:
             assert sel.sum() == 1024 and sel.sum(axis=1).max() <= 32
+
+
+def test_cross_request_ties_at_the_budget_cut():
+    f, parent, valid = _chains([[0.5, 0.25], [0.5, 0.25], [0.5, 0.25]])
+    for budget, expected in [(1, [1, 0, 0]), (2, [1, 1, 0]), (4, [2, 1, 1]), (5, [2, 2, 1])]:
+        for name in ["dynamic-tree", "adaserve"]:
+            sel = select(name, f, parent, valid, SLOState.no_slo(3), budget, 0.1, 2, 2)
+            np.testing.assert_array_equal(sel.sum(axis=1), expected, err_msg=f"{name} budget {budget}")
+
+
+def test_slo_state_must_match_the_batch():
+    f, parent, valid = _chains([[0.5], [0.5]])
+    with pytest.raises(ValueError, match="SLOState"):
+        select("adaserve", f, parent, valid, SLOState.no_slo(3), 4, 0.1, 2, 2)

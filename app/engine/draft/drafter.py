@@ -250,17 +250,24 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
 DISTILLED = "distilled"
 
 
-def load_drafter(spec: str, target, *, target_tokenizer=None, device: torch.device | str | None = None,
-                 dtype: torch.dtype | None = None, num_kv_blocks: int | None = None, block_size: int = 16,
+def load_drafter(spec: str, target, *, target_tokenizer=None, target_dir: Path | str | None = None,
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None,
+                 num_kv_blocks: int | None = None, num_blocks: int | None = None, block_size: int = 16,
                  kv_cache_memory_gb: float = 0.25, cache_dir: Path | None = None,
                  use_vocab_subset: bool = True) -> Drafter:
     """Build a Drafter for `target`.
 
     spec: "distilled" (the shipped draft for the embedded target), a path to a distilled-draft .safetensors
     file, or any model id/path `load_checkpoint` takes (an independent causal LM with the target's tokenizer).
-    target: the target's Checkpoint, or its LlamaModel (then pass target_tokenizer: a tokenizer object or its
-    directory, for the vocabulary check of an independent draft).
+    target: the target's Checkpoint, or its LlamaModel (then pass target_tokenizer, a tokenizer object or its
+    directory, or target_dir, the target's checkpoint directory, for the vocabulary check of an independent draft).
+    num_kv_blocks (alias num_blocks): draft KV blocks; None sizes them from kv_cache_memory_gb. Giving the target's
+    block count gives the draft the same token capacity.
     """
+    if num_kv_blocks is None:
+        num_kv_blocks = num_blocks
+    if target_tokenizer is None and target_dir is not None:
+        target_tokenizer = Path(target_dir)
     from app.engine.draft.distilled import SHIPPED_WEIGHTS, build_distilled_model
     from app.engine.weights import Checkpoint, load_checkpoint, load_tokenizer
 

@@ -123,7 +123,7 @@ def frequency_ranked_vocab(tokenizer, num_convs: int, size: int, vocab_size: int
     return torch.tensor(ranked[:size], dtype=torch.int64)
 
 
-def self_distill_answers(cfg: TrainConfig, tokenizer, path: Path) -> list[list[int]]:
+def self_distill_answers(cfg: TrainConfig, ckpt: Checkpoint, tokenizer, path: Path) -> list[list[int]]:
     """Prompt + the target's greedy answer, for ShareGPT prompts; generated once and cached as jsonl."""
     if cfg.self_distill <= 0:
         return []
@@ -131,29 +131,53 @@ def self_distill_answers(cfg: TrainConfig, tokenizer, path: Path) -> list[list[i
         rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
         if len(rows) >= cfg.self_distill:
             return [r["token_ids"] for r in rows[: cfg.self_distill]]
-    from app.engine.config import EngineConfig, SamplingParams
-    from app.engine.engine import LLMEngine
-
     prompts = []
     for conv in iter_sharegpt_conversations(limit=cfg.self_distill, skip=cfg.val_convs):
         first = next(m["content"] for m in conv["messages"] if m["role"] == "user")
         prompts.append(list(tokenizer.apply_chat_template([{"role": "user", "content": first[:600]}],
                                                           add_generation_prompt=True, tokenize=True,
                                                           return_dict=False)))
-    engine = LLMEngine(EngineConfig(model=cfg.target, device="cpu", dtype="bfloat16", max_num_seqs=32,
-                                    kv_cache_memory_gb=1.0))
+    model = LlamaModel(ckpt.config, ckpt.state_dict, torch.bfloat16, torch.device("cpu"))
+    eos = set(ckpt.config.eos_token_ids) | ({tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set())
     outs = []
     bar = tqdm(total=len(prompts), desc="self-distill answers", unit="prompt")
     for i in range(0, len(prompts), 32):
         batch = prompts[i: i + 32]
-        res = engine.generate(batch, SamplingParams(max_tokens=cfg.self_distill_tokens))
-        outs += [p + r.token_ids for p, r in zip(batch, res)]
+        outs += [p + a for p, a in zip(batch, greedy_answers(model, batch, cfg.self_distill_tokens, eos))]
         bar.update(len(batch))
     bar.close()
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("".join(json.dumps({"token_ids": t}) + "\n" for t in outs))
     tmp.replace(path)
     return outs
+
+
+@torch.inference_mode()
+def greedy_answers(model: LlamaModel, prompts: list[list[int]], max_tokens: int, eos: set[int]) -> list[list[int]]:
+    """Batched greedy decoding with the paged forward (prompts in one prefill, then one token per request)."""
+    from app.engine.kv_cache import KVCache
+    from app.engine.runner import ModelRunner, SeqInput
+
+    block = 16
+    need = sum(-(-(len(p) + max_tokens) // block) for p in prompts)
+    kv = KVCache(*model.new_kv_cache(need, block))
+    runner = ModelRunner(model, kv)
+    tables = []
+    for p in prompts:
+        b: list[int] = []
+        kv.ensure_capacity(b, len(p) + max_tokens)
+        tables.append(b)
+    out = runner.run([SeqInput(block_ids=b, context_len=0, token_ids=p) for b, p in zip(tables, prompts)])
+    answers = [[t] for t in out.logits.argmax(-1).tolist()]
+    live = [i for i, a in enumerate(answers) if a[-1] not in eos]
+    while live and len(answers[live[0]]) < max_tokens:
+        seqs = [SeqInput(block_ids=tables[i], context_len=len(prompts[i]) + len(answers[i]) - 1,
+                         token_ids=[answers[i][-1]]) for i in live]
+        nxt = runner.run(seqs).logits.argmax(-1).tolist()
+        for i, t in zip(live, nxt):
+            answers[i].append(t)
+        live = [i for i in live if answers[i][-1] not in eos]
+    return answers
 
 
 def pad_batch(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -252,7 +276,7 @@ def train(cfg: TrainConfig) -> dict:
             vocab_ids = frequency_ranked_vocab(tokenizer, cfg.vocab_count_convs, cfg.vocab_subset,
                                                ckpt.config.vocab_size, always)
             torch.save(vocab_ids, vocab_path)
-    answers = self_distill_answers(cfg, tokenizer, out / f"self_distill_{cfg.self_distill}x{cfg.self_distill_tokens}.jsonl")
+    answers = self_distill_answers(cfg, ckpt, tokenizer, out / f"self_distill_{cfg.self_distill}x{cfg.self_distill_tokens}.jsonl")
 
     init_layers = [int(x) for x in cfg.init_layers.split(",")]
     teacher = Teacher(ckpt, vocab_ids)
