@@ -9,13 +9,16 @@ An SLO class is either absolute (``tpot_slo_ms: 50``) or relative to the replica
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from app.engine.config import EngineConfig  # dataclasses only: no torch here
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG_PATH = REPO_ROOT / "serve_config.yaml"
@@ -45,35 +48,13 @@ class SLOClass(BaseModel):
         return self
 
 
-class EngineSettings(BaseModel):
-    """Engine knobs exposed in the YAML (a subset of EngineConfig; the rest keep their defaults)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    model: str = "embedded"
-    draft: str | None = None
-    policy: str = "none"
-    device: str = "auto"
-    dtype: str = "auto"
-    num_kv_blocks: int | None = None
-    kv_cache_memory_gb: float = 2.0
-    max_num_seqs: int = 64
-    max_num_batched_tokens: int = 512
-    prefill_chunk_tokens: int = 256
-    max_model_len: int | None = None
-    seed: int = 0
-
-    def engine_config_kwargs(self) -> dict[str, Any]:
-        return self.model_dump()
-
-
 class AppSettings(BaseModel):
     """Everything under ``applications[].args`` in serve_config.yaml."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     served_model_name: str = "SmolLM2-135M-Instruct"
-    engine: EngineSettings = EngineSettings()
+    engine: dict[str, Any] = {}  # EngineConfig fields; unknown names fail, omitted ones keep the engine defaults
     max_waiting: int = Field(default=64, ge=0)  # requests queued beyond max_num_seqs before 429
     slo_classes: dict[str, SLOClass] = {}
     default_slo_class: str | None = None  # applied when a request names no SLO at all
@@ -81,6 +62,19 @@ class AppSettings(BaseModel):
     replica_timeout_s: float = Field(default=60.0, gt=0)  # no answer from any replica by then: 503
     unloaded_tpot_probe_tokens: int = Field(default=8, ge=2)
     replica_torch_threads: int | None = Field(default=None, ge=1)  # None: Ray's OMP_NUM_THREADS (num_cpus)
+
+    @field_validator("engine")
+    @classmethod
+    def _engine_fields_exist(cls, engine: dict[str, Any]) -> dict[str, Any]:
+        known = {f.name for f in dataclasses.fields(EngineConfig)}
+        unknown = sorted(set(engine) - known)
+        if unknown:
+            raise ValueError(f"unknown engine settings {unknown}; EngineConfig has {sorted(known)}")
+        EngineConfig(**engine)  # value checks (cheap: no model is loaded)
+        return dict(engine)
+
+    def engine_config(self) -> EngineConfig:
+        return EngineConfig(**self.engine)
 
     @model_validator(mode="after")
     def _default_class_exists(self) -> "AppSettings":

@@ -35,7 +35,7 @@ from app.replica import LLMReplica
 from app.schemas import (ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest,
                          ChatCompletionResponse, ChatMessageOut, CompletionChoice, CompletionRequest,
                          CompletionResponse, DeltaMessage, ErrorBody, ErrorResponse, ModelCard, ModelList,
-                         SLOReport, Usage, dump, new_id)
+                         SLOReport, Usage, dump, new_id, param_from_message)
 
 logger = logging.getLogger("ray.serve")
 
@@ -70,17 +70,21 @@ def error_from_handle_exception(exc: BaseException) -> APIError:
     return APIError(500, "internal error while serving the request")
 
 
+_ENDPOINTS = {"/v1/chat/completions": "chat", "/v1/completions": "completion"}
 fastapi_app = FastAPI(title="adaserve", description="OpenAI-compatible, SLO-aware LLM serving")
 
 
 @fastapi_app.exception_handler(RequestValidationError)
-async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
     """OpenAI answers schema errors with 400 and a readable message naming the parameter."""
     err = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
     loc = [str(p) for p in err.get("loc", ()) if p != "body"]
     msg = str(err.get("msg", "invalid request")).removeprefix("Value error, ")
     param = loc[0] if loc else None
     where = ".".join(loc)
+    metrics = getattr(request.app.state, "metrics", None)
+    if metrics is not None:
+        metrics.requests.labels(_ENDPOINTS.get(request.url.path, "other"), "400").inc()
     return APIError(400, f"{where}: {msg}" if where else msg, param).response()
 
 
@@ -91,13 +95,6 @@ async def _api_error(_: Request, exc: APIError) -> JSONResponse:
 
 def _sse(payload: dict[str, Any]) -> str:
     return f"data: {json.dumps(payload, separators=(',', ':'))}\n\n"
-
-
-def _first_param(message: str) -> str | None:
-    for name in ("max_tokens", "temperature", "top_p", "top_k", "stop", "seed"):
-        if name in message:
-            return name
-    return None
 
 
 class _Relay:
@@ -111,6 +108,18 @@ class _Relay:
         self.created = int(time.time())
         self.num_tokens = 0
         self.finished = False
+        self.closed = False
+
+    def close(self) -> None:
+        """Idempotent: stop counting this request as in flight; cancel the replica call unless it finished
+        (the replica then aborts the request and frees its KV blocks)."""
+        if self.closed:
+            return
+        self.closed = True
+        self.ingress.metrics.in_flight.dec()
+        if not self.finished:
+            self.gen.cancel()
+            self.ingress.metrics.aborted.inc()
 
     async def messages(self) -> AsyncIterator[dict[str, Any]]:
         """Replica messages until the final one; always cancels the replica call if we stop early."""
@@ -128,10 +137,7 @@ class _Relay:
                     return
             raise APIError(503, "the replica ended the stream early")
         finally:
-            metrics.in_flight.dec()
-            if not self.finished:
-                self.gen.cancel()
-                metrics.aborted.inc()
+            self.close()
 
     def usage(self) -> Usage:
         return Usage(prompt_tokens=self.prompt_tokens, completion_tokens=self.num_tokens,
@@ -200,6 +206,7 @@ class _Relay:
             status = str(err.status)
             yield _sse(err.body())
         finally:
+            self.close()  # also when the client went away while we waited to send (CancelledError here)
             if status == "200" and not self.finished:
                 status = "499"  # client closed the stream
             self.ingress.metrics.requests.labels(self.endpoint, status).inc()
@@ -214,14 +221,21 @@ class OpenAIIngress:
         self.replica = replica
         self.stream_replica = replica.options(stream=True)
         self.metrics = ServeMetrics(latest_replica_stats)
+        fastapi_app.state.metrics = self.metrics  # for the schema-error handler, which has no `self`
         self._cached_baseline_s: float | None = None
 
     # ---- plain endpoints ------------------------------------------------------------------------------------
     @fastapi_app.get("/health")
-    async def health(self) -> dict[str, Any]:
+    async def health(self) -> JSONResponse:
+        """200 once a replica has answered (the ingress alone is up seconds before the engine is loaded)."""
+        if not latest_replica_stats() and self._cached_baseline_s is None:
+            try:
+                await self._unloaded_tpot_s(timeout_s=5.0)
+            except APIError as err:
+                return APIError(503, f"no replica is ready yet ({err.message})").response()
         stats = latest_replica_stats()
-        return {"status": "ok", "replicas_reporting": len(stats),
-                "replicas_healthy": sum(bool(s.get("healthy", True)) for s in stats.values())}
+        return JSONResponse({"status": "ok", "replicas_reporting": len(stats),
+                             "replicas_healthy": sum(bool(s.get("healthy", True)) for s in stats.values())})
 
     @fastapi_app.get("/v1/models")
     async def models(self) -> dict[str, Any]:
@@ -288,7 +302,7 @@ class OpenAIIngress:
         try:
             SamplingParams(**body.sampling_kwargs())
         except ValueError as exc:
-            raise APIError(400, str(exc), _first_param(str(exc))) from None
+            raise APIError(400, str(exc), param_from_message(str(exc))) from None
         baseline = None
         if needs_baseline(self.settings, body.slo_class, body.tpot_slo_ms):
             baseline = await self._unloaded_tpot_s()
@@ -298,7 +312,7 @@ class OpenAIIngress:
         except SLOError as exc:
             raise APIError(400, str(exc), exc.param) from None
 
-    async def _unloaded_tpot_s(self) -> float | None:
+    async def _unloaded_tpot_s(self, timeout_s: float | None = None) -> float | None:
         """Median unloaded TPOT over the replicas (from routing stats; asks a replica once at start)."""
         values = [float(s["unloaded_tpot_s"]) for s in latest_replica_stats().values() if s.get("unloaded_tpot_s")]
         if values:
@@ -306,7 +320,7 @@ class OpenAIIngress:
         elif self._cached_baseline_s is None:
             try:
                 self._cached_baseline_s = await asyncio.wait_for(
-                    self.replica.get_unloaded_tpot_s.remote(), timeout=self.settings.replica_timeout_s)
+                    self.replica.get_unloaded_tpot_s.remote(), timeout=timeout_s or self.settings.replica_timeout_s)
             except Exception as exc:  # noqa: BLE001
                 raise error_from_handle_exception(exc) from None
         return self._cached_baseline_s

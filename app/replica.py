@@ -28,6 +28,7 @@ from ray import serve
 from ray.serve.config import RequestRouterConfig
 
 from app.config import AppSettings
+from app.schemas import param_from_message
 
 logger = logging.getLogger("ray.serve")
 
@@ -109,9 +110,9 @@ class EngineLoop:
                 chat = True
             self.engine.add_request(prompt, sampling, request_id, chat=chat,
                                     tpot_slo_ms=payload.get("tpot_slo_ms"), ttft_slo_ms=payload.get("ttft_slo_ms"),
-                                    policy=payload.get("policy"))
+                                    policy=payload.get("policy"), arrival_time=payload.get("arrival_time"))
         except ValueError as exc:  # InvalidRequestError is a ValueError; so are SamplingParams' checks
-            sink(_error(400, str(exc), _param_of(str(exc))))
+            sink(_error(400, str(exc), param_from_message(str(exc))))
             return
         except Exception as exc:  # a template or tokenizer failure on odd input is still the client's input
             logger.exception("could not add request %s", request_id)
@@ -158,14 +159,6 @@ def _ewma(old: float | None, new: float, alpha: float) -> float:
     return new if old is None else (1 - alpha) * old + alpha * new
 
 
-def _param_of(message: str) -> str | None:
-    """Best-effort OpenAI ``param`` for an engine validation message."""
-    for name in ("max_tokens", "temperature", "top_p", "top_k", "stop", "tpot_slo_ms", "ttft_slo_ms"):
-        if name in message:
-            return name
-    return "prompt" if "prompt" in message or "context window" in message else None
-
-
 def measure_unloaded_tpot_s(engine: Any, num_tokens: int, num_probes: int = 3) -> float:
     """TPOT of one short greedy request on the idle engine: the baseline for relative SLO classes.
 
@@ -174,12 +167,8 @@ def measure_unloaded_tpot_s(engine: Any, num_tokens: int, num_probes: int = 3) -
     from app.engine.config import SamplingParams
 
     engine.generate(["Hello"], SamplingParams(max_tokens=2, ignore_eos=True))
-    probes = engine.generate(["Hello"], SamplingParams(max_tokens=num_tokens, ignore_eos=True))
-    best = float(probes[0].metrics.tpot_s)
-    for _ in range(num_probes - 1):
-        out = engine.generate(["Hello"], SamplingParams(max_tokens=num_tokens, ignore_eos=True))[0]
-        best = min(best, float(out.metrics.tpot_s))
-    return best
+    params = SamplingParams(max_tokens=num_tokens, ignore_eos=True)
+    return min(float(engine.generate(["Hello"], params)[0].metrics.tpot_s) for _ in range(num_probes))
 
 
 @serve.deployment(
@@ -199,10 +188,9 @@ class LLMReplica:
             import torch
 
             torch.set_num_threads(self.settings.replica_torch_threads)
-        from app.engine.config import EngineConfig
         from app.engine.engine import LLMEngine
 
-        self.engine = LLMEngine(EngineConfig(**self.settings.engine.engine_config_kwargs()))
+        self.engine = LLMEngine(self.settings.engine_config())
         reported = self.engine.stats().get("unloaded_tpot_s")
         self.unloaded_tpot_s = float(reported) if reported else measure_unloaded_tpot_s(
             self.engine, self.settings.unloaded_tpot_probe_tokens)
@@ -222,6 +210,8 @@ class LLMReplica:
         self._active.add(request_id)
         messages: asyncio.Queue[dict] = asyncio.Queue()
         event_loop = asyncio.get_running_loop()
+        # TTFT counts from here, not from when the loop thread gets to the command (after the current step).
+        request = {**request, "arrival_time": time.perf_counter()}
         self.loop.add(request_id, request, lambda m: event_loop.call_soon_threadsafe(messages.put_nowait, m))
         done = False
         try:
@@ -249,8 +239,8 @@ class LLMReplica:
         s = self.loop.stats
         running = int(s.get("running_requests", 0))
         spare = s.get("spare_token_budget")
-        if spare is None:  # until the engine reports SLO-aware spare budget: tokens left after one per request
-            spare = self.engine.config.max_num_batched_tokens - running
+        if spare is None:  # until the engine reports SLO-aware spare budget: step budget left after one token each
+            spare = int(s.get("token_budget") or self.engine.config.max_num_batched_tokens) - running
         return {
             "spare_token_budget": int(spare),
             "running_requests": running,

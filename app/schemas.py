@@ -240,6 +240,17 @@ class ErrorResponse(BaseModel):
     error: ErrorBody
 
 
+_PARAMS = ("max_tokens", "temperature", "top_p", "top_k", "stop", "seed", "tpot_slo_ms", "ttft_slo_ms")
+
+
+def param_from_message(message: str) -> str | None:
+    """Best-effort OpenAI ``param`` for a validation message from SamplingParams or the engine."""
+    for name in _PARAMS:
+        if name in message:
+            return name
+    return "prompt" if "prompt" in message or "context window" in message else None
+
+
 def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
 

@@ -28,38 +28,108 @@ from kernels.metadata import AttnMetadata
 _LOG2E = 1.4426950408889634
 
 
-def _patch_interpreter_for_numpy_2_4() -> None:
-    """Triton 3.6's interpreter turns 1-element scalar arrays into loop bounds with int(array), which numpy 2.4
-    rejects (triton-lang/triton#9171, fixed upstream by squeezing first). Only touches interpreter mode."""
+def launchable(kernel, device: torch.device):
+    """The kernel as it can run on `device`: compiled for CUDA tensors, interpreted for CPU tensors.
+
+    `triton.jit` fixes compiled vs interpreted at decoration time, from TRITON_INTERPRET when the module is
+    imported, and triton's own library (tl.sum, tl.max, ...) when triton is first imported - often by another
+    library (transformers imports it). So CPU tensors need only TRITON_INTERPRET=1 *while the kernel runs*:
+    a compiled kernel is wrapped in the interpreter here, whatever the import order.
+    """
+    if device.type == "cuda":
+        return kernel
     if not triton.knobs.runtime.interpret:
-        return
+        raise RuntimeError("Triton kernels on CPU tensors run in Triton's interpreter: set TRITON_INTERPRET=1")
+    _enable_late_interpreter()
+    return _interpreted(kernel)
+
+
+def _interpreted(fn):
+    """`fn` (a JITFunction, or already interpreted) as an InterpretedFunction, cached."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    if not isinstance(fn, triton.runtime.JITFunction):
+        return fn
+    if id(fn) not in _INTERPRETED:  # by id: hashing a JITFunction parses its source
+        _INTERPRETED[id(fn)] = InterpretedFunction(fn.fn)
+    return _INTERPRETED[id(fn)]
+
+
+_INTERPRETED: dict[int, object] = {}  # id(JITFunction) -> InterpretedFunction; JITFunctions live for good
+
+
+def _enable_late_interpreter() -> None:
+    """Two small patches of triton 3.6, applied once and only on the interpreted CPU path.
+
+    1. Calls from an interpreted kernel into compiled-mode @jit helpers (triton's own tl.sum, tl.max, ...
+       when triton was imported without TRITON_INTERPRET, and our helpers) run them interpreted too;
+       JITFunction.__call__ otherwise always raises, so compiled kernels are unaffected.
+    2. Interpreter scalars are 1-element arrays and loop bounds go through int(array), which numpy >= 2.4
+       rejects (triton-lang/triton#9171; fixed upstream by squeezing first).
+    """
     from triton.runtime import interpreter
 
-    if getattr(interpreter, "_adaserve_index_fix", False):
+    if getattr(interpreter, "_adaserve_patched", False):
         return
-    original = interpreter._patch_lang_tensor
+    raise_outside_kernel = triton.runtime.JITFunction.__call__
 
-    def patch_lang_tensor(tensor, scope) -> None:
-        original(tensor, scope)
+    def call_jit(self, *args, **kwargs):
+        if not triton.knobs.runtime.interpret:
+            return raise_outside_kernel(self, *args, **kwargs)
+        return _interpreted(self)(*args, **kwargs)
+
+    patch_lang_tensor = interpreter._patch_lang_tensor
+
+    def patch_lang_tensor_index(tensor, scope) -> None:
+        patch_lang_tensor(tensor, scope)
         scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
 
-    interpreter._patch_lang_tensor = patch_lang_tensor
-    interpreter._adaserve_index_fix = True
+    triton.runtime.JITFunction.__call__ = call_jit
+    interpreter._patch_lang_tensor = patch_lang_tensor_index
+    interpreter._adaserve_patched = True
 
 
-_patch_interpreter_for_numpy_2_4()
+@triton.jit
+def _attend_tiles(
+    acc, m_i, l_i, q, bits, step_q, tile_lo, tile_hi, kv_end, ctx, is_tree,
+    k_cache_ptr, v_cache_ptr, block_row_ptr, block_size, kv_head, scale_log2,
+    stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+    MASKED: tl.constexpr,
+):
+    """Online-softmax update over KV tiles [tile_lo, tile_hi) of one request (log2 domain).
 
-
-def launchable(kernel, device: torch.device):
-    """The kernel, checked to be runnable on `device`.
-
-    `triton.jit` picks compiled or interpreted once, at decoration time (TRITON_INTERPRET when triton and
-    this module are imported), so CPU tensors need triton imported with TRITON_INTERPRET=1.
+    Unmasked tiles lie wholly in the committed context; masked tiles apply length, causal and tree masks.
     """
-    if device.type != "cuda" and (isinstance(kernel, triton.runtime.JITFunction) or not triton.knobs.runtime.interpret):
-        raise RuntimeError("Triton kernels on CPU tensors need TRITON_INTERPRET=1, set before triton is first "
-                           "imported and kept set while kernels run")
-    return kernel
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    for tile in range(tile_lo, tile_hi):
+        offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < kv_end
+        blk = tl.load(block_row_ptr + offs_n // block_size, mask=n_ok, other=0).to(tl.int64)
+        in_blk = offs_n % block_size
+        kv_mask = n_ok[:, None] & d_ok[None, :]
+        k = tl.load(k_cache_ptr + (blk * stride_kb + in_blk * stride_ks + kv_head * stride_kh)[:, None]
+                    + offs_d[None, :], mask=kv_mask, other=0.0)  # [BLOCK_N, BLOCK_D]
+        v = tl.load(v_cache_ptr + (blk * stride_vb + in_blk * stride_vs + kv_head * stride_vh)[:, None]
+                    + offs_d[None, :], mask=kv_mask, other=0.0)
+        s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=PRECISION) * scale_log2  # [BLOCK_M, BLOCK_N]
+        if MASKED:
+            step_k = offs_n - ctx  # negative = committed context, always visible
+            causal_ok = step_k[None, :] <= step_q[:, None]
+            shift = tl.minimum(tl.maximum(step_k, 0), 63).to(tl.int64)
+            tree_ok = ((bits[:, None] >> shift[None, :]) & 1) != 0
+            visible = (step_k < 0)[None, :] | tl.where(is_tree, tree_ok, causal_ok)
+            s = tl.where(visible & n_ok[None, :], s, float("-inf"))
+
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=PRECISION)
+        m_i = m_new
+    return acc, m_i, l_i
 
 
 @triton.jit
@@ -112,35 +182,21 @@ def _tree_attn_kernel(
     tile_lo = split * per_split
     tile_hi = tl.minimum(tile_lo + per_split, num_tiles)
 
+    # Tiles wholly inside the context need no mask; the rest (context tail + step tokens) do.
+    full_tiles = ctx // BLOCK_N
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    for tile in range(tile_lo, tile_hi):
-        offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < kv_end
-        blk = tl.load(block_table_ptr + req * stride_bt + offs_n // block_size, mask=n_ok, other=0).to(tl.int64)
-        in_blk = offs_n % block_size
-        kv_mask = n_ok[:, None] & d_ok[None, :]
-        k = tl.load(k_cache_ptr + (blk * stride_kb + in_blk * stride_ks + kv_head * stride_kh)[:, None]
-                    + offs_d[None, :], mask=kv_mask, other=0.0)  # [BLOCK_N, BLOCK_D]
-        v = tl.load(v_cache_ptr + (blk * stride_vb + in_blk * stride_vs + kv_head * stride_vh)[:, None]
-                    + offs_d[None, :], mask=kv_mask, other=0.0)
-        s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=PRECISION) * scale_log2  # [BLOCK_M, BLOCK_N]
-
-        step_k = offs_n - ctx  # negative = committed context, always visible
-        causal_ok = step_k[None, :] <= step_q[:, None]
-        shift = tl.minimum(tl.maximum(step_k, 0), 63).to(tl.int64)
-        tree_ok = ((bits[:, None] >> shift[None, :]) & 1) != 0
-        visible = (step_k < 0)[None, :] | tl.where(is_tree, tree_ok, causal_ok)
-        s = tl.where(visible & n_ok[None, :], s, float("-inf"))
-
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet
-        alpha = tl.exp2(m_i - m_safe)
-        p = tl.exp2(s - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=PRECISION)
-        m_i = m_new
+    acc, m_i, l_i = _attend_tiles(
+        acc, m_i, l_i, q, bits, step_q, tile_lo, tl.minimum(tile_hi, full_tiles), kv_end, ctx, is_tree,
+        k_cache_ptr, v_cache_ptr, block_table_ptr + req * stride_bt, block_size, kv_head, scale_log2,
+        stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+        HEAD_DIM, BLOCK_D, BLOCK_N, PRECISION, MASKED=False)
+    acc, m_i, l_i = _attend_tiles(
+        acc, m_i, l_i, q, bits, step_q, tl.maximum(tile_lo, full_tiles), tile_hi, kv_end, ctx, is_tree,
+        k_cache_ptr, v_cache_ptr, block_table_ptr + req * stride_bt, block_size, kv_head, scale_log2,
+        stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+        HEAD_DIM, BLOCK_D, BLOCK_N, PRECISION, MASKED=True)
 
     o_ptrs = out_ptr + split * stride_os + tok[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :]
     o_mask = row_ok[:, None] & d_ok[None, :]
@@ -277,7 +333,7 @@ def tree_attention(
         meta.block_tables.stride(0),
         GROUP=group, HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim),
         BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=block_n,
-        BLOCK_R=triton.next_power_of_2(meta.num_reqs), NUM_SPLITS=num_splits, PRECISION=precision,
+        BLOCK_R=triton.next_power_of_2(max(16, meta.num_reqs)), NUM_SPLITS=num_splits, PRECISION=precision,
     )
     if num_splits > 1:
         row = num_heads * head_dim

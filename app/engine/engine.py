@@ -59,6 +59,7 @@ class StepStats:
 
     num_tokens: int  # target tokens in the step (prefill + roots + tree nodes)
     num_decodes: int
+    num_trees: int  # requests that verified a tree
     num_tree_nodes: int  # draft nodes verified
     num_accepted: int  # draft nodes accepted
     draft_s: float
@@ -95,7 +96,7 @@ class LLMEngine:
         self._seed_counter = itertools.count()
         self.num_steps = 0
         self.step_history: deque[StepStats] = deque(maxlen=1024)
-        self.totals = {"tree_nodes": 0, "accepted": 0, "spec_steps": 0, "draft_s": 0.0, "select_s": 0.0,
+        self.totals = {"tree_nodes": 0, "accepted": 0, "spec_steps": 0, "tree_requests": 0, "draft_s": 0.0, "select_s": 0.0,
                        "step_s": 0.0, "verify_s": 0.0, "accept_s": 0.0}
         self._step_ema_s: float | None = None
         parse_policy(config.policy)  # a bad name fails at start, not at the first step
@@ -271,7 +272,7 @@ class LLMEngine:
                 self.kv.trim(req.block_ids, req.num_computed_tokens)
         t_end = time.perf_counter()
         stats = StepStats(num_tokens=sum(len(s.token_ids) for s in seqs), num_decodes=len(decodes),
-                          num_tree_nodes=num_nodes, num_accepted=num_accepted, draft_s=draft_s, select_s=select_s,
+                          num_trees=len(trees), num_tree_nodes=num_nodes, num_accepted=num_accepted, draft_s=draft_s, select_s=select_s,
                           verify_s=t_accept - t_verify, accept_s=t_end - t_accept, step_s=0.0)
         return new_tokens, stats
 
@@ -281,6 +282,7 @@ class LLMEngine:
         t["tree_nodes"] += stats.num_tree_nodes
         t["accepted"] += stats.num_accepted
         t["spec_steps"] += 1 if stats.num_tree_nodes else 0
+        t["tree_requests"] += stats.num_trees
         for k in ("draft_s", "select_s", "step_s", "verify_s", "accept_s"):
             t[k] += getattr(stats, k)
         self._step_ema_s = stats.step_s if self._step_ema_s is None else 0.8 * self._step_ema_s + 0.2 * stats.step_s
@@ -371,7 +373,8 @@ class LLMEngine:
             "kv_total_blocks": self.kv.allocator.num_blocks,
             "num_steps": self.num_steps,
             "token_budget": self.token_budget,
-            "accepted_tokens_per_step": (self.totals["accepted"] / self.totals["spec_steps"] + 1.0)
-            if self.totals["spec_steps"] else 1.0,
+            # tokens a speculating request gains per step (accepted draft tokens + the bonus token)
+            "accepted_tokens_per_step": (self.totals["accepted"] / self.totals["tree_requests"] + 1.0)
+            if self.totals["tree_requests"] else 1.0,
             "selection_time_fraction": self.totals["select_s"] / self.totals["step_s"] if self.totals["step_s"] else 0.0,
         }

@@ -7,7 +7,8 @@ import torch
 
 from app.engine.config import SamplingParams
 from app.engine.spec.accept import accept_tree
-from app.engine.spec.tree import CandidateTree, build_verify_trees, pad
+from app.engine.draft.drafter import CandidateTree
+from app.engine.spec.tree import build_verify_trees, pad
 
 
 def _logits_choosing(choices: list[int], vocab: int = 10) -> torch.Tensor:

@@ -1,14 +1,14 @@
 """Kernel tests: the Triton kernels run compiled on a CUDA machine and in Triton's interpreter on CPU.
 
-Triton reads TRITON_INTERPRET when it is first imported and again while kernels run, and the variable would
-also switch `kernels.dispatch` to Triton for every other test directory in the session. So it is set per test
-module here rather than at import, and test modules import the Triton kernel modules lazily (`triton_ops()`),
-inside tests, after the variable is set.
+On CPU, TRITON_INTERPRET=1 is set for each test module here and unset after it, so `kernels.dispatch` picks
+Triton only inside these tests; the rest of the session keeps the torch reference path. The kernels need the
+variable only while they run, not when triton is imported (see `kernels.tree_attention.launchable`).
 """
 
 from __future__ import annotations
 
 import pytest
+
 from kernel_batches import DEVICE
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from types import SimpleNamespace
 
 import torch
 
@@ -11,14 +10,6 @@ from kernels.metadata import AttnMetadata, bits_from_parents, chain_bits
 
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def triton_ops() -> SimpleNamespace:
-    """The Triton entry points, imported on first use (after conftest has set TRITON_INTERPRET on CPU)."""
-    from kernels.kv_commit import kv_commit
-    from kernels.tree_attention import tree_attention, write_kv
-
-    return SimpleNamespace(tree_attention=tree_attention, write_kv=write_kv, kv_commit=kv_commit)
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,7 @@ trained decoder layers, optionally with a frequency-ranked vocabulary-subset hea
 
 Shipped file (safetensors, only the trained tensors, bf16): HF-named layer tensors `model.layers.{i}.*`, plus
 `draft.vocab_ids` ([S] int64, the full-vocabulary ids the subset head scores, most frequent first) when the head
-is a subset. Metadata records the format, the target's shape and a fingerprint of its embedding, so a draft is
+is a subset. Metadata records the format, the target's shape and a probe of its embedding, so a draft is
 never run against a target it was not trained for.
 
 Training uses a dense (padded batch) forward over the same layer tensors (`dense_forward`), not the paged one.
@@ -11,7 +11,7 @@ Training uses a dense (padded batch) forward over the same layer tensors (`dense
 
 from __future__ import annotations
 
-import hashlib
+import json
 from dataclasses import replace
 from pathlib import Path
 
@@ -47,11 +47,16 @@ class DraftLlamaModel(LlamaModel):
             self.lm_head = self.lm_head[self.vocab_ids].contiguous()
 
 
-def embed_fingerprint(embed: torch.Tensor) -> str:
-    """A short hash of a few embedding rows: tells targets apart without hashing 28M floats."""
-    rows = embed[:: max(1, embed.shape[0] // 64)][:64].float().cpu()
-    rounded = torch.round(rows * 1e3).to(torch.int64).numpy().tobytes()
-    return hashlib.sha256(rounded).hexdigest()[:16]
+def embed_probe(embed: torch.Tensor, n: int = 32) -> list[float]:
+    """A few fixed entries of the embedding: tells targets apart, robust to the target's dtype (fp32/bf16/fp16)."""
+    rows = torch.linspace(0, embed.shape[0] - 1, n).long()
+    cols = torch.linspace(0, embed.shape[1] - 1, n).long()
+    return [float(v) for v in embed[rows.to(embed.device), cols.to(embed.device)].float().cpu()]
+
+
+def same_target(probe: list[float], embed: torch.Tensor) -> bool:
+    mine = torch.tensor(embed_probe(embed, len(probe)))
+    return bool(torch.allclose(mine, torch.tensor(probe), rtol=2e-2, atol=1e-3))
 
 
 # ---- shipped-file format -----------------------------------------------------------------------------------
@@ -76,7 +81,7 @@ def save_draft_weights(path: Path, layers: list[dict[str, torch.Tensor]], target
     if vocab_ids is not None:
         tensors["draft.vocab_ids"] = vocab_ids.to(torch.int64).contiguous().cpu()
     meta = {"format": FORMAT, "num_layers": str(len(layers)), "target_vocab_size": str(c.vocab_size),
-            "target_hidden_size": str(c.hidden_size), "target_embed_fingerprint": embed_fingerprint(target_embed)}
+            "target_hidden_size": str(c.hidden_size), "target_embed_probe": json.dumps(embed_probe(target_embed))}
     meta.update({k: str(v) for k, v in (extra or {}).items()})
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
@@ -104,8 +109,8 @@ def build_distilled_model(path: Path, target_config: ModelConfig, target_embed: 
     if int(meta["target_vocab_size"]) != c.vocab_size or int(meta["target_hidden_size"]) != c.hidden_size:
         raise ValueError(f"{path} was trained for a target with vocab {meta['target_vocab_size']} / hidden "
                          f"{meta['target_hidden_size']}, not vocab {c.vocab_size} / hidden {c.hidden_size}")
-    if meta.get("target_embed_fingerprint") != embed_fingerprint(target_embed):
-        raise ValueError(f"{path} was trained for a different target model (embedding fingerprint differs)")
+    if not same_target(json.loads(meta.get("target_embed_probe", "[]")) or [0.0], target_embed):
+        raise ValueError(f"{path} was trained for a different target model (its embedding differs)")
     n = int(meta["num_layers"])
     config = replace(c, num_layers=n, tie_word_embeddings=True)
     state = {k: v for k, v in tensors.items() if k.startswith("model.layers.")}

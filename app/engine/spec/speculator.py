@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from app.engine.draft.drafter import DraftRequest
 from app.engine.request import Request
 from app.engine.spec.tree import VerifyTree, build_verify_trees, pad
 from kernels.metadata import MAX_TREE_TOKENS
@@ -77,9 +78,7 @@ class Speculator:
         self.drafter.release(request_id)
 
 
-def _draft_request(req: Request):
-    from app.engine.draft.drafter import DraftRequest
-
+def _draft_request(req: Request) -> DraftRequest:
     return DraftRequest(request_id=req.request_id, token_ids=req.token_ids)
 
 

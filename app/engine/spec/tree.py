@@ -6,25 +6,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from app.engine.draft.drafter import CandidateTree
 from policies import token_tree
-
-
-@dataclass
-class CandidateTree:
-    """One request's drafted candidates, nodes parents-first; the root (the request's last token) is implicit."""
-
-    tokens: np.ndarray  # [M] int64
-    parent: np.ndarray  # [M] int64, -1 = child of the root
-    draft_prob: np.ndarray  # [M] float32, draft probability of the token given its path
-    path_prob: np.ndarray  # [M] float32, f: product of draft_prob along root -> node
-
-    @classmethod
-    def empty(cls) -> "CandidateTree":
-        z = np.zeros(0, dtype=np.int64)
-        return cls(z, z.copy(), np.zeros(0, dtype=np.float32), np.zeros(0, dtype=np.float32))
-
-    def __len__(self) -> int:
-        return int(self.tokens.shape[0])
 
 
 @dataclass
@@ -36,11 +19,11 @@ class PaddedCandidates:
 
 
 def pad(trees: list[CandidateTree]) -> PaddedCandidates:
-    r, m = len(trees), max((len(t) for t in trees), default=0)
+    r, m = len(trees), max((t.num_nodes for t in trees), default=0)
     out = PaddedCandidates(np.zeros((r, m), np.int64), np.full((r, m), -1, np.int64),
                            np.zeros((r, m), np.float32), np.zeros((r, m), bool))
     for i, t in enumerate(trees):
-        n = len(t)
+        n = t.num_nodes
         out.tokens[i, :n], out.parent[i, :n], out.path_prob[i, :n], out.valid[i, :n] = (
             t.tokens, t.parent, t.path_prob, True)
     return out

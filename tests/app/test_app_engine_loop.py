@@ -1,0 +1,101 @@
+"""The replica's engine thread with a fake engine: commands in, messages out, aborts free the request."""
+
+from __future__ import annotations
+
+import threading
+import time
+from types import SimpleNamespace
+
+from app.replica import EngineLoop
+
+
+class FakeEngine:
+    """Each step gives every running request one token; a request finishes after ``max_tokens``."""
+
+    def __init__(self) -> None:
+        self.requests: dict[str, SimpleNamespace] = {}
+        self.aborted: list[str] = []
+        self.tokenizer = None
+
+    def add_request(self, prompt, sampling, request_id, **_):
+        if not prompt:
+            raise ValueError("prompt is empty")
+        self.requests[request_id] = SimpleNamespace(num_prompt_tokens=len(prompt), n=0, max=sampling.max_tokens)
+
+    def abort(self, request_id: str) -> bool:
+        self.aborted.append(request_id)
+        return self.requests.pop(request_id, None) is not None
+
+    def has_unfinished(self) -> bool:
+        return bool(self.requests)
+
+    def step(self):
+        time.sleep(0.01)
+        outs = []
+        for rid, r in list(self.requests.items()):
+            r.n += 1
+            done = r.n >= r.max
+            outs.append(SimpleNamespace(request_id=rid, new_token_ids=[r.n], new_text=f"t{r.n}", finished=done,
+                                        finish_reason="length" if done else None, metrics=None))
+            if done:
+                del self.requests[rid]
+        return outs
+
+    def stats(self) -> dict:
+        return {"running_requests": len(self.requests), "waiting_requests": 0, "kv_free_blocks": 10,
+                "kv_total_blocks": 10, "num_steps": 0}
+
+
+class Inbox:
+    def __init__(self) -> None:
+        self.messages: list[dict] = []
+        self.done = threading.Event()
+
+    def __call__(self, msg: dict) -> None:
+        self.messages.append(msg)
+        if msg["type"] == "error" or msg.get("finished"):
+            self.done.set()
+
+
+def test_requests_stream_and_errors_come_back_as_messages() -> None:
+    engine = FakeEngine()
+    loop = EngineLoop(engine, idle_wait_s=0.01)
+    loop.start()
+    try:
+        good, bad = Inbox(), Inbox()
+        loop.add("a", {"prompt": "hi", "sampling": {"max_tokens": 3}}, good)
+        loop.add("b", {"prompt": "", "sampling": {}}, bad)
+        assert good.done.wait(5) and bad.done.wait(5)
+        assert good.messages[0] == {"type": "accepted", "prompt_tokens": 2}
+        assert "".join(m["text"] for m in good.messages[1:]) == "t1t2t3"
+        assert bad.messages == [{"type": "error", "status": 400, "message": "prompt is empty", "param": "prompt"}]
+        bad_params = Inbox()
+        loop.add("c", {"prompt": "hi", "sampling": {"temperature": -1}}, bad_params)
+        assert bad_params.done.wait(5) and bad_params.messages[0]["param"] == "temperature"
+        deadline = time.monotonic() + 5
+        while loop.stats.get("accepted_tokens_per_step") is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert loop.stats["accepted_tokens_per_step"] == 1.0
+    finally:
+        loop.stop()
+
+
+def test_abort_stops_delivery_and_frees_the_request() -> None:
+    engine = FakeEngine()
+    loop = EngineLoop(engine, idle_wait_s=0.01)
+    loop.start()
+    try:
+        inbox = Inbox()
+        loop.add("long", {"prompt": "hi", "sampling": {"max_tokens": 10_000}}, inbox)
+        deadline = time.monotonic() + 5
+        while len(inbox.messages) < 3 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        loop.abort("long")
+        while engine.requests and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert not engine.requests and engine.aborted == ["long"]
+        n = len(inbox.messages)
+        time.sleep(0.1)
+        assert len(inbox.messages) == n and not inbox.done.is_set()
+    finally:
+        loop.stop()

@@ -1,0 +1,64 @@
+"""OpenAI schemas: what is accepted, what is refused, and how the SLO extension serialises."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from app.engine.config import SamplingParams
+from app.replica import merge_deltas
+from app.schemas import (ChatCompletionRequest, CompletionRequest, CompletionChoice, CompletionResponse, SLOReport,
+                         Usage, dump)
+
+
+def test_chat_request_maps_to_sampling_params() -> None:
+    req = ChatCompletionRequest.model_validate({
+        "model": "m", "messages": [{"role": "developer", "content": "be brief"},
+                                   {"role": "user", "content": [{"type": "text", "text": "hi"}]}],
+        "max_completion_tokens": 7, "max_tokens": 99, "temperature": 0.5, "top_p": 0.9, "seed": 3,
+        "stop": "END", "tpot_slo_ms": 40, "slo_class": "chat", "unknown_knob": 1})
+    assert req.chat_messages() == [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
+    params = SamplingParams(**req.sampling_kwargs())
+    assert (params.max_tokens, params.temperature, params.top_p, params.seed, params.stop) == (7, 0.5, 0.9, 3, ("END",))
+    assert (req.tpot_slo_ms, req.slo_class) == (40, "chat")
+
+
+def test_completion_prompt_forms() -> None:
+    assert CompletionRequest(model="m", prompt=["one"]).prompt == "one"
+    assert CompletionRequest(model="m", prompt=[1, 2, 3]).prompt == [1, 2, 3]
+    for bad in ("", ["a", "b"], []):
+        with pytest.raises(ValidationError):
+            CompletionRequest(model="m", prompt=bad)
+
+
+@pytest.mark.parametrize("field, value", [("n", 2), ("temperature", -0.1), ("top_p", 0.0), ("max_tokens", 0),
+                                          ("tpot_slo_ms", 0), ("ttft_slo_ms", -3), ("stop", ["a"] * 5),
+                                          ("stop", [""])])
+def test_bad_fields_are_refused(field: str, value: object) -> None:
+    with pytest.raises(ValidationError) as info:
+        CompletionRequest.model_validate({"model": "m", "prompt": "x", field: value})
+    assert info.value.errors()[0]["loc"][0] == field
+
+
+def test_non_text_content_is_refused() -> None:
+    req = ChatCompletionRequest.model_validate(
+        {"model": "m", "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]})
+    with pytest.raises(ValueError, match="image_url"):
+        req.chat_messages()
+
+
+def test_slo_extension_serialises_as_class() -> None:
+    resp = CompletionResponse(id="x", model="m", choices=[CompletionChoice(text="t", finish_reason="stop")],
+                              usage=Usage(prompt_tokens=1, completion_tokens=2, total_tokens=3),
+                              slo=SLOReport(slo_class="coding", tpot_slo_ms=36, ttft_ms=10, tpot_ms=30, attained=True))
+    body = dump(resp)
+    assert body["slo"]["class"] == "coding" and body["slo"]["attained"] is True
+    assert body["object"] == "text_completion"
+
+
+def test_deltas_that_arrive_together_become_one_message() -> None:
+    d = lambda text, ids, fin=False: {"type": "delta", "text": text, "token_ids": ids, "finished": fin,  # noqa: E731
+                                      "finish_reason": "stop" if fin else None, "metrics": None}
+    merged = merge_deltas([{"type": "accepted", "prompt_tokens": 3}, d("a", [1]), d("b", [2]), d("c", [3], True)])
+    assert [m["type"] for m in merged] == ["accepted", "delta"]
+    assert merged[1]["text"] == "abc" and merged[1]["token_ids"] == [1, 2, 3] and merged[1]["finished"]
