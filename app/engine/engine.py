@@ -260,6 +260,7 @@ class LLMEngine:
                 path, emitted = accept_tree(tree.tokens, tree.parents, out.logits[rows[0]:rows[-1] + 1],
                                             req.sampling, req.generator, [greedy[j] for j in rows])
                 moves.append((req.block_ids, req.num_computed_tokens, path))
+                self.speculator.observe(req.request_id, proposal.candidates[req.request_id], tree, path)
                 req.num_computed_tokens += len(path)
                 req.num_spec_steps += 1
                 req.num_accepted_draft_tokens += len(path) - 1

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from app.engine.draft.drafter import DraftRequest
+from app.engine.draft.drafter import CandidateTree, DraftRequest
 from app.engine.request import Request
 from app.engine.spec.tree import VerifyTree, build_verify_trees, pad
 from kernels.metadata import MAX_TREE_TOKENS
@@ -17,6 +17,7 @@ from policies.tree_selection import PolicySpec, SLOState, draft_shape, parse_pol
 @dataclass
 class ProposeResult:
     trees: dict[str, VerifyTree] = field(default_factory=dict)
+    candidates: dict[str, CandidateTree] = field(default_factory=dict)
     draft_s: float = 0.0
     select_s: float = 0.0
     num_candidates: int = 0
@@ -67,15 +68,22 @@ class Speculator:
             result.select_s += time.perf_counter() - t1
             result.draft_s += t1 - t0
             result.num_candidates += int(padded.valid.sum())
-            for r, tree in zip(group, trees):
+            for r, tree, cand in zip(group, trees, cands):
                 if tree.num_nodes:
                     result.trees[r.request_id] = tree
+                    result.candidates[r.request_id] = cand
             if spec.budgeted:
                 budget -= int(selected.sum())
         return result
 
     def release(self, request_id: str) -> None:
         self.drafter.release(request_id)
+
+    def observe(self, request_id: str, candidates: CandidateTree, tree: VerifyTree, path: list[int]) -> None:
+        """Tell a drafter that learns from verification (e.g. calibrated lookup sources) what was accepted."""
+        observe = getattr(self.drafter, "observe", None)
+        if observe is not None:
+            observe(request_id, candidates, tree, path)
 
 
 def _draft_request(req: Request) -> DraftRequest:

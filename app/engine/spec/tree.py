@@ -36,6 +36,7 @@ class VerifyTree:
     tokens: list[int]
     parents: list[int]  # -1 for the root
     path_prob: list[float]  # f per token (1.0 for the root)
+    slots: list[int]  # candidate slot of each token in the drafter's CandidateTree (-1 for the root)
 
     @property
     def num_nodes(self) -> int:
@@ -51,5 +52,6 @@ def build_verify_trees(roots: list[int], cands: PaddedCandidates, selected: np.n
         trees.append(VerifyTree(
             tokens=[root] + cands.tokens[r, slots].tolist(),
             parents=[-1] + (new_parent[r, :k] + 1).tolist(),  # the root is local index 0
-            path_prob=[1.0] + cands.path_prob[r, slots].tolist()))
+            path_prob=[1.0] + cands.path_prob[r, slots].tolist(),
+            slots=[-1] + slots.tolist()))
     return trees
