@@ -1,0 +1,161 @@
+"""Speculative decoding, side by side in one run: single-request decode speed and acceptance per policy, against
+the engine without speculation and transformers' assisted generation with the same draft; then the selection
+overhead for 256 requests x 64 candidates as a fraction of a measured target step.
+
+    python -m bench.spec [--draft distilled] [--new-tokens 64] [--prompts 6]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from argparse import Namespace
+
+import numpy as np
+import torch
+
+from app.engine.config import EngineConfig, SamplingParams
+from app.engine.engine import LLMEngine
+
+POLICIES = ["none", "chain:4", "static-tree", "dynamic-tree", "adaserve"]
+
+
+def held_out_prompts(n: int) -> list[str]:
+    """MT-Bench and HumanEval prompts (never used to train the draft), alternating."""
+    from bench.datasets import humaneval_prompts, mtbench_questions
+
+    mt = [q["turns"][0] if isinstance(q, dict) else q for q in mtbench_questions()]
+    he = [p["prompt"] if isinstance(p, dict) else p for p in humaneval_prompts()]
+    out = []
+    for i in range(n):
+        out.append(mt[i // 2] if i % 2 == 0 else he[i // 2])
+    return out
+
+
+def engine_single_request(engine: LLMEngine, prompts: list[list[int]], policy: str, new_tokens: int) -> dict:
+    decode_s, decoded, spec_steps, accepted = 0.0, 0, 0, 0
+    for ids in prompts:
+        out = engine.generate([ids], SamplingParams(max_tokens=new_tokens, ignore_eos=True), policy=policy)[0]
+        m = out.metrics
+        decode_s += m.tpot_s * (m.num_output_tokens - 1)
+        decoded += m.num_output_tokens - 1
+        spec_steps += m.num_spec_steps
+        accepted += m.num_accepted_draft_tokens
+    return {"tok_s": decoded / decode_s,
+            "accepted_per_step": (accepted + spec_steps) / spec_steps if spec_steps else 1.0}
+
+
+def hf_draft_model(engine: LLMEngine, target_hf):
+    """The engine's distilled draft as a transformers model (full vocabulary head) for assisted generation."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    draft = engine.speculator.drafter.model
+    cfg = LlamaConfig(**{**target_hf.config.to_dict(), "num_hidden_layers": draft.config.num_layers})
+    hf = LlamaForCausalLM(cfg).eval()
+    c = draft.config
+    q, kv = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+    state = {"model.embed_tokens.weight": target_hf.model.embed_tokens.weight.data,
+             "model.norm.weight": target_hf.model.norm.weight.data, "lm_head.weight": target_hf.lm_head.weight.data}
+    for i, layer in enumerate(draft.layers):
+        p = f"model.layers.{i}."
+        wq, wk, wv = layer["wqkv"].split([q, kv, kv])
+        gate, up = layer["w13"].chunk(2)
+        state.update({p + "self_attn.q_proj.weight": wq, p + "self_attn.k_proj.weight": wk,
+                      p + "self_attn.v_proj.weight": wv, p + "self_attn.o_proj.weight": layer["wo"],
+                      p + "mlp.gate_proj.weight": gate, p + "mlp.up_proj.weight": up,
+                      p + "mlp.down_proj.weight": layer["w2"], p + "input_layernorm.weight": layer["in_norm"],
+                      p + "post_attention_layernorm.weight": layer["post_norm"]})
+    hf.load_state_dict({k: v.float() for k, v in state.items()}, strict=False)
+    hf.tie_weights()
+    return hf
+
+
+def hf_decode_tok_s(target_hf, prompts: list[list[int]], new_tokens: int, assistant=None) -> float:
+    total = 0.0
+    for ids in prompts:
+        x = torch.tensor([ids])
+        kw = dict(do_sample=False, attention_mask=torch.ones_like(x), pad_token_id=0)
+        if assistant is not None:
+            kw["assistant_model"] = assistant
+        with torch.no_grad():
+            t0 = time.perf_counter()
+            target_hf.generate(x, max_new_tokens=1, **kw)
+            t1 = time.perf_counter()
+            target_hf.generate(x, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kw)
+            t2 = time.perf_counter()
+        total += (t2 - t1) - (t1 - t0)
+    return len(prompts) * (new_tokens - 1) / total
+
+
+def selection_overhead(engine: LLMEngine, num_requests: int = 256, nodes: int = 64) -> tuple[float, float]:
+    """(median adaserve selection ms, measured target step ms: num_requests x 4 tree tokens at context 64)."""
+    from app.engine.runner import SeqInput
+    from bench.selection_overhead import time_select
+
+    blocks = [[] for _ in range(num_requests)]
+    ctx = 64
+    for b in blocks:
+        if not engine.kv.ensure_capacity(b, ctx + 4):
+            raise RuntimeError('not enough KV blocks for the selection-overhead step')
+    seqs = [SeqInput(b, ctx, [1, 2, 3, 4], parents=[-1, 0, 0, 1], logits="all") for b in blocks]
+    engine.runner.run(seqs)
+    t0 = time.perf_counter()
+    engine.runner.run(seqs)
+    step_ms = (time.perf_counter() - t0) * 1e3
+    for b in blocks:
+        engine.kv.release(b)
+    args = Namespace(requests=num_requests, nodes=nodes, depth=8, budget=4 * num_requests, n_max=32,
+                     step_ms=step_ms, runs=200, warmup=20)
+    wall_s, _ = time_select("adaserve", args, np.random.default_rng(0))
+    return float(np.median(wall_s)) * 1e3, step_ms
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--draft", default="distilled")
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--prompts", type=int, default=6)
+    ap.add_argument("--token-budget", type=int, default=None, help="default: profiled at start-up")
+    ap.add_argument("--skip-hf", action="store_true")
+    args = ap.parse_args()
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    engine = LLMEngine(EngineConfig(draft=args.draft, policy="adaserve", token_budget=args.token_budget,
+                                    num_kv_blocks=2048))
+    prompts = [engine.encode_prompt(p, chat=True) for p in held_out_prompts(args.prompts)]
+    engine.generate([prompts[0]], SamplingParams(max_tokens=8))  # warm-up
+    print(f"device={engine.device} threads={torch.get_num_threads()} draft={args.draft} "
+          f"token_budget={engine.token_budget} prompts={len(prompts)} new_tokens={args.new_tokens}")
+    rows = {}
+    for policy in POLICIES:
+        rows[policy] = engine_single_request(engine, prompts, policy, args.new_tokens)
+        print(f"  {policy:<14} {rows[policy]['tok_s']:7.2f} tok/s  {rows[policy]['accepted_per_step']:.2f} tokens/step",
+              flush=True)
+    hf_plain = hf_assisted = float("nan")
+    if not args.skip_hf:
+        from transformers import AutoModelForCausalLM
+
+        from app.engine.weights import resolve_model_dir
+
+        target_hf = AutoModelForCausalLM.from_pretrained(str(resolve_model_dir("embedded")),
+                                                         dtype=torch.float32).eval()
+        assistant = hf_draft_model(engine, target_hf)
+        hf_plain = hf_decode_tok_s(target_hf, prompts, args.new_tokens)
+        hf_assisted = hf_decode_tok_s(target_hf, prompts, args.new_tokens, assistant)
+    base = rows["none"]["tok_s"]
+    best = max((p for p in POLICIES if p != "none"), key=lambda p: rows[p]["tok_s"])
+    print(f"\n{'policy':<26} {'decode tok/s':>12} {'x none':>7} {'tokens/step':>12}")
+    for policy in POLICIES:
+        r = rows[policy]
+        print(f"{'engine ' + policy:<26} {r['tok_s']:>12.2f} {r['tok_s'] / base:>7.2f} {r['accepted_per_step']:>12.2f}")
+    print(f"{'transformers generate':<26} {hf_plain:>12.2f} {hf_plain / base:>7.2f} {'':>12}")
+    print(f"{'transformers assisted':<26} {hf_assisted:>12.2f} {hf_assisted / base:>7.2f} {'':>12}")
+    print(f"best speculative policy: {best}: {rows[best]['tok_s'] / base:.2f}x engine none, "
+          f"{rows[best]['tok_s'] / hf_assisted:.2f}x transformers assisted")
+    sel_ms, step_ms = selection_overhead(engine)
+    print(f"adaserve selection, 256 requests x 64 candidates: {sel_ms:.3f} ms; target step at 256 requests: "
+          f"{step_ms:.1f} ms; fraction {100 * sel_ms / step_ms:.3f}%")
+
+
+if __name__ == "__main__":
+    main()
