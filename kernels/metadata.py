@@ -17,7 +17,7 @@ Masking of the step's tokens: a causal request (prefill chunk, plain decode) let
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -35,6 +35,8 @@ class AttnMetadata:
     max_query_len: int  # host copies so no kernel launch needs a device sync
     max_kv_len: int
     query_start_loc_host: list[int] | None = None  # python ints, for the CPU reference's slicing
+    # Per-forward memo (e.g. the reference's gather indices and masks), built by the first layer, reused by the rest.
+    scratch: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def num_reqs(self) -> int:

@@ -55,27 +55,45 @@ def tree_attention_reference(
     meta: AttnMetadata,
     scale: float,
 ) -> torch.Tensor:
-    """Attention of every step token over its request's committed context plus its visible step tokens."""
-    num_tokens, num_heads, head_dim = q.shape
+    """Attention of every step token over its request's committed context plus its visible step tokens.
+
+    Gather indices and masks depend only on the metadata, so they are built once per forward (first layer) and
+    kept in ``meta.scratch`` for the other layers.
+    """
     out = torch.empty_like(q)
-    if num_tokens == 0:
+    if q.shape[0] == 0:
         return out
+    key = ("reference_groups", k_cache.shape[1])
+    groups = meta.scratch.get(key)
+    if groups is None:
+        groups = meta.scratch[key] = _plan_groups(meta, k_cache.shape[1], q.shape[0])
+    kf = k_cache.view(-1, *k_cache.shape[2:])
+    vf = v_cache.view(-1, *v_cache.shape[2:])
+    enable_gqa = k_cache.shape[2] != q.shape[1]
+    for tok, q_valid, slots, mask in groups:
+        o = F.scaled_dot_product_attention(
+            q[tok].transpose(1, 2),  # [n, H, max_q, D]
+            kf[slots].transpose(1, 2).to(q.dtype),  # [n, KVH, max_kv, D]
+            vf[slots].transpose(1, 2).to(q.dtype),
+            attn_mask=mask, scale=scale, enable_gqa=enable_gqa,
+        ).transpose(1, 2)  # [n, max_q, H, D]
+        out[tok[q_valid]] = o[q_valid]
+    return out
+
+
+def _plan_groups(meta: AttnMetadata, block_size: int, num_tokens: int) -> list[tuple]:
+    """Requests with short queries share one padded SDPA call; long ones (prefill chunks) get their own."""
     qsl = meta.query_start_loc_host or meta.query_start_loc.tolist()
     q_lens = [qsl[r + 1] - qsl[r] for r in range(meta.num_reqs)]
     ctx = meta.context_lens.tolist()
     small = [r for r in range(meta.num_reqs) if 0 < q_lens[r] <= _PAD_QUERY_LIMIT]
     large = [r for r in range(meta.num_reqs) if q_lens[r] > _PAD_QUERY_LIMIT]
     groups = ([small] if small else []) + [[r] for r in large]
-    for group in groups:
-        _attend_group(q, k_cache, v_cache, meta, scale, group, qsl, q_lens, ctx, out)
-    return out
+    return [_plan_group(meta, block_size, num_tokens, g, qsl, q_lens, ctx) for g in groups]
 
 
-def _attend_group(q, k_cache, v_cache, meta, scale, reqs, qsl, q_lens, ctx, out) -> None:
-    device = q.device
-    block_size = k_cache.shape[1]
-    num_heads, head_dim = q.shape[1], q.shape[2]
-    n = len(reqs)
+def _plan_group(meta, block_size, num_tokens, reqs, qsl, q_lens, ctx) -> tuple:
+    device = meta.slot_mapping.device
     max_q = max(q_lens[r] for r in reqs)
     kv_lens = [ctx[r] + q_lens[r] for r in reqs]
     max_kv = max(kv_lens)
@@ -85,14 +103,10 @@ def _attend_group(q, k_cache, v_cache, meta, scale, reqs, qsl, q_lens, ctx, out)
     lens = torch.tensor([q_lens[r] for r in reqs], device=device)
     qi = torch.arange(max_q, device=device)
     q_valid = qi[None, :] < lens[:, None]  # [n, max_q]
-    tok = (starts[:, None] + qi[None, :]).clamp_max(q.shape[0] - 1)  # [n, max_q]
-    qp = q[tok]  # [n, max_q, H, D]
+    tok = (starts[:, None] + qi[None, :]).clamp_max(num_tokens - 1)  # [n, max_q]
 
     # Keys/values of the whole logical range, gathered from the blocks.
     slots = _logical_slots(meta, reqs, max_kv, block_size)  # [n, max_kv]
-    kf = k_cache.view(-1, *k_cache.shape[2:])
-    vf = v_cache.view(-1, *v_cache.shape[2:])
-    kp, vp = kf[slots], vf[slots]  # [n, max_kv, KVH, D]
 
     # Mask: context always visible; step token k visible to step token i by causality or tree bits.
     ctx_t = torch.tensor([ctx[r] for r in reqs], device=device)
@@ -108,14 +122,4 @@ def _attend_group(q, k_cache, v_cache, meta, scale, reqs, qsl, q_lens, ctx, out)
     mask = kv_valid[:, None, :] & ((step_k < 0)[:, None, :] | step_vis)
     mask = mask & q_valid[:, :, None]
     mask[:, :, 0] |= ~q_valid  # padded query rows see one key so softmax stays finite
-
-    kv_heads = kp.shape[2]
-    o = F.scaled_dot_product_attention(
-        qp.transpose(1, 2),  # [n, H, max_q, D]
-        kp.transpose(1, 2).to(q.dtype),
-        vp.transpose(1, 2).to(q.dtype),
-        attn_mask=mask[:, None],
-        scale=scale,
-        enable_gqa=kv_heads != num_heads,
-    ).transpose(1, 2)  # [n, max_q, H, D]
-    out[tok[q_valid]] = o[q_valid]
+    return tok, q_valid, slots, mask[:, None]
