@@ -40,14 +40,6 @@ def kv_commit_reference(
         flat[:, dst_slots] = flat[:, src_slots]
 
 
-def _logical_slots(meta: AttnMetadata, req_ids: list[int], max_kv: int, block_size: int) -> torch.Tensor:
-    """[len(req_ids), max_kv] flat cache slots of each request's logical kv indices (0 where unused)."""
-    tables = meta.block_tables[req_ids].long().clamp_min(0)  # [R, max_blocks]
-    j = torch.arange(max_kv, device=tables.device)
-    blocks = tables.gather(1, (j // block_size).clamp_max(tables.shape[1] - 1).expand(len(req_ids), -1))
-    return blocks * block_size + j % block_size
-
-
 def tree_attention_reference(
     q: torch.Tensor,  # [num_tokens, heads, head_dim]
     k_cache: torch.Tensor,  # [num_blocks, block_size, kv_heads, head_dim]
@@ -67,14 +59,16 @@ def tree_attention_reference(
     groups = meta.scratch.get(key)
     if groups is None:
         groups = meta.scratch[key] = _plan_groups(meta, k_cache.shape[1], q.shape[0])
-    kf = k_cache.view(-1, *k_cache.shape[2:])
-    vf = v_cache.view(-1, *v_cache.shape[2:])
     enable_gqa = k_cache.shape[2] != q.shape[1]
-    for tok, q_valid, slots, mask in groups:
+    for tok, q_valid, tables, mask in groups:
+        n, max_kv = tables.shape[0], mask.shape[-1]
+        # Whole blocks are gathered (contiguous rows, far cheaper than token-granular indexing), then trimmed.
+        kp = k_cache[tables].flatten(1, 2)[:, :max_kv]  # [n, max_kv, KVH, D]
+        vp = v_cache[tables].flatten(1, 2)[:, :max_kv]
         o = F.scaled_dot_product_attention(
             q[tok].transpose(1, 2),  # [n, H, max_q, D]
-            kf[slots].transpose(1, 2).to(q.dtype),  # [n, KVH, max_kv, D]
-            vf[slots].transpose(1, 2).to(q.dtype),
+            kp.transpose(1, 2).to(q.dtype),  # [n, KVH, max_kv, D]
+            vp.transpose(1, 2).to(q.dtype),
             attn_mask=mask, scale=scale, enable_gqa=enable_gqa,
         ).transpose(1, 2)  # [n, max_q, H, D]
         out[tok[q_valid]] = o[q_valid]
@@ -105,8 +99,9 @@ def _plan_group(meta, block_size, num_tokens, reqs, qsl, q_lens, ctx) -> tuple:
     q_valid = qi[None, :] < lens[:, None]  # [n, max_q]
     tok = (starts[:, None] + qi[None, :]).clamp_max(num_tokens - 1)  # [n, max_q]
 
-    # Keys/values of the whole logical range, gathered from the blocks.
-    slots = _logical_slots(meta, reqs, max_kv, block_size)  # [n, max_kv]
+    # Blocks holding the whole logical range.
+    num_blocks = -(-max_kv // block_size)
+    tables = meta.block_tables[reqs][:, :num_blocks].long().clamp_min(0)  # [n, num_blocks]
 
     # Mask: context always visible; step token k visible to step token i by causality or tree bits.
     ctx_t = torch.tensor([ctx[r] for r in reqs], device=device)
@@ -122,4 +117,4 @@ def _plan_group(meta, block_size, num_tokens, reqs, qsl, q_lens, ctx) -> tuple:
     mask = kv_valid[:, None, :] & ((step_k < 0)[:, None, :] | step_vis)
     mask = mask & q_valid[:, :, None]
     mask[:, :, 0] |= ~q_valid  # padded query rows see one key so softmax stays finite
-    return tok, q_valid, slots, mask[:, None]
+    return tok, q_valid, tables, mask[:, None]

@@ -113,10 +113,10 @@ class LlamaModel:
         for i, layer in enumerate(self.layers):
             x = _rms_norm(h, layer["in_norm"], c.rms_norm_eps)
             qkv = F.linear(x, layer["wqkv"], layer["bqkv"])
-            q = qkv[:, :q_size].view(T, c.num_heads, c.head_dim)
-            k = qkv[:, q_size:q_size + kv_size].view(T, c.num_kv_heads, c.head_dim)
+            # q and k heads rotate together in one pass
+            qk = _rotate(qkv[:, :q_size + kv_size].view(T, c.num_heads + c.num_kv_heads, c.head_dim), cos, sin)
+            q, k = qk[:, :c.num_heads], qk[:, c.num_heads:]
             v = qkv[:, q_size + kv_size:].view(T, c.num_kv_heads, c.head_dim)
-            q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
             dispatch.write_kv(k, v, k_cache[i], v_cache[i], meta.slot_mapping)
             o = dispatch.attention(q, k_cache[i], v_cache[i], meta, self.scale)
             h = h + F.linear(o.reshape(T, q_size), layer["wo"])
