@@ -166,9 +166,11 @@ def measure_unloaded_tpot_s(engine: Any, num_tokens: int, num_probes: int = 3) -
     of a few probes is kept: at replica start the other Serve actors are still starting on the same cores."""
     from app.engine.config import SamplingParams
 
-    engine.generate(["Hello"], SamplingParams(max_tokens=2, ignore_eos=True))
+    # Plain autoregressive decoding (policy "none"): the paper's baseline is the target's own unloaded TPOT.
+    engine.generate(["Hello"], SamplingParams(max_tokens=2, ignore_eos=True), policy="none")
     params = SamplingParams(max_tokens=num_tokens, ignore_eos=True)
-    return min(float(engine.generate(["Hello"], params)[0].metrics.tpot_s) for _ in range(num_probes))
+    return min(float(engine.generate(["Hello"], params, policy="none")[0].metrics.tpot_s)
+               for _ in range(num_probes))
 
 
 @serve.deployment(

@@ -34,6 +34,8 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--draft", default=_DEFAULTS.draft, help="draft model for speculation")
     gen.add_argument("--device", default=_DEFAULTS.device)
     gen.add_argument("--dtype", default=_DEFAULTS.dtype)
+    gen.add_argument("--threads", type=int, default=None,
+                     help="torch CPU threads (default: torch's choice; 1 is faster on a busy shared machine)")
     gen.add_argument("--json", action="store_true", help="print one JSON object instead of the text")
     return parser
 
@@ -53,6 +55,12 @@ def generate(args: argparse.Namespace) -> int:
         return _fail(str(exc))
     if not args.prompt:
         return _fail("prompt is empty")
+    if args.threads is not None:
+        if args.threads < 1:
+            return _fail("--threads must be at least 1")
+        import torch
+
+        torch.set_num_threads(args.threads)
     from app.engine.engine import LLMEngine
     from app.engine.weights import ModelLoadError
 

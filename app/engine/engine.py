@@ -21,9 +21,11 @@ from app.engine.scheduler import Scheduler, StepPlan
 from app.engine.spec.accept import accept_tree
 from app.engine.spec.speculator import Speculator
 from app.engine.weights import load_checkpoint, load_tokenizer
-from policies.budget import choose_token_budget
+import numpy as np
+
+from policies.budget import choose_token_budget, required_nodes, spare_budget
 from policies.latency_model import LatencyModel
-from policies.tree_selection import parse_policy
+from policies.tree_selection import SLOState, parse_policy, required_acceptance
 
 
 class InvalidRequestError(ValueError):
@@ -366,6 +368,26 @@ class LLMEngine:
                     done[out.request_id] = out
         return [done[i] for i in ids]
 
+    def spare_token_budget(self) -> int:
+        """Step budget left after every running request's SLO need (the router's signal for tight requests).
+
+        Need per request: its root token plus the draft nodes a chain with the measured per-token acceptance
+        needs to reach A(r) this step (policies.budget.required_nodes).
+        """
+        running = self.scheduler.running
+        now = time.perf_counter()
+        decoding = [r for r in running if r.first_token_time is not None]
+        expected = self.totals["accepted"] / self.totals["tree_requests"] if self.totals["tree_requests"] else 0.0
+        need = np.zeros(0, dtype=np.int64)
+        if decoding and self.speculator is not None:
+            slo = SLOState(
+                decode_time_s=np.array([r.decode_time_s(now) for r in decoding]),
+                decoded_tokens=np.array([r.num_output_tokens - 1 for r in decoding]),
+                tpot_slo_s=np.array([r.tpot_slo_ms / 1e3 if r.tpot_slo_ms else np.inf for r in decoding]))
+            a = required_acceptance(slo, self._step_ema_s or 0.05, self.config.max_draft_depth)
+            need = required_nodes(a, expected / (1.0 + expected), self.config.max_tree_nodes)
+        return spare_budget(self.token_budget - len(running), need)
+
     def stats(self) -> dict:
         return {
             "running_requests": self.scheduler.num_running,
@@ -374,6 +396,7 @@ class LLMEngine:
             "kv_total_blocks": self.kv.allocator.num_blocks,
             "num_steps": self.num_steps,
             "token_budget": self.token_budget,
+            "spare_token_budget": self.spare_token_budget(),
             # tokens a speculating request gains per step (accepted draft tokens + the bonus token)
             "accepted_tokens_per_step": (self.totals["accepted"] / self.totals["tree_requests"] + 1.0)
             if self.totals["tree_requests"] else 1.0,

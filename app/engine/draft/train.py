@@ -276,7 +276,8 @@ def train(cfg: TrainConfig) -> dict:
             vocab_ids = frequency_ranked_vocab(tokenizer, cfg.vocab_count_convs, cfg.vocab_subset,
                                                ckpt.config.vocab_size, always)
             torch.save(vocab_ids, vocab_path)
-    answers = self_distill_answers(cfg, ckpt, tokenizer, out / f"self_distill_{cfg.self_distill}x{cfg.self_distill_tokens}.jsonl")
+    answers_path = out / f"self_distill_{cfg.self_distill}x{cfg.self_distill_tokens}.jsonl"
+    answers = self_distill_answers(cfg, ckpt, tokenizer, answers_path)
 
     init_layers = [int(x) for x in cfg.init_layers.split(",")]
     teacher = Teacher(ckpt, vocab_ids)
@@ -355,14 +356,15 @@ def train(cfg: TrainConfig) -> dict:
         torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.grad_clip)
         opt.step()
         step += 1
+        loss_v = float(loss.detach())
         ntok = int(mask.sum())
         tokens_seen += ntok
-        rec = {"step": step, "loss": float(loss.detach()), "agree": agree, "tokens": ntok,
+        rec = {"step": step, "loss": loss_v, "agree": agree, "tokens": ntok,
                "elapsed_s": round(time.perf_counter() - start_time, 1)}
         if step % cfg.eval_every == 0:
             rec.update(evaluate())
         history.append(rec)
-        bar.set_postfix(loss=f"{float(loss):.3f}", agree=f"{agree:.3f}", tok=tokens_seen)
+        bar.set_postfix(loss=f"{loss_v:.3f}", agree=f"{agree:.3f}", tok=tokens_seen)
         bar.update(1)
         if step % cfg.ckpt_every == 0:
             save()

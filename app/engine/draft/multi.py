@@ -1,0 +1,279 @@
+"""Several draft sources, one candidate tree per request: the selection arbitrates between them by f.
+
+`MultiSourceDrafter` has the Drafter's interface (propose / release, plus observe for verify feedback), so the
+Speculator and every selection policy run unchanged. Per step it asks every source for its trees (the model
+draft: beam search; prompt lookup: n-gram continuations) and merges them per request:
+
+- nodes are matched from the root down by (merged parent, token): identical tokens under the same parent become
+  one node that keeps the larger f (the better-supported estimate) and records every source that proposed it;
+- the result stays parents-first without a sort (a source's nodes are parents-first and each maps onto an
+  existing node or is appended after its parent), f(child) <= f(parent) holds (max of monotone sources; repaired
+  with token_tree.monotone_path_probs all the same), and the tree is capped at `max_candidates` nodes, keeping
+  the top of the (f desc, slot asc) ranking, which is a valid tree.
+
+`observe` (called by the engine after acceptance) feeds every verified node back: lookup statistics for nodes
+whose parent was accepted, the per-source calibration tables (predicted f vs on the accepted path), and the
+accepted-tokens-by-source counters. `stats()` returns them for metrics.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from app.engine.draft.calibration import CalibrationTable
+from app.engine.draft.drafter import CandidateTree, DraftRequest, load_drafter
+from app.engine.draft.ngram import LEN_EDGES, NgramConfig, NgramSource, cell_features
+from policies import token_tree
+
+DEFAULT_MAX_CANDIDATES = 192
+
+
+@dataclass
+class MergedTree(CandidateTree):
+    """A CandidateTree whose nodes record their sources."""
+
+    source: np.ndarray | None = None  # [M] uint8 bit mask: bit s set = proposed by source s
+
+
+@dataclass
+class _Proposal:
+    """What propose() handed out for one request, kept for its verify feedback."""
+
+    tree: MergedTree
+    source_f: np.ndarray  # [S, M] float32 each source's own f of the node (NaN: not proposed by it)
+    cells: np.ndarray  # [S, M] int64 statistics cell for sources that learn (-1: none)
+
+
+class MultiSourceDrafter:
+    """Runs every draft source and merges their trees per request (see the module docstring)."""
+
+    def __init__(self, sources: Sequence, names: Sequence[str] | None = None,
+                 max_candidates: int = DEFAULT_MAX_CANDIDATES):
+        if not sources:
+            raise ValueError("at least one draft source is needed")
+        if len(sources) > 8:
+            raise ValueError("at most 8 draft sources")
+        self.sources = list(sources)
+        self.names = list(names) if names is not None else [getattr(s, "name", f"source{i}")
+                                                             for i, s in enumerate(self.sources)]
+        if len(set(self.names)) != len(self.names):
+            raise ValueError(f"draft sources must be distinct, got {self.names}")
+        self.name = ",".join(self.names)
+        self.max_candidates = int(max_candidates)
+        self._proposals: dict[str, _Proposal] = {}
+        s = len(self.sources)
+        self.calibration = [CalibrationTable() for _ in range(s)]  # per source, on its own f
+        self.calibration_merged = CalibrationTable()  # on the f the selection saw
+        self.num_steps = 0  # verified trees
+        self.num_accepted = 0  # accepted draft nodes (bonus tokens excluded)
+        self.verified_by = np.zeros(s, np.int64)  # verified nodes proposed by source s (shared nodes count for each)
+        self.accepted_by = np.zeros(s, np.int64)  # accepted nodes proposed by source s
+        self.accepted_only = np.zeros(s, np.int64)  # accepted nodes proposed by source s alone
+        self.accepted_shared = 0  # accepted nodes proposed by several sources
+
+    # ---- the Drafter interface ----------------------------------------------------------------------------
+    @property
+    def model_drafters(self) -> list:
+        """The sources that run a draft model (they own KV caches)."""
+        return [s for s in self.sources if hasattr(s, "kv")]
+
+    def release(self, request_id: str) -> None:
+        for s in self.sources:
+            s.release(request_id)
+        self._proposals.pop(request_id, None)
+
+    def propose(self, reqs: list[DraftRequest], depth: int, beam_width: int, topk: int,
+                widths: tuple[int, ...] | None = None) -> list[CandidateTree]:
+        per_source = [s.propose(reqs, depth=depth, beam_width=beam_width, topk=topk, widths=widths)
+                      for s in self.sources]
+        out = []
+        for i, r in enumerate(reqs):
+            prop = self._merge([trees[i] for trees in per_source])
+            self._proposals[r.request_id] = prop
+            out.append(prop.tree)
+        return out
+
+    def observe(self, request_id: str, candidates: CandidateTree, tree, path: list[int]) -> None:
+        """Verify feedback for one request: `tree` (a VerifyTree over `candidates`, which this drafter proposed)
+        and `path`, the accepted path's indices into tree.tokens (root first)."""
+        prop = self._proposals.pop(request_id, None)
+        if prop is None or prop.tree is not candidates or len(tree.tokens) <= 1:
+            return
+        slots = np.asarray(tree.slots[1:], np.int64)  # [K] candidate slot of each verified node
+        on_path = np.zeros(len(tree.tokens), bool)
+        on_path[path] = True
+        acc = on_path[1:]  # [K] node accepted (its whole path was)
+        parent_acc = on_path[np.asarray(tree.parents[1:], np.int64)]  # [K] its parent was accepted
+        self.calibration_merged.update(prop.tree.path_prob[slots], acc)
+        bits = prop.tree.source[slots]
+        for s, src in enumerate(self.sources):
+            mine = (bits >> s) & 1 == 1
+            if not mine.any():
+                continue
+            self.calibration[s].update(prop.source_f[s, slots[mine]], acc[mine])
+            self.verified_by[s] += int(mine.sum())
+            self.accepted_by[s] += int((mine & acc).sum())
+            self.accepted_only[s] += int((acc & (bits == (1 << s))).sum())
+            cells = prop.cells[s, slots]
+            learn = (cells >= 0) & parent_acc
+            if learn.any():
+                src.update_stats(cells[learn], acc[learn])
+        shared = acc & ((bits & (bits - 1)) != 0)  # more than one bit set
+        self.accepted_shared += int(shared.sum())
+        self.num_steps += 1
+        self.num_accepted += int(acc.sum())
+
+    # ---- merging ------------------------------------------------------------------------------------------
+    def _merge(self, trees: list[CandidateTree]) -> _Proposal:
+        num_src = len(trees)
+        nonempty = [s for s, t in enumerate(trees) if t.num_nodes]
+        if len(nonempty) <= 1:  # nothing to merge
+            s = nonempty[0] if nonempty else 0
+            t = trees[s]
+            m = t.num_nodes
+            source_f = np.full((num_src, m), np.nan, np.float32)
+            source_f[s] = t.path_prob
+            cells = np.full((num_src, m), -1, np.int64)
+            if getattr(t, "cell", None) is not None:
+                cells[s] = t.cell
+            merged = MergedTree(tokens=t.tokens, parent=t.parent, draft_prob=t.draft_prob, path_prob=t.path_prob,
+                                source=np.full(m, 1 << s, np.uint8))
+            return self._cap(_Proposal(merged, source_f, cells))
+
+        tok: list[int] = []
+        par: list[int] = []
+        index: dict[tuple[int, int], int] = {}
+        maps = []  # per non-empty source: [n_s] merged index of each of its nodes
+        for s in nonempty:
+            t = trees[s]
+            t_tok, t_par = t.tokens.tolist(), t.parent.tolist()
+            if not tok:  # the first source: usually duplicate-free, take it whole
+                keys = list(zip(t_par, t_tok))
+                index = dict(zip(keys, range(len(keys))))
+                if len(index) == len(keys):
+                    tok, par = t_tok, t_par
+                    maps.append(np.arange(len(keys)))
+                    continue
+                index = {}
+            mp = [0] * len(t_tok)
+            for j, (p, x) in enumerate(zip(t_par, t_tok)):
+                key = (mp[p] if p >= 0 else -1, x)
+                i = index.get(key)
+                if i is None:
+                    i = index[key] = len(tok)
+                    tok.append(x)
+                    par.append(key[0])
+                mp[j] = i
+            maps.append(np.asarray(mp, np.int64))
+        m = len(tok)
+        source_f = np.full((num_src, m), np.nan, np.float32)
+        cells = np.full((num_src, m), -1, np.int64)
+        bits = np.zeros(m, np.uint8)
+        f = np.zeros(m, np.float64)
+        for s, mp in zip(nonempty, maps):
+            t = trees[s]
+            np.fmax.at(source_f[s], mp, t.path_prob)  # fmax: a source's own duplicates keep their larger f
+            if getattr(t, "cell", None) is not None:
+                cells[s, mp] = t.cell
+            bits[mp] |= np.uint8(1 << s)
+            np.maximum.at(f, mp, t.path_prob.astype(np.float64))
+        parent = np.asarray(par, np.int64)
+        f = token_tree.monotone_path_probs(parent[None], f[None], np.ones((1, m), bool))[0].astype(np.float32)
+        draft = f / np.where(parent >= 0, f[parent], np.float32(1.0))
+        merged = MergedTree(tokens=np.asarray(tok, np.int64), parent=parent, draft_prob=draft, path_prob=f,
+                            source=bits)
+        return self._cap(_Proposal(merged, source_f, cells))
+
+    def _cap(self, prop: _Proposal) -> _Proposal:
+        """Keep the best max_candidates nodes by (f desc, slot asc): a prefix of that ranking is a valid tree."""
+        t = prop.tree
+        m = t.num_nodes
+        if m <= self.max_candidates:
+            return prop
+        keep = np.sort(np.lexsort((np.arange(m), -t.path_prob.astype(np.float64)))[: self.max_candidates])
+        new_index = np.full(m, -1, np.int64)
+        new_index[keep] = np.arange(keep.size)
+        old_parent = t.parent[keep]
+        parent = np.where(old_parent >= 0, new_index[np.maximum(old_parent, 0)], -1)
+        tree = MergedTree(tokens=t.tokens[keep], parent=parent, draft_prob=t.draft_prob[keep],
+                          path_prob=t.path_prob[keep], source=t.source[keep])
+        return _Proposal(tree, prop.source_f[:, keep], prop.cells[:, keep])
+
+    # ---- metrics ------------------------------------------------------------------------------------------
+    def stats(self) -> dict:
+        """Accepted tokens per verified tree split by source, calibration per source, lookup statistics.
+
+        accepted_per_step: accepted draft tokens + the bonus token, per verified tree.
+        accepted_per_step_by_source[name]: accepted nodes that source proposed (shared nodes count for each);
+        accepted_per_step_only[name]: accepted nodes only that source proposed; ["shared"]: by several.
+        calibration[name]: that source's own f vs acceptance by bin; ["merged"]: the f the selection used.
+        lookup_stats[name]: per (match length, depth, branch) cell with data: observations and mean q.
+        """
+        steps = max(self.num_steps, 1)
+        out = {
+            "sources": list(self.names),
+            "spec_steps": self.num_steps,
+            "accepted_per_step": (self.num_accepted + self.num_steps) / steps if self.num_steps else 0.0,
+            "accepted_per_step_by_source": {n: float(self.accepted_by[s]) / steps for s, n in enumerate(self.names)},
+            "accepted_per_step_only": {**{n: float(self.accepted_only[s]) / steps for s, n in enumerate(self.names)},
+                                       "shared": self.accepted_shared / steps},
+            "verified_per_step_by_source": {n: float(self.verified_by[s]) / steps for s, n in enumerate(self.names)},
+            "calibration": {**{n: self.calibration[s].summary() for s, n in enumerate(self.names)},
+                            "merged": self.calibration_merged.summary()},
+            "lookup_stats": {},
+        }
+        for name, src in zip(self.names, self.sources):
+            table = getattr(src, "stats", None)
+            if table is None or not hasattr(table, "counts"):
+                continue
+            counts, means = table.counts(), table.means_array()
+            rows = []
+            for c in np.flatnonzero(counts > 0):
+                bucket, depth, branch = cell_features(int(c))
+                rows.append({"match_len": LEN_EDGES[bucket], "depth": depth, "branch": branch,
+                             "observations": float(counts[c]), "mean": float(means[c])})
+            out["lookup_stats"][name] = rows
+        return out
+
+
+# ---- loading -------------------------------------------------------------------------------------------------
+
+def parse_sources(spec: str | Sequence[str]) -> list[str]:
+    """"distilled,ngram" / ["distilled", "ngram"] -> ["distilled", "ngram"] (stripped, empty entries dropped)."""
+    items = spec.split(",") if isinstance(spec, str) else list(spec)
+    names = [str(s).strip() for s in items if str(s).strip()]
+    if not names:
+        raise ValueError(f"no draft source in {spec!r}")
+    if len(set(names)) != len(names):
+        raise ValueError(f"draft sources repeat in {spec!r}")
+    return names
+
+
+def is_lookup(name: str) -> bool:
+    return name.strip().lower().partition(":")[0] == "ngram"
+
+
+def load_sources(spec: str | Sequence[str], target, *, max_candidates: int = DEFAULT_MAX_CANDIDATES, **kw):
+    """Build the drafter for a draft spec: one source or a comma list (or a list, as in serve_config.yaml).
+
+    A single model source ("distilled", a path, an HF id) gives the plain Drafter from `load_drafter`, exactly
+    as before. A list, or "ngram" / "ngram:MIN-MAX" anywhere in it (alone: no draft model at all), gives a
+    MultiSourceDrafter over the sources in order; each model source gets `load_drafter(name, target, **kw)`
+    (so its own KV cache of kw's size).
+    """
+    names = parse_sources(spec)
+    if len(names) == 1 and not is_lookup(names[0]):
+        return load_drafter(names[0], target, **kw)
+    sources = []
+    for name in names:
+        if is_lookup(name):
+            sources.append(NgramSource(NgramConfig.parse(name), name="ngram"))
+        else:
+            sources.append(load_drafter(name, target, **kw))
+    if sum(is_lookup(n) for n in names) > 1:
+        raise ValueError(f"at most one n-gram source, got {names}")
+    return MultiSourceDrafter(sources, names=[n if not is_lookup(n) else "ngram" for n in names],
+                              max_candidates=max_candidates)

@@ -1,0 +1,281 @@
+"""Prompt lookup: propose the tokens that followed earlier occurrences of a request's last n tokens.
+
+Each request's prompt and output so far are indexed (per request id, released with the request): for each n in
+[min_n, max_n] a dict from an n-gram's hash to the latest position where it ends, and a `prev` list chaining
+every position to the previous occurrence of the same n-gram (occurrences newest first). The first propose
+builds it over the whole prompt with numpy (one stable sort per n, ~1 ms for 8k tokens); later steps add only
+the newly committed tokens (O(max_n) integer operations per token, rolling hashes). A query is one dict lookup
+per n, longest n first, plus a walk along `prev`: its cost does not depend on the prompt's length.
+
+Proposal per request: up to `max_matches` earlier occurrences (longest n first, newest first within an n);
+each occurrence's true match length is measured (slice compares up to 32 tokens; this also rejects hash
+collisions); occurrences are ranked by match length, then recency; the tokens after each (up to the tree depth)
+go into a trie under the root, so continuations sharing a prefix share nodes and distinct ones become sibling
+branches (at most `max_branches`). Node f comes from the calibrated acceptance statistics (`calibration.py`):
+q(node) = P(accepted | parent accepted) for its cell (match length bucket, depth, primary/alternative branch),
+f = product of q along the path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from app.engine.draft.calibration import BetaCounts
+from app.engine.draft.drafter import CandidateTree, DraftRequest
+
+_P = 0x9E3779B97F4A7C15  # odd 64-bit multiplier of the polynomial n-gram hash
+_MASK = (1 << 64) - 1
+# Match-length buckets: bucket b holds lengths in [LEN_EDGES[b], LEN_EDGES[b + 1]); lengths are measured up to 32.
+LEN_EDGES = (1, 2, 3, 4, 6, 8, 16, 32)
+MAX_STAT_DEPTH = 16  # depths beyond share the last depth's cell
+_REBUILD_TOKENS = 256  # more new tokens than this at once: rebuild with numpy instead of rolling
+
+
+def _len_bucket(length: int) -> int:
+    b = 0
+    while b + 1 < len(LEN_EDGES) and length >= LEN_EDGES[b + 1]:
+        b += 1
+    return b
+
+
+def cell_index(bucket: int, depth: int, branch: int) -> int:
+    """Flat statistics cell of (match length bucket, depth 1.., branch 0 = primary / 1 = alternative).
+    Cells of one (bucket, branch) are consecutive by depth: cell // MAX_STAT_DEPTH is their pool."""
+    return (bucket * 2 + branch) * MAX_STAT_DEPTH + min(depth, MAX_STAT_DEPTH) - 1
+
+
+def cell_features(cell: int) -> tuple[int, int, int]:
+    """Inverse of cell_index: (length bucket, depth, branch)."""
+    group, d = divmod(cell, MAX_STAT_DEPTH)
+    bucket, branch = divmod(group, 2)
+    return bucket, d + 1, branch
+
+
+def default_stats(**kw) -> BetaCounts:
+    """Prior: P(accept | parent accepted) grows with the match length (0.3 for 1 token .. 0.85 for 32+),
+    halved for alternative branches; all depths of one (length, branch) pool their counts."""
+    nb = len(LEN_EDGES)
+    prior = np.empty((nb, 2, MAX_STAT_DEPTH))
+    for b, length in enumerate(LEN_EDGES):
+        m = min(0.85, 0.2 + 0.1 * length)
+        prior[b, 0], prior[b, 1] = m, m / 2
+    groups = np.arange(prior.size) // MAX_STAT_DEPTH
+    return BetaCounts(prior, groups, **kw)
+
+
+@dataclass
+class LookupTree(CandidateTree):
+    """A CandidateTree whose nodes carry their statistics cell (for the verify feedback)."""
+
+    cell: np.ndarray | None = None  # [M] int64 flat BetaCounts cell of each node
+
+
+class NgramIndex:
+    """One request's n-gram index over its tokens (see the module docstring)."""
+
+    def __init__(self, min_n: int, max_n: int):
+        self.min_n, self.max_n = min_n, max_n
+        self.reset()
+
+    def reset(self) -> None:
+        self.length = 0  # tokens hashed (positions 0 .. length - 1)
+        self.last_token = -1
+        n = self.max_n + 1
+        self.heads: list[dict[int, int]] = [{} for _ in range(n)]  # [n] hash -> newest end position
+        self.prev: list[list[int]] = [[] for _ in range(n)]  # [n][pos] previous end position of that n-gram
+        self.tail = [0] * n  # [n] hash of the n-gram ending at position length - 1
+
+    def update(self, tokens: list[int]) -> None:
+        """Catch up with `tokens` (the previous tokens plus new ones). Position i < length - 1 is searchable
+        once the token after it is known; the last position is the query."""
+        new_len = len(tokens)
+        if new_len < self.length or (self.length and tokens[self.length - 1] != self.last_token):
+            self.reset()  # the history changed (a reused request id): start over
+        if new_len == self.length:
+            return
+        if self.length == 0 or new_len - self.length > _REBUILD_TOKENS:
+            self._build(tokens)
+        else:
+            self._extend(tokens)
+        self.last_token = tokens[-1]
+
+    def _build(self, tokens: list[int]) -> None:
+        length = len(tokens)
+        t = np.asarray(tokens, np.int64).astype(np.uint64) + np.uint64(1)
+        h = t.copy()  # [L] hash of the n-gram ending at each position (garbage below n - 1)
+        p = np.uint64(_P)
+        for n in range(1, self.max_n + 1):
+            if n > 1:
+                h[1:] = h[:-1] * p + t[1:]  # wraps modulo 2**64, as the rolling update does
+            self.tail[n] = int(h[-1])
+            self.heads[n], self.prev[n] = {}, [-1] * max(length - 1, 0)
+            if n < self.min_n or length - 1 <= n - 1:
+                continue
+            keys = h[n - 1:length - 1]  # searchable positions n-1 .. L-2
+            order = np.argsort(keys, kind="stable")
+            ks = keys[order]
+            ps = order + (n - 1)
+            prev = np.full(length - 1, -1, np.int64)
+            same = ks[1:] == ks[:-1]
+            prev[ps[1:]] = np.where(same, ps[:-1], -1)
+            last = np.append(~same, True)
+            self.heads[n] = dict(zip(ks[last].tolist(), ps[last].tolist()))
+            self.prev[n] = prev.tolist()
+        self.length = length
+
+    def _extend(self, tokens: list[int]) -> None:
+        heads, prev, tail = self.heads, self.prev, self.tail
+        lo, hi = self.min_n, self.max_n
+        for i in range(self.length, len(tokens)):
+            q = i - 1  # position q gains its continuation token: index the n-grams ending there
+            for n in range(lo, hi + 1):
+                if q >= n - 1:
+                    d = heads[n]
+                    prev[n].append(d.get(tail[n], -1))
+                    d[tail[n]] = q
+                else:
+                    prev[n].append(-1)
+            t = tokens[i] + 1
+            for n in range(hi, 1, -1):
+                tail[n] = (tail[n - 1] * _P + t) & _MASK
+            tail[1] = t
+        self.length = len(tokens)
+
+    def matches(self, tokens: list[int], max_matches: int) -> list[tuple[int, int]]:
+        """Earlier occurrences of the tokens' suffix: [(end position, measured match length)], best first
+        (longer match, then newer). Only positions with at least one token after them."""
+        length = self.length
+        found: list[tuple[int, int]] = []
+        seen: set[int] = set()
+        for n in range(min(self.max_n, length - 1), self.min_n - 1, -1):
+            p = self.heads[n].get(self.tail[n], -1)
+            walked = 0
+            while p >= 0 and len(found) < max_matches and walked < 2 * max_matches:
+                walked += 1
+                if p not in seen:
+                    seen.add(p)
+                    if tokens[p - n + 1:p + 1] == tokens[length - n:length]:  # not a hash collision
+                        m = n
+                        for e in LEN_EDGES:
+                            if e <= m:
+                                continue
+                            if p - e + 1 < 0 or tokens[p - e + 1:p + 1] != tokens[length - e:length]:
+                                break
+                            m = e
+                        found.append((p, m))
+                p = self.prev[n][p]
+            if len(found) >= max_matches:
+                break
+        found.sort(key=lambda pm: (-pm[1], -pm[0]))
+        return found
+
+
+@dataclass(frozen=True)
+class NgramConfig:
+    min_n: int = 1
+    max_n: int = 4
+    max_matches: int = 8  # occurrences considered per request and step
+    max_branches: int = 4  # distinct continuations kept (sibling branches)
+
+    @classmethod
+    def parse(cls, spec: str) -> "NgramConfig":
+        """"ngram" or "ngram:MIN-MAX" (e.g. "ngram:2-5")."""
+        name, sep, arg = spec.strip().lower().partition(":")
+        if name != "ngram":
+            raise ValueError(f"not an n-gram source: {spec!r}")
+        if not sep:
+            return cls()
+        try:
+            lo, _, hi = arg.partition("-")
+            cfg = cls(min_n=int(lo), max_n=int(hi or lo))
+        except ValueError:
+            raise ValueError(f"bad n-gram range in {spec!r}; expected e.g. 'ngram:1-4'") from None
+        if not 1 <= cfg.min_n <= cfg.max_n:
+            raise ValueError(f"n-gram range must satisfy 1 <= min <= max, got {spec!r}")
+        return cfg
+
+
+class NgramSource:
+    """Prompt-lookup draft source with the Drafter's propose/release interface; f from calibrated statistics."""
+
+    def __init__(self, config: NgramConfig = NgramConfig(), stats: BetaCounts | None = None, name: str = "ngram"):
+        self.config = config
+        self.name = name
+        self.stats = stats if stats is not None else default_stats()
+        self.indexes: dict[str, NgramIndex] = {}
+
+    def release(self, request_id: str) -> None:
+        self.indexes.pop(request_id, None)
+
+    def update_stats(self, cells: np.ndarray, accepted: np.ndarray) -> None:
+        """Verify feedback: one entry per verified lookup node whose parent was accepted."""
+        self.stats.update(cells, accepted)
+
+    def propose(self, reqs: list[DraftRequest], depth: int, beam_width: int = 1, topk: int = 1,
+                widths: tuple[int, ...] | None = None) -> list[LookupTree]:
+        """One lookup tree per request, `depth` levels deep (len(widths) for a static shape)."""
+        if widths is not None:
+            depth = len(widths)
+        if depth < 1:
+            raise ValueError("depth must be at least 1")
+        cfg = self.config
+        means = self.stats.means()
+        out = []
+        for r in reqs:
+            if not r.token_ids:
+                raise ValueError(f"request {r.request_id}: token_ids is empty")
+            index = self.indexes.get(r.request_id)
+            if index is None:
+                index = self.indexes[r.request_id] = NgramIndex(cfg.min_n, cfg.max_n)
+            tokens = r.token_ids
+            index.update(tokens)
+            out.append(self._tree(tokens, index.matches(tokens, cfg.max_matches), depth, means))
+        return out
+
+    def _tree(self, tokens: list[int], found: list[tuple[int, int]], depth: int, means: list[float]) -> LookupTree:
+        """Trie of the occurrences' continuations (best occurrence first); f = product of the cells' means."""
+        tok: list[int] = []
+        par: list[int] = []
+        cell: list[int] = []
+        f: list[float] = []
+        q: list[float] = []
+        children: dict[tuple[int, int], int] = {}
+        num_branches, max_branches = 0, self.config.max_branches
+        for p, m in found:
+            if num_branches >= max_branches:
+                break
+            cont = tokens[p + 1:p + 1 + depth]
+            node, d = -1, 0
+            if num_branches:  # descend the prefix this continuation shares with earlier ones
+                for t in cont:
+                    c = children.get((node, t))
+                    if c is None:
+                        break
+                    node, d = c, d + 1
+                else:
+                    continue  # nothing new
+            base = cell_index(_len_bucket(m), 1, 1 if num_branches else 0)  # the cell at depth 1
+            num_branches += 1
+            new = cont[d:]
+            first = len(tok)
+            tok.extend(new)
+            par.append(node)
+            par.extend(range(first, first + len(new) - 1))
+            if d + len(new) <= MAX_STAT_DEPTH:
+                cell.extend(range(base + d, base + d + len(new)))
+            else:
+                cell.extend(base + min(dd, MAX_STAT_DEPTH) - 1 for dd in range(d + 1, d + 1 + len(new)))
+            fp = f[node] if node >= 0 else 1.0
+            keep_children = num_branches < max_branches
+            for j in range(first, first + len(new)):
+                qj = means[cell[j]]
+                fp *= qj
+                q.append(qj)
+                f.append(fp)
+                if keep_children:
+                    children[(par[j], tok[j])] = j
+        return LookupTree(tokens=np.asarray(tok, np.int64), parent=np.asarray(par, np.int64),
+                          draft_prob=np.asarray(q, np.float32), path_prob=np.asarray(f, np.float32),
+                          cell=np.asarray(cell, np.int64))
