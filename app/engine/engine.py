@@ -401,4 +401,8 @@ class LLMEngine:
             "accepted_tokens_per_step": (self.totals["accepted"] / self.totals["tree_requests"] + 1.0)
             if self.totals["tree_requests"] else 1.0,
             "selection_time_fraction": self.totals["select_s"] / self.totals["step_s"] if self.totals["step_s"] else 0.0,
+            "tree_nodes_verified": self.totals["tree_nodes"],
+            "draft_tokens_accepted": self.totals["accepted"],
+            # where the engine's time went, over all steps so far
+            "step_time_split_s": {k: self.totals[k] for k in ("draft_s", "select_s", "verify_s", "accept_s", "step_s")},
         }
