@@ -166,8 +166,8 @@ def test_vocabulary_mismatch_is_a_clear_error(target, tmp_path):
 
 
 def test_distilled_draft_for_another_target_is_an_error(distilled_file, target):
-    other = replace(target, state_dict={**target.state_dict,
-                                        "model.embed_tokens.weight": target.state_dict["model.embed_tokens.weight"] * 2})
+    embed = target.state_dict["model.embed_tokens.weight"]
+    other = replace(target, state_dict={**target.state_dict, "model.embed_tokens.weight": embed * 2})
     with pytest.raises(ValueError, match="different target"):
         load_drafter(str(distilled_file), other)
 
