@@ -87,3 +87,19 @@ def spare_budget(token_budget: int, required_nodes_per_request: np.ndarray) -> i
     from ``required_nodes``. The router sends tight-SLO requests where this is largest.
     """
     return int(token_budget) - int(np.sum(required_nodes_per_request))
+
+
+def min_worthwhile_path_prob(model: LatencyModel, step_tokens: int, context_tokens: float,
+                             expected_tokens: float) -> float:
+    """Smallest f for which verifying one more tree node raises the step's token throughput.
+
+    One more node lengthens the step by the latency model's marginal time per token ``s`` and yields ``f``
+    expected tokens; throughput ``T / t`` rises iff ``(T + f) / (t + s) > T / t``, i.e. ``f > T * s / t``, where
+    ``T`` is the step's expected output tokens and ``t`` its time. On a GPU's flat region ``s`` ~ 0 and every
+    node is worth verifying; on a compute-bound CPU most deep, unlikely nodes are not.
+    """
+    t = float(model.predict(step_tokens, context_tokens))
+    s = float(model.predict(step_tokens + 1, context_tokens)) - t
+    if t <= 0 or s <= 0:
+        return 0.0
+    return float(expected_tokens) * s / t

@@ -291,6 +291,7 @@ def select(
     *,
     latency_correction: float = LATENCY_CORRECTION,
     slo_cap_factor: float = SLO_CAP_FACTOR,
+    min_path_prob: float = 0.0,
 ) -> np.ndarray:
     """Nodes to verify this step: boolean [R, M], a valid tree per request (root implicit, always verified).
 
@@ -305,6 +306,9 @@ def select(
     adaserve / dynamic-tree skip nodes with f <= 0 (or NaN): they add nothing to the expected acceptance.
     static-tree / chain keep their shape from whatever valid nodes exist (no budget, no n_max).
     f is compared in float32 (pass float32 to skip a conversion); values closer than ~1e-5 relative tie.
+    min_path_prob: the throughput phase (and dynamic-tree) skips nodes with f below it: a node that costs more
+        step time than its expected tokens repay (the engine sets it from the latency model's marginal cost).
+        The SLO phase ignores it: a request's SLO need is served even by unlikely nodes.
     """
     spec = parse_policy(policy) if isinstance(policy, str) else policy
     valid = np.asarray(valid, dtype=bool)
@@ -328,7 +332,11 @@ def select(
         base = _slo_phase(
             sorted_desc, b, slo, budget, t_step_s, max_depth, n_cap, latency_correction, slo_cap_factor
         )
-    thr = _thresholds(sorted_desc, (1 << b) - 1, base, budget - int(base.sum()), n_cap)
+    low = (1 << b) - 1
+    if min_path_prob > 0:  # keys below f = min_path_prob count as unusable for the throughput phase
+        floor_key = int(np.float32(min(min_path_prob, 1.0)).view(np.int32)) & ~low
+        low = max(low, floor_key - 1)
+    thr = _thresholds(sorted_desc, low, base, budget - int(base.sum()), n_cap)
     return key >= thr[:, None]
 
 

@@ -25,7 +25,7 @@ class EngineConfig:
     seed: int = 0
     # Speculation (policy != "none"): the step's token budget B and the draft tree's limits.
     token_budget: int | None = None  # None: profiled at start-up (largest step within budget_tolerance x floor)
-    budget_tolerance: float = 1.5
+    budget_tolerance: float = 2.0
     max_tree_nodes: int = 32  # n_max: most tree nodes one request verifies in a step
     max_draft_depth: int = 8
     max_draft_width: int = 4

@@ -23,7 +23,7 @@ from app.engine.spec.speculator import Speculator
 from app.engine.weights import load_checkpoint, load_tokenizer
 import numpy as np
 
-from policies.budget import choose_token_budget, required_nodes, spare_budget
+from policies.budget import choose_token_budget, min_worthwhile_path_prob, required_nodes, spare_budget
 from policies.latency_model import LatencyModel
 from policies.tree_selection import SLOState, parse_policy, required_acceptance
 
@@ -217,7 +217,13 @@ class LLMEngine:
             node_budget = min(plan.spec_token_budget, self.token_budget - len(decodes) - prefill_tokens)
             context = sum(r.num_computed_tokens for r in decodes)
             t_step_s = self.predicted_step_s(len(decodes) + prefill_tokens + max(node_budget, 0), context)
-            proposal = self.speculator.propose(decodes, node_budget, t_step_s, t_start)
+            min_f = 0.0
+            if self.latency_model is not None:
+                mean_gain = 1.0 + (self.totals["accepted"] / self.totals["tree_requests"]
+                                   if self.totals["tree_requests"] else 0.0)
+                min_f = min_worthwhile_path_prob(self.latency_model, len(decodes) + prefill_tokens, context,
+                                                 len(decodes) * mean_gain)
+            proposal = self.speculator.propose(decodes, node_budget, t_step_s, t_start, min_path_prob=min_f)
             draft_s, select_s = proposal.draft_s, proposal.select_s
             for req in decodes:
                 tree = proposal.trees.get(req.request_id)
@@ -389,6 +395,13 @@ class LLMEngine:
         return spare_budget(self.token_budget - len(running), need)
 
     def stats(self) -> dict:
+        out = self._stats()
+        source_stats = getattr(self.speculator.drafter, "stats", None) if self.speculator else None
+        if source_stats is not None:
+            out["draft_sources"] = source_stats()  # accepted tokens and calibration per draft source
+        return out
+
+    def _stats(self) -> dict:
         return {
             "running_requests": self.scheduler.num_running,
             "waiting_requests": len(self.scheduler.waiting),

@@ -55,3 +55,17 @@ def test_spare_budget():
     assert spare_budget(100, np.array([3, 0, 16])) == 81
     assert spare_budget(10, np.array([8, 8])) == -6  # over-committed is reported as such
     assert spare_budget(10, np.array([], dtype=np.int64)) == 10
+
+
+def test_min_worthwhile_path_prob_is_throughput_break_even():
+    from policies.budget import min_worthwhile_path_prob
+    from policies.latency_model import LatencyModel
+
+    # t(n) = 50 ms + 2 ms per token: a 10-token step takes 70 ms; one more node costs 2 ms.
+    model = LatencyModel.fit([(n, 0, 0.05 + 0.002 * n) for n in (1, 2, 4, 8, 16, 32, 64)])
+    f_min = min_worthwhile_path_prob(model, 10, 0, expected_tokens=12.0)
+    assert abs(f_min - 12.0 * 0.002 / 0.070) < 1e-3
+    # break-even: exactly f_min extra tokens for 2 ms keeps throughput unchanged
+    assert abs((12.0 + f_min) / 0.072 - 12.0 / 0.070) < 1e-3
+    flat = LatencyModel.fit([(n, 0, 0.03) for n in (1, 8, 64)])
+    assert min_worthwhile_path_prob(flat, 10, 0, 12.0) == 0.0

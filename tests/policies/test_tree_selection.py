@@ -319,3 +319,20 @@ def test_slo_state_must_match_the_batch():
     f, parent, valid = _chains([[0.5], [0.5]])
     with pytest.raises(ValueError, match="SLOState"):
         select("adaserve", f, parent, valid, SLOState.no_slo(3), 4, 0.1, 2, 2)
+
+
+def test_min_path_prob_cuts_the_throughput_phase_but_not_slo_needs():
+    import numpy as np
+
+    from policies.tree_selection import SLOState, select
+
+    f = np.array([[0.9, 0.5, 0.05, 0.01], [0.6, 0.3, 0.02, 0.01]], np.float32)
+    parent = np.array([[-1, 0, 1, 2], [-1, 0, 1, 2]])
+    valid = np.ones_like(f, bool)
+    no_slo = SLOState.no_slo(2)
+    keep = select("dynamic-tree", f, parent, valid, no_slo, 8, 0.05, 4, 8, min_path_prob=0.1)
+    assert keep.tolist() == [[True, True, False, False], [True, True, False, False]]
+    # request 0 is far behind its SLO: it needs A(r) = 4 tokens, so it keeps its unlikely nodes
+    slo = SLOState(np.array([1.0, 0.0]), np.array([5, 0]), np.array([0.1, np.inf]))
+    keep = select("adaserve", f, parent, valid, slo, 8, 0.05, 4, 8, min_path_prob=0.1)
+    assert keep[0].all() and keep[1].tolist() == [True, True, False, False]

@@ -43,8 +43,16 @@ class _Proposal:
     """What propose() handed out for one request, kept for its verify feedback."""
 
     tree: MergedTree
-    source_f: np.ndarray  # [S, M] float32 each source's own f of the node (NaN: not proposed by it)
-    cells: np.ndarray  # [S, M] int64 statistics cell for sources that learn (-1: none)
+    source_f: list[np.ndarray | None]  # [S] each source's own f per node, [M] float32 (NaN: not by it); None: none
+    cells: list[np.ndarray | None]  # [S] statistics cell per node, [M] int64 (-1: none), for sources that learn
+
+    def source_f_or_nan(self, s: int) -> np.ndarray:
+        f = self.source_f[s]
+        return f if f is not None else np.full(self.tree.num_nodes, np.nan, np.float32)
+
+    def cells_or_none(self, s: int) -> np.ndarray:
+        c = self.cells[s]
+        return c if c is not None else np.full(self.tree.num_nodes, -1, np.int64)
 
 
 class MultiSourceDrafter:
@@ -73,6 +81,12 @@ class MultiSourceDrafter:
         self.accepted_by = np.zeros(s, np.int64)  # accepted nodes proposed by source s
         self.accepted_only = np.zeros(s, np.int64)  # accepted nodes proposed by source s alone
         self.accepted_shared = 0  # accepted nodes proposed by several sources
+        # verify feedback waiting to be applied (vectorised, once per step, before the next proposal)
+        self._fb_props: list[_Proposal] = []
+        self._fb_size = 0  # candidate slots of the pending proposals, concatenated
+        self._fb_slots: list[int] = []  # verified nodes: slot in the concatenation
+        self._fb_acc: list[bool] = []  # ... accepted
+        self._fb_parent_acc: list[bool] = []  # ... parent accepted
 
     # ---- the Drafter interface ----------------------------------------------------------------------------
     @property
@@ -87,6 +101,7 @@ class MultiSourceDrafter:
 
     def propose(self, reqs: list[DraftRequest], depth: int, beam_width: int, topk: int,
                 widths: tuple[int, ...] | None = None) -> list[CandidateTree]:
+        self._flush()
         per_source = [s.propose(reqs, depth=depth, beam_width=beam_width, topk=topk, widths=widths)
                       for s in self.sources]
         out = []
@@ -98,33 +113,45 @@ class MultiSourceDrafter:
 
     def observe(self, request_id: str, candidates: CandidateTree, tree, path: list[int]) -> None:
         """Verify feedback for one request: `tree` (a VerifyTree over `candidates`, which this drafter proposed)
-        and `path`, the accepted path's indices into tree.tokens (root first)."""
+        and `path`, the accepted path's indices into tree.tokens (root first). Queued; applied in one batch."""
         prop = self._proposals.pop(request_id, None)
         if prop is None or prop.tree is not candidates or len(tree.tokens) <= 1:
             return
-        slots = np.asarray(tree.slots[1:], np.int64)  # [K] candidate slot of each verified node
-        on_path = np.zeros(len(tree.tokens), bool)
-        on_path[path] = True
-        acc = on_path[1:]  # [K] node accepted (its whole path was)
-        parent_acc = on_path[np.asarray(tree.parents[1:], np.int64)]  # [K] its parent was accepted
-        self.calibration_merged.update(prop.tree.path_prob[slots], acc)
-        bits = prop.tree.source[slots]
+        on_path = set(path)
+        off = self._fb_size
+        self._fb_props.append(prop)
+        self._fb_size += prop.tree.num_nodes
+        self._fb_slots.extend([s + off for s in tree.slots[1:]])
+        self._fb_acc.extend([i in on_path for i in range(1, len(tree.tokens))])
+        self._fb_parent_acc.extend([p in on_path for p in tree.parents[1:]])
+        self.num_steps += 1
+        self.num_accepted += len(path) - 1
+
+    def _flush(self) -> None:
+        """Apply the queued feedback: lookup statistics, calibration tables, accepted-by-source counters."""
+        if not self._fb_props:
+            return
+        props = self._fb_props
+        slots = np.asarray(self._fb_slots, np.int64)  # [K] verified nodes of all queued trees
+        acc = np.asarray(self._fb_acc, bool)  # [K] on the accepted path
+        parent_acc = np.asarray(self._fb_parent_acc, bool)  # [K] parent on the accepted path
+        self._fb_props, self._fb_size, self._fb_slots, self._fb_acc, self._fb_parent_acc = [], 0, [], [], []
+        self.calibration_merged.update(np.concatenate([p.tree.path_prob for p in props])[slots], acc)
+        bits = np.concatenate([p.tree.source for p in props])[slots]
         for s, src in enumerate(self.sources):
             mine = (bits >> s) & 1 == 1
             if not mine.any():
                 continue
-            self.calibration[s].update(prop.source_f[s, slots[mine]], acc[mine])
+            f = np.concatenate([p.source_f_or_nan(s) for p in props])[slots]
+            self.calibration[s].update(f[mine], acc[mine])
             self.verified_by[s] += int(mine.sum())
             self.accepted_by[s] += int((mine & acc).sum())
             self.accepted_only[s] += int((acc & (bits == (1 << s))).sum())
-            cells = prop.cells[s, slots]
-            learn = (cells >= 0) & parent_acc
-            if learn.any():
+            if hasattr(src, "update_stats"):
+                cells = np.concatenate([p.cells_or_none(s) for p in props])[slots]
+                learn = (cells >= 0) & parent_acc
                 src.update_stats(cells[learn], acc[learn])
-        shared = acc & ((bits & (bits - 1)) != 0)  # more than one bit set
-        self.accepted_shared += int(shared.sum())
-        self.num_steps += 1
-        self.num_accepted += int(acc.sum())
+        self.accepted_shared += int((acc & ((bits & (bits - 1)) != 0)).sum())  # more than one bit set
 
     # ---- merging ------------------------------------------------------------------------------------------
     def _merge(self, trees: list[CandidateTree]) -> _Proposal:
@@ -133,14 +160,11 @@ class MultiSourceDrafter:
         if len(nonempty) <= 1:  # nothing to merge
             s = nonempty[0] if nonempty else 0
             t = trees[s]
-            m = t.num_nodes
-            source_f = np.full((num_src, m), np.nan, np.float32)
-            source_f[s] = t.path_prob
-            cells = np.full((num_src, m), -1, np.int64)
-            if getattr(t, "cell", None) is not None:
-                cells[s] = t.cell
+            source_f: list[np.ndarray | None] = [None] * num_src
+            cells: list[np.ndarray | None] = [None] * num_src
+            source_f[s], cells[s] = t.path_prob, getattr(t, "cell", None)
             merged = MergedTree(tokens=t.tokens, parent=t.parent, draft_prob=t.draft_prob, path_prob=t.path_prob,
-                                source=np.full(m, 1 << s, np.uint8))
+                                source=np.full(t.num_nodes, 1 << s, np.uint8))
             return self._cap(_Proposal(merged, source_f, cells))
 
         tok: list[int] = []
@@ -169,15 +193,17 @@ class MultiSourceDrafter:
                 mp[j] = i
             maps.append(np.asarray(mp, np.int64))
         m = len(tok)
-        source_f = np.full((num_src, m), np.nan, np.float32)
-        cells = np.full((num_src, m), -1, np.int64)
+        source_f = [None] * num_src
+        cells = [None] * num_src
         bits = np.zeros(m, np.uint8)
         f = np.zeros(m, np.float64)
         for s, mp in zip(nonempty, maps):
             t = trees[s]
+            source_f[s] = np.full(m, np.nan, np.float32)
             np.fmax.at(source_f[s], mp, t.path_prob)  # fmax: a source's own duplicates keep their larger f
             if getattr(t, "cell", None) is not None:
-                cells[s, mp] = t.cell
+                cells[s] = np.full(m, -1, np.int64)
+                cells[s][mp] = t.cell
             bits[mp] |= np.uint8(1 << s)
             np.maximum.at(f, mp, t.path_prob.astype(np.float64))
         parent = np.asarray(par, np.int64)
@@ -200,7 +226,8 @@ class MultiSourceDrafter:
         parent = np.where(old_parent >= 0, new_index[np.maximum(old_parent, 0)], -1)
         tree = MergedTree(tokens=t.tokens[keep], parent=parent, draft_prob=t.draft_prob[keep],
                           path_prob=t.path_prob[keep], source=t.source[keep])
-        return _Proposal(tree, prop.source_f[:, keep], prop.cells[:, keep])
+        return _Proposal(tree, [f[keep] if f is not None else None for f in prop.source_f],
+                         [c[keep] if c is not None else None for c in prop.cells])
 
     # ---- metrics ------------------------------------------------------------------------------------------
     def stats(self) -> dict:
@@ -212,6 +239,7 @@ class MultiSourceDrafter:
         calibration[name]: that source's own f vs acceptance by bin; ["merged"]: the f the selection used.
         lookup_stats[name]: per (match length, depth, branch) cell with data: observations and mean q.
         """
+        self._flush()
         steps = max(self.num_steps, 1)
         out = {
             "sources": list(self.names),

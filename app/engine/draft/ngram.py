@@ -3,17 +3,20 @@
 Each request's prompt and output so far are indexed (per request id, released with the request): for each n in
 [min_n, max_n] a dict from an n-gram's hash to the latest position where it ends, and a `prev` list chaining
 every position to the previous occurrence of the same n-gram (occurrences newest first). The first propose
-builds it over the whole prompt with numpy (one stable sort per n, ~1 ms for 8k tokens); later steps add only
-the newly committed tokens (O(max_n) integer operations per token, rolling hashes). A query is one dict lookup
-per n, longest n first, plus a walk along `prev`: its cost does not depend on the prompt's length.
+builds it over the whole prompt with numpy (one stable sort per n, ~10 ms for 8k tokens on this CPU); later
+steps add only the newly committed tokens (O(max_n) integer operations per token, rolling hashes). A query is
+one dict lookup per n, longest n first, plus a walk along `prev`: its cost does not depend on the prompt length.
 
 Proposal per request: up to `max_matches` earlier occurrences (longest n first, newest first within an n);
 each occurrence's true match length is measured (slice compares up to 32 tokens; this also rejects hash
-collisions); occurrences are ranked by match length, then recency; the tokens after each (up to the tree depth)
-go into a trie under the root, so continuations sharing a prefix share nodes and distinct ones become sibling
-branches (at most `max_branches`). Node f comes from the calibrated acceptance statistics (`calibration.py`):
-q(node) = P(accepted | parent accepted) for its cell (match length bucket, depth, primary/alternative branch),
-f = product of q along the path.
+collisions); occurrences are ranked by match length, then recency; the tokens after each (max(tree depth,
+min_depth) of them) go into a trie under the root, so continuations sharing a prefix share nodes and distinct
+ones become sibling branches (at most `max_branches`). Node f comes from the calibrated acceptance statistics
+(`calibration.py`): q(node) = P(accepted | parent accepted) for its cell (match length bucket, depth,
+primary/alternative branch), f = product of q along the path. The match length of a node at depth d is the
+occurrence's measured length plus d - 1: once its parent is accepted, the node continues a match that much
+longer, so a deep node of a short match shares statistics (and the prior's optimism) with shallow nodes of long
+matches instead of being pulled down to the short match's first-token rate.
 """
 
 from __future__ import annotations
@@ -40,6 +43,9 @@ def _len_bucket(length: int) -> int:
     return b
 
 
+_BUCKET = [_len_bucket(n) for n in range(LEN_EDGES[-1] + 1)]  # length (capped at 32) -> bucket
+
+
 def cell_index(bucket: int, depth: int, branch: int) -> int:
     """Flat statistics cell of (match length bucket, depth 1.., branch 0 = primary / 1 = alternative).
     Cells of one (bucket, branch) are consecutive by depth: cell // MAX_STAT_DEPTH is their pool."""
@@ -53,14 +59,16 @@ def cell_features(cell: int) -> tuple[int, int, int]:
     return bucket, d + 1, branch
 
 
+PRIOR_MEAN = (0.25, 0.45, 0.55, 0.6, 0.7, 0.75, 0.8, 0.8)  # per LEN_EDGES bucket, primary branch
+
+
 def default_stats(**kw) -> BetaCounts:
-    """Prior: P(accept | parent accepted) grows with the match length (0.3 for 1 token .. 0.85 for 32+),
-    halved for alternative branches; all depths of one (length, branch) pool their counts."""
+    """Prior: P(accept | parent accepted) grows with the match length (PRIOR_MEAN, roughly what the embedded
+    target shows), a third of that for alternative branches; all depths of one (length, branch) pool."""
     nb = len(LEN_EDGES)
     prior = np.empty((nb, 2, MAX_STAT_DEPTH))
-    for b, length in enumerate(LEN_EDGES):
-        m = min(0.85, 0.2 + 0.1 * length)
-        prior[b, 0], prior[b, 1] = m, m / 2
+    for b, m in enumerate(PRIOR_MEAN):
+        prior[b, 0], prior[b, 1] = m, m / 3
     groups = np.arange(prior.size) // MAX_STAT_DEPTH
     return BetaCounts(prior, groups, **kw)
 
@@ -178,6 +186,7 @@ class NgramConfig:
     max_n: int = 4
     max_matches: int = 8  # occurrences considered per request and step
     max_branches: int = 4  # distinct continuations kept (sibling branches)
+    min_depth: int = 8  # chains are at least this deep even when the model's adaptive depth is smaller
 
     @classmethod
     def parse(cls, spec: str) -> "NgramConfig":
@@ -215,9 +224,15 @@ class NgramSource:
 
     def propose(self, reqs: list[DraftRequest], depth: int, beam_width: int = 1, topk: int = 1,
                 widths: tuple[int, ...] | None = None) -> list[LookupTree]:
-        """One lookup tree per request, `depth` levels deep (len(widths) for a static shape)."""
+        """One lookup tree per request, max(depth, min_depth) levels deep (len(widths) for a static shape).
+
+        Lookup nodes cost nothing to propose, so their chains do not shrink with the adaptive depth (1 under
+        heavy load): the selection weighs their f against everything else under the budget.
+        """
         if widths is not None:
             depth = len(widths)
+        elif depth >= 1:
+            depth = max(depth, self.config.min_depth)
         if depth < 1:
             raise ValueError("depth must be at least 1")
         cfg = self.config
@@ -243,6 +258,7 @@ class NgramSource:
         q: list[float] = []
         children: dict[tuple[int, int], int] = {}
         num_branches, max_branches = 0, self.config.max_branches
+        top = LEN_EDGES[-1]
         for p, m in found:
             if num_branches >= max_branches:
                 break
@@ -256,22 +272,21 @@ class NgramSource:
                     node, d = c, d + 1
                 else:
                     continue  # nothing new
-            base = cell_index(_len_bucket(m), 1, 1 if num_branches else 0)  # the cell at depth 1
+            branch = 1 if num_branches else 0
             num_branches += 1
             new = cont[d:]
             first = len(tok)
             tok.extend(new)
             par.append(node)
             par.extend(range(first, first + len(new) - 1))
-            if d + len(new) <= MAX_STAT_DEPTH:
-                cell.extend(range(base + d, base + d + len(new)))
-            else:
-                cell.extend(base + min(dd, MAX_STAT_DEPTH) - 1 for dd in range(d + 1, d + 1 + len(new)))
             fp = f[node] if node >= 0 else 1.0
             keep_children = num_branches < max_branches
             for j in range(first, first + len(new)):
-                qj = means[cell[j]]
+                d += 1
+                k = (_BUCKET[min(m + d - 1, top)] * 2 + branch) * MAX_STAT_DEPTH + min(d, MAX_STAT_DEPTH) - 1
+                qj = means[k]
                 fp *= qj
+                cell.append(k)
                 q.append(qj)
                 f.append(fp)
                 if keep_children:

@@ -35,8 +35,10 @@ class Speculator:
     def policy_of(self, req: Request) -> PolicySpec:
         return parse_policy(req.policy) if req.policy else self.default_policy
 
-    def propose(self, reqs: list[Request], node_budget: int, t_step_s: float, now: float) -> ProposeResult:
-        """Verify trees for decoding requests. node_budget: tree nodes (roots excluded) the step may verify."""
+    def propose(self, reqs: list[Request], node_budget: int, t_step_s: float, now: float,
+                min_path_prob: float = 0.0) -> ProposeResult:
+        """Verify trees for decoding requests. node_budget: tree nodes (roots excluded) the step may verify;
+        min_path_prob: nodes less likely than this cost more than they yield (budgeted policies skip them)."""
         result = ProposeResult()
         groups: dict[PolicySpec, list[Request]] = {}
         for r in reqs:
@@ -62,7 +64,7 @@ class Speculator:
                 decoded_tokens=np.array([max(r.num_output_tokens - 1, 0) for r in group]),
                 tpot_slo_s=np.array([r.tpot_slo_ms / 1e3 if r.tpot_slo_ms else np.inf for r in group]))
             selected = select(spec, padded.path_prob, padded.parent, padded.valid, slo, budget, t_step_s,
-                              depth, self.n_max)
+                              depth, self.n_max, min_path_prob=min_path_prob)
             selected = _cap_tree_size(selected, self.n_max)
             trees = build_verify_trees([r.token_ids[-1] for r in group], padded, selected)
             result.select_s += time.perf_counter() - t1
