@@ -1,0 +1,105 @@
+"""Plots of a sweep's summary.json (matplotlib, Agg backend): attainment vs rate and goodput vs rate per policy,
+and per-class attainment bars per rate. ``python -m bench.plots bench/results/cpu_sweep/summary.json``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+STYLE = {"none": ("tab:gray", "o"), "chain:4": ("tab:olive", "v"), "chain:6": ("tab:orange", "^"),
+         "chain:8": ("tab:brown", "<"), "static-tree": ("tab:purple", "s"), "dynamic-tree": ("tab:blue", "D"),
+         "adaserve": ("tab:red", "*")}
+
+
+def _style(policy: str) -> tuple[str | None, str]:
+    """Simulator prototypes ("adaserve+cut") take their base policy's colour, a hollow marker and dashes."""
+    base = policy.split("+")[0]
+    color, marker = STYLE.get(base, (None, "x"))
+    return ("tab:pink" if base == "adaserve" else "tab:cyan") if "+" in policy else color, "x" if "+" in policy else marker
+
+
+def _series(rows: list[dict], cls: str, key: str) -> dict[str, tuple[list[float], list[float]]]:
+    out: dict[str, tuple[list[float], list[float]]] = {}
+    for row in sorted(rows, key=lambda r: r["rate"]):
+        b = row["summary"].get(cls)
+        if b is None or b.get(key) is None:
+            continue
+        xs, ys = out.setdefault(row["policy"], ([], []))
+        xs.append(row["rate"])
+        ys.append(b[key] * (100 if key == "attainment" else 1))
+    return out
+
+
+def plot_sweep(summary_path: Path, out_dir: Path, title: str = "", prefix: str = "") -> list[Path]:
+    rows = json.loads(Path(summary_path).read_text())
+    out_dir.mkdir(parents=True, exist_ok=True)
+    title = title or Path(summary_path).parent.name
+    paths = []
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+    for ax, (key, label) in zip(axes, [("attainment", "SLO attainment (%)"),
+                                       ("goodput_tok_s", "goodput (tokens/s of SLO-attaining requests)"),
+                                       ("goodput_req_s", "goodput (SLO-attaining requests/s)")]):
+        for pol, (xs, ys) in _series(rows, "overall", key).items():
+            color, marker = _style(pol)
+            ax.plot(xs, ys, marker=marker, color=color, label=pol, lw=2.5 if pol.startswith("adaserve") else 1.2,
+                    ls="--" if "+" in pol else "-")
+        ax.set_xlabel("arrival rate (requests/s)")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylim(-3, 103)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"{title}: attainment and goodput vs rate")
+    fig.tight_layout()
+    p = out_dir / f"{prefix}attainment_goodput_vs_rate.png"
+    fig.savefig(p, dpi=110)
+    plt.close(fig)
+    paths.append(p)
+
+    rates = sorted({r["rate"] for r in rows})
+    policies = [p for p in STYLE if any(r["policy"] == p for r in rows)] + sorted(
+        {r["policy"] for r in rows} - set(STYLE))
+    classes = [c for c in ("coding", "chat", "summarization") if any(c in r["summary"] for r in rows)]
+    fig, axes = plt.subplots(1, len(rates), figsize=(4.2 * len(rates), 4), sharey=True, squeeze=False)
+    width = 0.8 / max(len(policies), 1)
+    for ax, rate in zip(axes[0], rates):
+        for j, pol in enumerate(policies):
+            row = next((r for r in rows if r["rate"] == rate and r["policy"] == pol), None)
+            if row is None:
+                continue
+            vals = [(row["summary"].get(c) or {}).get("attainment") or 0.0 for c in classes]
+            color, _ = _style(pol)
+            ax.bar([i + j * width for i in range(len(classes))], [v * 100 for v in vals], width, color=color,
+                   label=pol)
+        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(classes))], classes, fontsize=8)
+        ax.set_title(f"rate {rate:g} req/s")
+        ax.set_ylim(0, 105)
+        ax.grid(axis="y", alpha=0.3)
+    axes[0][0].set_ylabel("SLO attainment (%)")
+    axes[0][-1].legend(fontsize=7)
+    fig.suptitle(f"{title}: per-class attainment")
+    fig.tight_layout()
+    p = out_dir / f"{prefix}attainment_per_class.png"
+    fig.savefig(p, dpi=110)
+    plt.close(fig)
+    paths.append(p)
+    return paths
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("summary", type=Path)
+    ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--title", default="")
+    args = ap.parse_args()
+    for p in plot_sweep(args.summary, args.out or args.summary.parent, args.title):
+        print(p)
+
+
+if __name__ == "__main__":
+    main()

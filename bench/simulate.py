@@ -1,0 +1,656 @@
+"""Discrete-event simulator of the serving system: the REAL policies/ code with a latency model instead of a model.
+
+Per replica it mirrors the engine step by step (app/engine/scheduler.py + engine._execute):
+1. schedule: every decoding request gets its root token, then running prefills, then FIFO admission, within
+   ``max_num_batched_tokens`` and ``max_num_seqs``; node budget = min(left, token_budget - decodes - prefill);
+2. draft: ``tree_selection.draft_shape`` (-> ``budget.adaptive_shape``) picks depth/beam/topk exactly as the
+   speculator does; candidate trees are built level by level like the drafter's beam search (static widths
+   for static-tree, one chain for chain:k), each node's children's draft probabilities drawn from the
+   fan-out pool of the recorded acceptance trace (bench/traces.py);
+3. select: ``tree_selection.select`` with a real ``SLOState`` (l_r, o_r, SLO) and the engine's t_step
+   prediction, then the engine's n_max cap;
+4. verify/accept: at every drafted node the target "picks" at most one child, child i with the empirical
+   P(accept | parent accepted, q_i) of the trace; a node is accepted iff it is picked, selected and its
+   parent accepted (so a path is accepted with the empirical counterpart of f);
+5. time: target ``LatencyModel.predict(step tokens, context)`` + draft cost per level + host overhead; the
+   step's tokens are stamped at its end.
+Several replicas run in one event loop; each arrival is routed with ``routing.rank_replicas`` (spare budget
+for tight SLOs, power of two choices otherwise) on the replicas' current stats.
+
+Profiles (``Profile``): measured on this CPU (bench/results/profile_cpu.json, written by bench/sweep.py from
+``app.engine.profiler.profile_target`` plus a draft timing), or ``roofline_70b()`` for Llama-3.1-70B on
+4xA100 (paper: 128 tokens/step ~55 ms, 512 ~125 ms, 1024 ~205 ms; 1B draft ~3 ms per level).
+
+CLI: ``python -m bench.simulate --profile 70b --rates 2 4 8 16 -n 2000 --replicas 4``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import heapq
+import json
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from bench.traces import AcceptanceModel, load_trace
+from bench.workloads import SLO_CLASSES, WorkloadRequest
+from policies import routing, token_tree
+from policies.budget import choose_token_budget
+from policies.latency_model import LatencyModel, PiecewiseLinear
+from policies.tree_selection import SLO_CAP_FACTOR, SLOState, draft_shape, parse_policy, required_acceptance, select
+
+RESULTS = Path(__file__).resolve().parent / "results"
+MAX_TREE_TOKENS = 64
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    target: LatencyModel  # verify step time (tokens in step, summed context)
+    draft_level_s: float  # fixed cost of one draft forward (one tree level)
+    draft_token_s: float  # cost per token in a draft level
+    overhead_s: float  # host work per step (scheduling, accept, sampling, python)
+    spec_overhead_s: float = 0.0  # extra host work per speculating step (tree building, accept walk)
+
+    def unloaded_tpot_s(self, context: int = 256) -> float:
+        return float(self.target.predict(1, context)) + self.overhead_s
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "target": self.target.to_dict(), "draft_level_s": self.draft_level_s,
+                "draft_token_s": self.draft_token_s, "overhead_s": self.overhead_s,
+                "spec_overhead_s": self.spec_overhead_s}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Profile":
+        return cls(d["name"], LatencyModel.from_dict(d["target"]), d["draft_level_s"], d["draft_token_s"],
+                   d["overhead_s"], d.get("spec_overhead_s", 0.0))
+
+
+def roofline_70b() -> Profile:
+    """Llama-3.1-70B, TP=4 on A100-80GB, bf16: ~140 GB of weights over 4 x 2 TB/s gives a ~40 ms memory-bound
+    floor (with realistic efficiency), compute-bound growth matching the paper's figures (128 tokens ~55 ms,
+    512 ~125 ms, 1024 ~205 ms); KV read ~328 KB/token over 8 TB/s ~ 4e-8 s per context token. Draft
+    (Llama-3.2-1B): ~3 ms per level plus ~4 us per token; host ~2 ms per step."""
+    pw = PiecewiseLinear((1.0, 64.0, 128.0, 512.0, 1024.0), (0.040, 0.046, 0.055, 0.125, 0.205), 0.205 / 1024)
+    return Profile("llama-3.1-70b-4xa100-roofline", LatencyModel(pw, 4e-8), 0.003, 4e-6, 0.002, 0.0005)
+
+
+def load_profile(name: str) -> Profile:
+    if name == "70b":
+        return roofline_70b()
+    path = Path(name) if Path(name).exists() else RESULTS / f"profile_{name}.json"
+    return Profile.from_dict(json.loads(path.read_text()))
+
+
+@dataclass
+class SimConfig:
+    policy: str = "adaserve"
+    token_budget: int | None = None  # step tokens (roots included); None: choose_token_budget(tolerance)
+    budget_tolerance: float = 1.5
+    max_num_batched_tokens: int = 512
+    prefill_chunk_tokens: int = 256
+    max_num_seqs: int = 32
+    max_tree_nodes: int = 32
+    max_depth: int = 8
+    max_width: int = 4
+    num_replicas: int = 1
+    seed: int = 0
+    predict_draft_in_t_step: bool = False  # prototype: A(r) sees the draft + host time too (the engine doesn't)
+    max_sim_s: float = 3600.0
+
+
+@dataclass
+class SimRequest:
+    """The simulator's view of a request (no text): what the latency and SLO maths need."""
+
+    arrival_s: float
+    prompt_tokens: int
+    max_tokens: int
+    slo_class: str
+    tpot_slo_ms: float | None
+
+
+def from_workload(workload: list[WorkloadRequest], slo_ms: dict[str, float],
+                  prompt_tokens: list[int] | None = None) -> list[SimRequest]:
+    return [SimRequest(r.arrival_s, prompt_tokens[i] if prompt_tokens else r.prompt_tokens_est, r.max_tokens,
+                       r.slo_class, slo_ms.get(r.slo_class)) for i, r in enumerate(workload)]
+
+
+@dataclass
+class _Replica:
+    rid: int
+    waiting: deque = field(default_factory=deque)
+    running: list = field(default_factory=list)
+    busy: bool = False
+    steps: int = 0
+    busy_s: float = 0.0
+    select_s: float = 0.0
+
+
+class Simulator:
+    def __init__(self, profile: Profile, acceptance: AcceptanceModel, config: SimConfig):
+        self.p, self.acc, self.cfg = profile, acceptance, config
+        base, *variants = config.policy.split("+")
+        unknown = set(variants) - {"cut", "deep", "pd", "nocap"}
+        if unknown:
+            raise ValueError(f"unknown simulator policy variants {sorted(unknown)} (cut, deep, pd, nocap)")
+        self.spec = parse_policy(base)
+        # Prototypes of engine/policy changes (not in policies/), as '+' suffixes of the policy name:
+        # '+cut': skip nodes whose f is below the marginal cost of verifying them, and stop drafting deeper
+        #         once a level's summed frontier f cannot pay for the draft forward;
+        # '+deep': draft depth/width from the number of requests that need more than the root this step
+        #         (A(r) > 1) instead of all decoding requests, so tight requests can get deep trees under load;
+        # '+pd': the t_step in A(r) includes the draft and host time (the engine predicts the target only);
+        # '+nocap': no per-request cap (flexflow's 1.2 x budget / n) on SLO-phase nodes.
+        self.slo_cap_factor = 1e9 if "nocap" in variants else SLO_CAP_FACTOR
+        self.cut, self.deep = "cut" in variants, "deep" in variants
+        self.predict_draft = config.predict_draft_in_t_step or "pd" in variants
+        self.n_max = min(config.max_tree_nodes, MAX_TREE_TOKENS - 1)
+        self.token_budget = config.token_budget or choose_token_budget(
+            profile.target, context_tokens=256, tolerance=config.budget_tolerance,
+            max_tokens=config.max_num_batched_tokens)
+        self.rng = np.random.default_rng(config.seed)
+        self.fan = acceptance.fanout.astype(np.float64)
+        # per top-k: the pool's child probs, their pick probabilities (normalised where they sum past 1) and
+        # the cumulative pick intervals, precomputed once (the per-step work is then gathers)
+        self.pool = {}
+        for k in range(1, self.fan.shape[1] + 1):
+            q = self.fan[:, :k]
+            g = acceptance.cond_accept(q) * (q > 0)
+            tot = g.sum(axis=1, keepdims=True)
+            g = np.where(tot > 1.0, g / np.maximum(tot, 1e-12), g)
+            cum = np.cumsum(g, axis=1)
+            self.pool[k] = (q, cum - g, cum)
+
+    # ---- request state (arrays over all requests) ---------------------------------------------------------
+    def run(self, reqs: list[SimRequest]) -> tuple[list[dict], dict]:
+        n = len(reqs)
+        self.arrival = np.array([r.arrival_s for r in reqs])
+        self.prompt = np.array([r.prompt_tokens for r in reqs], dtype=np.int64)
+        self.maxtok = np.array([r.max_tokens for r in reqs], dtype=np.int64)
+        self.slo_s = np.array([r.tpot_slo_ms / 1e3 if r.tpot_slo_ms else np.inf for r in reqs])
+        self.computed = np.zeros(n, dtype=np.int64)  # prompt tokens prefilled
+        self.out = np.zeros(n, dtype=np.int64)
+        self.first_t = np.full(n, np.nan)
+        self.last_t = np.full(n, np.nan)
+        self.spec_steps = np.zeros(n, dtype=np.int64)
+        self.accepted = np.zeros(n, dtype=np.int64)
+        reps = [_Replica(i) for i in range(self.cfg.num_replicas)]
+        base_tpot = self.p.unloaded_tpot_s()
+        order = np.argsort(self.arrival, kind="stable")
+        events: list = []  # (time, seq, replica id) step completions
+        seq = 0
+        ai = 0
+        t_wall = time.perf_counter()
+        now = 0.0
+        pending: dict[int, tuple] = {}
+        while ai < n or events:
+            t_next_arr = self.arrival[order[ai]] if ai < n else np.inf
+            t_next_evt = events[0][0] if events else np.inf
+            if t_next_arr <= t_next_evt:
+                now = t_next_arr
+                i = int(order[ai])
+                ai += 1
+                rep = reps[self._route(reps, i, base_tpot)] if len(reps) > 1 else reps[0]
+                rep.waiting.append(i)
+                if not rep.busy:
+                    seq = self._start(rep, now, events, seq, pending)
+            else:
+                now, _, rid = heapq.heappop(events)
+                rep = reps[rid]
+                self._commit(rep, now, pending.pop(rid))
+                rep.busy = False
+                if rep.running or rep.waiting:
+                    seq = self._start(rep, now, events, seq, pending)
+            if now > self.cfg.max_sim_s:
+                break
+        records = []
+        for i, r in enumerate(reqs):
+            done = self.out[i] >= self.maxtok[i]
+            records.append({
+                "index": i, "slo_class": r.slo_class, "category": r.slo_class, "policy": self.cfg.policy,
+                "tpot_slo_ms": r.tpot_slo_ms, "ttft_slo_ms": None, "scheduled_s": float(self.arrival[i]),
+                "first_token_s": None if np.isnan(self.first_t[i]) else float(self.first_t[i]),
+                "last_token_s": None if np.isnan(self.last_t[i]) else float(self.last_t[i]),
+                "num_tokens": int(self.out[i]), "error": None if done else "unfinished",
+                "spec_steps": int(self.spec_steps[i]), "accepted_draft_tokens": int(self.accepted[i])})
+        info = {"sim_wall_s": time.perf_counter() - t_wall, "token_budget": self.token_budget,
+                "steps": sum(r.steps for r in reps), "select_s": sum(r.select_s for r in reps),
+                "busy_s": [round(r.busy_s, 3) for r in reps], "unloaded_tpot_s": base_tpot}
+        return records, info
+
+    def _route(self, reps: list[_Replica], i: int, base_tpot: float) -> int:
+        stats = [routing.ReplicaStats(str(r.rid), spare_budget=self.token_budget - len(r.running),
+                                      running_requests=len(r.running), queue_len=len(r.waiting),
+                                      measured_tpot_s=base_tpot, stats_age_s=0.0,
+                                      in_flight=len(r.running) + len(r.waiting)) for r in reps]
+        tight = routing.is_tight(self.slo_s[i], base_tpot)
+        return int(routing.rank_replicas(stats, tight, rng=self.rng)[0][0])
+
+    # ---- one step ---------------------------------------------------------------------------------------
+    def _start(self, rep: _Replica, now: float, events: list, seq: int, pending: dict) -> int:
+        cfg = self.cfg
+        budget = cfg.max_num_batched_tokens
+        decodes = [i for i in rep.running if self.out[i] > 0]
+        decodes = decodes[:budget]
+        budget -= len(decodes)
+        prefills: list[tuple[int, int]] = []
+        for i in rep.running:
+            if budget == 0:
+                break
+            if self.out[i] == 0:
+                k = int(min(self.prompt[i] - self.computed[i], cfg.prefill_chunk_tokens, budget))
+                if k > 0:
+                    prefills.append((i, k))
+                    budget -= k
+        while rep.waiting and budget > 0 and len(rep.running) < cfg.max_num_seqs:
+            i = rep.waiting.popleft()
+            rep.running.append(i)
+            k = int(min(self.prompt[i], cfg.prefill_chunk_tokens, budget))
+            prefills.append((i, k))
+            budget -= k
+        prefill_tokens = sum(k for _, k in prefills)
+        dec = np.asarray(decodes, dtype=np.int64)
+        ctx_dec = self.prompt[dec] + self.out[dec]
+        gained = np.ones(dec.size, dtype=np.int64)
+        nodes = 0
+        draft_s = 0.0
+        spec_mask = np.zeros(dec.size, dtype=bool)
+        if self.spec.kind != "none" and dec.size:
+            node_budget = min(budget, self.token_budget - dec.size - prefill_tokens)
+            t_step = float(self.p.target.predict(dec.size + prefill_tokens + max(node_budget, 0), ctx_dec.sum()))
+            if not (self.spec.budgeted and node_budget <= 0):
+                acc, nodes, draft_s, spec_mask, sel_s = self._speculate(dec, max(node_budget, 0), t_step, now)
+                gained += acc
+                rep.select_s += sel_s
+        ctx_all = int(ctx_dec.sum() + sum(self.computed[i] for i, _ in prefills))
+        num_tokens = dec.size + prefill_tokens + nodes
+        dt = (float(self.p.target.predict(num_tokens, ctx_all)) + draft_s + self.p.overhead_s
+              + (self.p.spec_overhead_s if nodes else 0.0))
+        rep.busy, rep.steps, rep.busy_s = True, rep.steps + 1, rep.busy_s + dt
+        pending[rep.rid] = (dec, gained, spec_mask, prefills)
+        heapq.heappush(events, (now + dt, seq, rep.rid))
+        return seq + 1
+
+    def _commit(self, rep: _Replica, now: float, plan) -> None:
+        dec, gained, spec_mask, prefills = plan
+        if dec.size:
+            g = np.minimum(gained, self.maxtok[dec] - self.out[dec])
+            self.out[dec] += g
+            self.last_t[dec] = now
+            self.spec_steps[dec] += spec_mask
+            self.accepted[dec] += np.where(spec_mask, g - 1, 0)
+        for i, k in prefills:
+            self.computed[i] += k
+            if self.computed[i] >= self.prompt[i]:
+                self.out[i] = 1
+                self.first_t[i] = self.last_t[i] = now
+        done = [i for i in rep.running if self.out[i] >= self.maxtok[i]]
+        if done:
+            ds = set(done)
+            rep.running = [i for i in rep.running if i not in ds]
+
+    def _speculate(self, dec: np.ndarray, node_budget: int, t_step: float, now: float):
+        cfg, spec = self.cfg, self.spec
+        r = dec.size
+        slo = SLOState(decode_time_s=now - self.first_t[dec], decoded_tokens=np.maximum(self.out[dec] - 1, 0),
+                       tpot_slo_s=self.slo_s[dec])
+        n_shape = r
+        if self.deep:
+            need = required_acceptance(slo, t_step, cfg.max_depth)
+            n_shape = max(int(np.count_nonzero(need > 1.0)), 1)
+        depth, beam, topk = draft_shape(spec, n_shape, node_budget, d_max=cfg.max_depth, w_max=cfg.max_width)
+        depth = min(depth, (MAX_TREE_TOKENS - 1) // max(beam, 1))
+        if depth == 0:
+            return np.zeros(r, np.int64), 0, 0.0, np.zeros(r, bool), 0.0
+        gate = None
+        if self.cut:  # tokens/s the step makes without the level / node (~r tokens per t_step)
+            rate = r / max(t_step + self.p.overhead_s, 1e-9)
+            gate = lambda front_f_sum, tokens: front_f_sum >= rate * (self.p.draft_level_s + self.p.draft_token_s * tokens)  # noqa: E731
+        parent, f, valid, chosen, level_tokens = self._draft(r, depth, beam, topk, spec.static_widths or None, gate)
+        depth = len(level_tokens)
+        draft_s = sum(self.p.draft_level_s + self.p.draft_token_s * t for t in level_tokens)
+        if self.cut:
+            base_tokens = r + max(node_budget // 4, 1)
+            slope = (float(self.p.target.predict(base_tokens + 32, 0)) - float(self.p.target.predict(base_tokens, 0))) / 32
+            valid = valid & (f >= rate * slope)
+        if self.predict_draft:
+            t_step += draft_s + self.p.overhead_s
+        t0 = time.perf_counter()
+        sel = select(spec, f.astype(np.float32), parent, valid, slo, node_budget, t_step, depth, self.n_max,
+                     slo_cap_factor=self.slo_cap_factor)
+        if sel.size and int(sel.sum(axis=1).max()) > self.n_max:  # the speculator's _cap_tree_size
+            sel &= np.cumsum(sel, axis=1) <= self.n_max
+        sel_s = time.perf_counter() - t0
+        ok = (chosen & sel).astype(np.int8)
+        acc = token_tree.path_reduce(token_tree._sanitize_parent(parent, valid), ok, np.minimum, identity=1)
+        acc = (acc.astype(bool) & sel).sum(axis=1)
+        nodes = int(sel.sum())
+        return acc.astype(np.int64), nodes, draft_s, sel.any(axis=1), sel_s
+
+    def _draft(self, r: int, depth: int, beam: int, topk: int, widths, gate=None):
+        """Candidate trees [r, M] level by level like the drafter; returns parent, f, valid, chosen (the
+        target's pick at its parent), and the tokens of each draft forward (for the draft cost)."""
+        rng = self.rng
+        k_pool = self.fan.shape[1]
+        parents_l, f_l, valid_l, chosen_l = [], [], [], []
+        front_idx = np.full((r, 1), -1, dtype=np.int64)  # frontier node slots (-1 = root)
+        front_f = np.ones((r, 1))
+        front_ok = np.ones((r, 1), dtype=bool)
+        offset = 0
+        level_tokens = []
+        for level in range(depth):
+            k = min(widths[level] if widths else topk, k_pool)
+            fcount = front_idx.shape[1]
+            if gate is not None and level > 0 and not gate(float(front_f.sum()), r * fcount):
+                break
+            level_tokens.append(r * (1 if level == 0 else fcount))
+            pq, lo, hi = self.pool[k]
+            rows = rng.integers(0, pq.shape[0], size=(r, fcount))
+            q = pq[rows] * front_ok[:, :, None]  # [r, F, k], descending per node
+            u = rng.random((r, fcount, 1))
+            pick = (u >= lo[rows]) & (u < hi[rows]) & (q > 0)
+            f = front_f[:, :, None] * q
+            par = np.broadcast_to(front_idx[:, :, None], (r, fcount, k))
+            parents_l.append(par.reshape(r, -1))
+            f_l.append(f.reshape(r, -1))
+            valid_l.append((q > 0).reshape(r, -1))
+            chosen_l.append(pick.reshape(r, -1))
+            slots = offset + np.arange(fcount * k)
+            offset += fcount * k
+            if level + 1 == depth:
+                break
+            flat_f = f.reshape(r, -1)
+            if widths or beam >= flat_f.shape[1]:  # static, or a beam as wide as the level: all children
+                front_idx = np.broadcast_to(slots, (r, slots.size)).copy()
+                front_f, front_ok = flat_f, flat_f > 0
+            else:
+                nb = min(beam, flat_f.shape[1])
+                top = np.argsort(-flat_f, axis=1, kind="stable")[:, :nb]
+                front_idx = slots[top]
+                front_f = np.take_along_axis(flat_f, top, axis=1)
+                front_ok = front_f > 0
+        parent = np.concatenate(parents_l, axis=1)
+        return (parent, np.concatenate(f_l, axis=1), np.concatenate(valid_l, axis=1),
+                np.concatenate(chosen_l, axis=1), level_tokens)
+
+
+def simulate(reqs: list[SimRequest], profile: Profile, acceptance: AcceptanceModel, config: SimConfig):
+    return Simulator(profile, acceptance, config).run(reqs)
+
+
+def synthetic_requests(n: int, rate: float, profile: Profile, *, seed: int = 0, mix=(0.6, 0.2, 0.2),
+                       arrival: str = "poisson", cv: float = 1.0, max_tokens_cap: int = 128,
+                       prompt_char_cap: int = 4000, slo_ms: dict[str, float] | None = None) -> list[SimRequest]:
+    """The workload of bench.workloads (real prompt/answer lengths) for the simulator at scale."""
+    from bench.workloads import build_workload
+
+    wl = build_workload(n, rate=rate, seed=seed, mix=mix, arrival=arrival, cv=cv, max_tokens_cap=max_tokens_cap,
+                        prompt_char_cap=prompt_char_cap)
+    base_ms = profile.unloaded_tpot_s() * 1e3
+    slo = slo_ms or {c: x * base_ms for c, x in SLO_CLASSES.items()}
+    return from_workload(wl, slo)
+
+
+def sim_sweep(profile: Profile, acc: AcceptanceModel, policies: list[str], rates: list[float], n: int, *,
+              replicas: int = 1, max_tokens: int = 128, max_num_seqs: int = 128, max_batched_tokens: int = 2048,
+              token_budget: int | None = None, seed: int = 0, predict_draft: bool = False,
+              arrival: str = "poisson", cv: float = 1.0, verbose: bool = False) -> list[dict]:
+    from bench.loadgen import format_summary, summarize
+
+    rows = []
+    for rate in rates:
+        reqs = synthetic_requests(n, rate, profile, seed=seed, max_tokens_cap=max_tokens, arrival=arrival, cv=cv)
+        for pol in policies:
+            cfg = SimConfig(policy=pol, num_replicas=replicas, max_num_seqs=max_num_seqs,
+                            max_num_batched_tokens=max_batched_tokens, token_budget=token_budget, seed=seed,
+                            predict_draft_in_t_step=predict_draft)
+            recs, info = simulate(reqs, profile, acc, cfg)
+            s = summarize(recs)
+            o = s["overall"]
+            rows.append({"policy": pol, "rate": rate, "summary": s, "info": {k: v for k, v in info.items()
+                                                                             if k != "busy_s"}})
+            print(f"rate {rate:6.2f} {pol:<13} attain {o['attainment'] * 100:5.1f}%  goodput {o['goodput_tok_s']:8.1f} "
+                  f"tok/s {o['goodput_req_s']:6.2f} req/s  acc/step {o['accepted_tokens_per_step'] or 1:.2f}  "
+                  f"B={info['token_budget']}  sim {info['sim_wall_s']:.2f} s ({info['steps']} steps)", flush=True)
+            if verbose:
+                print(format_summary(s))
+    return rows
+
+
+def headline(rows: list[dict], focus: str = "adaserve", exclude: tuple[str, ...] = ()) -> dict:
+    """``focus`` vs the best baseline per rate, and at the highest rate where any policy attains >= 50%.
+    Baselines: every policy not starting with "adaserve", without '+' (simulator prototypes), not in
+    ``exclude`` (e.g. dynamic-tree, to compare with the paper's baseline set only)."""
+    out = {"focus": focus, "excluded": list(exclude), "per_rate": []}
+    rates = sorted({r["rate"] for r in rows})
+    for rate in rates:
+        rs = [r for r in rows if r["rate"] == rate]
+        ours = next((r["summary"]["overall"] for r in rs if r["policy"] == focus), None)
+        base = [r for r in rs if not r["policy"].startswith("adaserve") and "+" not in r["policy"]
+                and r["policy"] not in exclude]
+        if ours is None or not base:
+            continue
+        best_att = max(base, key=lambda r: r["summary"]["overall"]["attainment"])
+        best_gp = max(base, key=lambda r: r["summary"]["overall"]["goodput_tok_s"])
+        ba, bg = best_att["summary"]["overall"]["attainment"], best_gp["summary"]["overall"]["goodput_tok_s"]
+        any50 = max(r["summary"]["overall"]["attainment"] for r in rs) >= 0.5
+        out["per_rate"].append({
+            "rate": rate, "adaserve_attainment": ours["attainment"], "best_baseline_attainment": ba,
+            "best_attainment_policy": best_att["policy"], "attainment_ratio": ours["attainment"] / ba if ba else None,
+            "adaserve_goodput": ours["goodput_tok_s"], "best_baseline_goodput": bg,
+            "best_goodput_policy": best_gp["policy"], "goodput_ratio": ours["goodput_tok_s"] / bg if bg else None,
+            "any_policy_ge_50pct": any50})
+    ok = [p for p in out["per_rate"] if p["any_policy_ge_50pct"]]
+    out["highest_load_ge_50pct"] = ok[-1] if ok else None
+    return out
+
+
+def format_headline(h: dict) -> str:
+    lines = [f"{'rate':>7} {'ours att':>9} {'best att':>9} {'(policy)':>14} {'ratio':>6} {'ours gp':>9} {'best gp':>9} "
+             f"{'(policy)':>14} {'ratio':>6}"]
+    for p in h["per_rate"]:
+        ar = "-" if p["attainment_ratio"] is None else f"{p['attainment_ratio']:.2f}"
+        gr = "-" if p["goodput_ratio"] is None else f"{p['goodput_ratio']:.2f}"
+        lines.append(f"{p['rate']:>7g} {p['adaserve_attainment'] * 100:>8.1f}% {p['best_baseline_attainment'] * 100:>8.1f}% "
+                     f"{p['best_attainment_policy']:>14} {ar:>6} {p['adaserve_goodput']:>9.1f} "
+                     f"{p['best_baseline_goodput']:>9.1f} {p['best_goodput_policy']:>14} {gr:>6}")
+    hl = h["highest_load_ge_50pct"]
+    if hl:
+        lines.append(f"highest load with any policy >= 50%: rate {hl['rate']:g}: attainment x{hl['attainment_ratio'] or 0:.2f}, "
+                     f"goodput x{hl['goodput_ratio'] or 0:.2f} vs the best baseline")
+    return "\n".join(lines)
+
+
+def calibrated_profile(profile: Profile, steps: list[dict]) -> Profile:
+    """The profile with its target model refitted on the engine's own StepStats of the run (num_tokens,
+    verify_s; context folded into the fit: StepStats has none). On shared cores the start-up profile can be
+    off by 2x from what the run then sees; the run's steps are the same engine on the same CPU, measured live."""
+    samples = [(d["num_tokens"], 0.0, d["verify_s"]) for d in steps if d["num_tokens"] > 0]
+    target = LatencyModel.fit(samples, knots=[1, 4, 16, 64, 256, 512])
+    return Profile(profile.name + " (calibrated on the run's steps)", target, profile.draft_level_s,
+                   profile.draft_token_s, profile.overhead_s, profile.spec_overhead_s)
+
+
+def scaled_profile(profile: Profile, factor: float) -> Profile:
+    """Every cost x factor (the machine got uniformly slower or faster: shared cores)."""
+    t = profile.target
+    pw = PiecewiseLinear(t.tokens.knots, tuple(v * factor for v in t.tokens.values), t.tokens.tail_slope * factor)
+    return Profile(profile.name, LatencyModel(pw, t.context_s_per_token * factor), profile.draft_level_s * factor,
+                   profile.draft_token_s * factor, profile.overhead_s * factor, profile.spec_overhead_s * factor)
+
+
+def run_slowdowns(profile: Profile, sweep_dir: Path) -> dict[tuple[str, float], float]:
+    """Per run (policy, rate): measured verify time / the profile's prediction for that run's own steps.
+    The other jobs on the shared cores come and go, so each run saw its own machine speed."""
+    steps_path, samples_path = sweep_dir / "steps.json", sweep_dir / "step_samples.json"
+    if not (steps_path.exists() and samples_path.exists()):
+        return {}
+    runs, samples = json.loads(steps_path.read_text()), json.loads(samples_path.read_text())
+    if sum(r["num_steps"] for r in runs) != len(samples):
+        return {}
+    out, pos = {}, 0
+    for r in runs:
+        chunk = samples[pos:pos + r["num_steps"]]
+        pos += r["num_steps"]
+        pred = sum(float(profile.target.predict(d["num_tokens"])) for d in chunk)
+        real = sum(d["verify_s"] for d in chunk)
+        out[(r["policy"], r["rate"])] = real / pred if pred > 0 else 1.0
+    return out
+
+
+def validate(sweep_dir: Path, trace: Path | None = None, seed: int = 0, predict_draft: bool = False,
+             calibrate: bool = True, per_run: bool = True, what_if: tuple[str, ...] = ()) -> list[dict]:
+    """Simulate the exact workload of a real CPU sweep (same arrivals, prompt token counts, lengths, SLOs,
+    token budget, max_num_seqs) with its measured CPU profile; print real vs simulated side by side."""
+    from bench.loadgen import summarize
+
+    meta = json.loads((sweep_dir / "meta.json").read_text())
+    profile = Profile.from_dict(json.loads((sweep_dir / "profile_cpu.json").read_text()))
+    if calibrate and (sweep_dir / "step_samples.json").exists():
+        profile = calibrated_profile(profile, json.loads((sweep_dir / "step_samples.json").read_text()))
+        (sweep_dir / "profile_cpu_calibrated.json").write_text(json.dumps(profile.to_dict(), indent=1))
+        print(f"target latency refitted on the run's own {profile.name} steps: 1 tok "
+              f"{profile.target.predict(1) * 1e3:.0f} ms, 32 tok {profile.target.predict(32) * 1e3:.0f} ms, "
+              f"128 tok {profile.target.predict(128) * 1e3:.0f} ms")
+    slowdowns = run_slowdowns(profile, sweep_dir) if calibrate and per_run else {}
+    if slowdowns:
+        print("per-run machine speed (verify time / calibrated model): " + ", ".join(
+            f"{p}@{r:g} {x:.2f}" for (p, r), x in slowdowns.items()))
+    acc = AcceptanceModel.from_trace(load_trace(trace or sweep_dir / "trace.jsonl"))
+    recs = [json.loads(x) for x in (sweep_dir / "requests.jsonl").read_text().splitlines() if x.strip()]
+    out = []
+    for pol in what_if:  # prototypes on the same workload and machine speed as the real adaserve run
+        for rate in meta["rates"]:
+            rs = sorted((r for r in recs if r["policy"] == "adaserve" and r["rate"] == rate), key=lambda r: r["index"])
+            reqs = [SimRequest(r["scheduled_s"], r["prompt_tokens"], r["max_tokens"], r["slo_class"], r["tpot_slo_ms"])
+                    for r in rs]
+            prof = scaled_profile(profile, slowdowns.get(("adaserve", rate), 1.0))
+            sims = [summarize(simulate(reqs, prof, acc, SimConfig(policy=pol, token_budget=meta["token_budget"],
+                                                                  max_num_seqs=meta["max_num_seqs"], seed=seed + k))[0])["overall"]
+                    for k in range(5)]
+            row = {"policy": pol, "rate": rate, "what_if": True,
+                   "sim_attainment": float(np.mean([x["attainment"] for x in sims])),
+                   "sim_goodput": float(np.mean([x["goodput_tok_s"] for x in sims]))}
+            out.append(row)
+            print(f"what-if {pol:<20} rate {rate:>5g}: sim attainment {row['sim_attainment'] * 100:5.1f}%, "
+                  f"goodput {row['sim_goodput']:.2f} tok/s")
+    print(f"{'policy':<13}{'rate':>6} | {'attain real':>11} {'sim':>6} {'diff':>6} | {'goodput real':>12} {'sim':>7} "
+          f"{'rel':>6} | {'acc/st real':>11} {'sim':>5}")
+    for pol in meta["policies"]:
+        for rate in meta["rates"]:
+            rs = sorted((r for r in recs if r["policy"] == pol and r["rate"] == rate), key=lambda r: r["index"])
+            if not rs:
+                continue
+            reqs = [SimRequest(r["scheduled_s"], r["prompt_tokens"], r["max_tokens"], r["slo_class"], r["tpot_slo_ms"])
+                    for r in rs]
+            cfg = SimConfig(policy=pol, token_budget=meta["token_budget"], max_num_seqs=meta["max_num_seqs"],
+                            seed=seed, predict_draft_in_t_step=predict_draft)
+            sims = []
+            prof = scaled_profile(profile, slowdowns[(pol, rate)]) if (pol, rate) in slowdowns else profile
+            for k in range(5):  # average a few seeds: a 16-request run is noisy
+                cfg.seed = seed + k
+                sim_recs, _ = simulate(reqs, prof, acc, cfg)
+                sims.append(summarize(sim_recs)["overall"])
+            real = summarize(rs)["overall"]
+            sa = float(np.mean([s["attainment"] for s in sims]))
+            sg = float(np.mean([s["goodput_tok_s"] for s in sims]))
+            sacc = float(np.mean([s["accepted_tokens_per_step"] or 1.0 for s in sims]))
+            row = {"policy": pol, "rate": rate, "machine_speed_factor": slowdowns.get((pol, rate), 1.0),
+                   "real_attainment": real["attainment"], "sim_attainment": sa,
+                   "real_goodput": real["goodput_tok_s"], "sim_goodput": sg,
+                   "real_acc_per_step": real["accepted_tokens_per_step"] or 1.0, "sim_acc_per_step": sacc,
+                   "real_tpot_p50": real["tpot_s_p50"], "sim_tpot_p50": float(np.mean([s["tpot_s_p50"] for s in sims]))}
+            row["attainment_diff_pts"] = (sa - real["attainment"]) * 100
+            row["goodput_rel_err"] = (sg - real["goodput_tok_s"]) / real["goodput_tok_s"] if real["goodput_tok_s"] else None
+            out.append(row)
+            ge = "-" if row["goodput_rel_err"] is None else f"{row['goodput_rel_err'] * 100:+.0f}%"
+            print(f"{pol:<13}{rate:>6g} | {real['attainment'] * 100:>10.0f}% {sa * 100:>5.0f}% {row['attainment_diff_pts']:>+6.0f} | "
+                  f"{real['goodput_tok_s']:>12.2f} {sg:>7.2f} {ge:>6} | {row['real_acc_per_step']:>11.2f} {sacc:>5.2f}",
+                  flush=True)
+    passes: dict[str, int] = {}
+    for row in out:
+        if row.get("what_if"):
+            continue
+        gp_ok = (row["goodput_rel_err"] is not None and abs(row["goodput_rel_err"]) <= 0.15) or (
+            row["real_goodput"] == 0 and row["sim_goodput"] < 0.5)  # both (nearly) nothing
+        row["within_target"] = bool(abs(row["attainment_diff_pts"]) <= 10 and gp_ok)
+        passes[row["policy"]] = passes.get(row["policy"], 0) + row["within_target"]
+    print("rates within 10 points of attainment and 15% of goodput: " + ", ".join(f"{k} {v}/{len(meta['rates'])}"
+                                                                             for k, v in passes.items()))
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--validate", type=Path, default=None, help="a real sweep directory to predict")
+    ap.add_argument("--profile", default="70b", help="70b | path to a profile JSON")
+    ap.add_argument("--trace", type=Path, default=None, help="acceptance trace (default: the recorded one)")
+    ap.add_argument("--policies", nargs="+",
+                    default=["none", "chain:4", "chain:6", "chain:8", "static-tree", "dynamic-tree", "adaserve"])
+    ap.add_argument("--rates", type=float, nargs="+", default=[2, 4, 8, 12, 16])
+    ap.add_argument("-n", "--num-requests", type=int, default=2000)
+    ap.add_argument("--replicas", type=int, default=1)
+    ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--max-num-seqs", type=int, default=128)
+    ap.add_argument("--max-batched-tokens", type=int, default=2048)
+    ap.add_argument("--token-budget", type=int, default=None)
+    ap.add_argument("--accept-scale", type=float, default=1.0, help="what-if: conditional acceptance x this")
+    ap.add_argument("--predict-draft", action="store_true", help="prototype: t_step for A(r) includes draft+host")
+    ap.add_argument("--arrival", choices=["poisson", "gamma"], default="poisson")
+    ap.add_argument("--cv", type=float, default=1.0)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", type=Path, default=None, help="directory for summary.json, headline.json, plots")
+    ap.add_argument("--verbose", action="store_true")
+    ap.add_argument("--no-calibrate", action="store_true", help="validate with the start-up profile as is")
+    ap.add_argument("--what-if", nargs="*", default=[], help="with --validate: prototype policies to simulate too")
+    ap.add_argument("--global-calibration", action="store_true",
+                    help="one refitted model for all runs (default: also scaled to each run's measured speed)")
+    ap.add_argument("--headline", type=Path, default=None, help="print the headline of a saved summary.json")
+    args = ap.parse_args()
+    if args.headline is not None:
+        rows = json.loads(args.headline.read_text())
+        for focus in sorted({r["policy"] for r in rows if r["policy"].startswith("adaserve")}):
+            for exclude in ((), ("dynamic-tree",)):
+                print(f"== {focus} vs the best baseline" + (f" (without {', '.join(exclude)})" if exclude else ""))
+                print(format_headline(headline(rows, focus, exclude)))
+        return
+    if args.validate is not None:
+        rows = validate(args.validate, args.trace, args.seed, args.predict_draft, not args.no_calibrate,
+                        not args.global_calibration, tuple(args.what_if))
+        if args.out:
+            args.out.mkdir(parents=True, exist_ok=True)
+            (args.out / "validation.json").write_text(json.dumps(rows, indent=1))
+        return
+    profile = load_profile(args.profile)
+    trace = args.trace or RESULTS / "acceptance_trace.jsonl.gz"
+    acc = AcceptanceModel.from_trace(load_trace(trace))
+    if args.accept_scale != 1.0:
+        acc = acc.scaled(args.accept_scale)
+    print(f"profile {profile.name}: unloaded TPOT {profile.unloaded_tpot_s() * 1e3:.1f} ms; trace {trace}")
+    rows = sim_sweep(profile, acc, args.policies, args.rates, args.num_requests, replicas=args.replicas,
+                     max_tokens=args.max_tokens, max_num_seqs=args.max_num_seqs,
+                     max_batched_tokens=args.max_batched_tokens, token_budget=args.token_budget, seed=args.seed,
+                     predict_draft=args.predict_draft, arrival=args.arrival, cv=args.cv, verbose=args.verbose)
+    h = {f"{f} vs {'paper baselines' if ex else 'all baselines'}": headline(rows, f, ex)
+         for f in sorted({r["policy"] for r in rows if r["policy"].startswith("adaserve")})
+         for ex in ((), ("dynamic-tree",))}
+    for f, hf in h.items():
+        print(f"== {f}\n{format_headline(hf)}")
+    if args.out:
+        from bench.plots import plot_sweep
+
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "summary.json").write_text(json.dumps(rows, indent=1))
+        (args.out / "headline.json").write_text(json.dumps({"headline": h, "args": {k: str(v) for k, v in vars(args).items()}},
+                                                           indent=1))
+        for p in plot_sweep(args.out / "summary.json", args.out, title=args.out.name):
+            print(f"plot: {p}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,274 @@
+"""The whole baseline comparison in one command: every policy x every arrival rate on the same workload.
+
+    python -m bench.sweep --mode engine   # in-process engine, arrival-driven (default; cheapest on a CPU)
+    python -m bench.sweep --mode http     # the Ray Serve app: one `serve run` per policy (engine.policy in
+                                          # the YAML), the async streaming load driver against it
+
+Both modes drive the same engine code with the same policies and workload (bench/workloads.py: HumanEval,
+ShareGPT + MT-Bench, long ShareGPT summaries; 60/20/20; Poisson or gamma arrivals). SLOs are relative to the
+unloaded TPOT measured once (policy none, batch 1, as the replica measures it) and sent as absolute ms, so
+every policy faces the same targets. Outputs under ``--out`` (default bench/results/cpu_sweep/):
+requests.jsonl (one line per request), summary.json / summary.csv (per policy x rate x class), steps.json
+(per-run step statistics), profile_cpu.json (the latency profile the simulator uses), the acceptance trace
+of the speculative runs (trace.jsonl), and the plots (bench/plots.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import csv
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from bench.loadgen import format_summary, run_engine, run_http, scrape_metrics, summarize, write_jsonl
+from bench.workloads import CATEGORIES, build_workload, slo_targets_ms
+
+POLICIES = ["none", "chain:4", "chain:6", "chain:8", "static-tree", "dynamic-tree", "adaserve"]
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def measure_unloaded_tpot_s(engine, num_tokens: int = 8, probes: int = 3) -> float:
+    """As the replica does (app/replica.py): best of a few short greedy requests on the idle engine, no
+    speculation (policy none), after a 2-token warm-up."""
+    from app.engine.config import SamplingParams
+
+    engine.generate(["Hello"], SamplingParams(max_tokens=2, ignore_eos=True), policy="none")
+    params = SamplingParams(max_tokens=num_tokens, ignore_eos=True)
+    return min(float(engine.generate(["Hello"], params, policy="none")[0].metrics.tpot_s) for _ in range(probes))
+
+
+def profile_draft(engine, shapes=((1, 1, 1), (1, 4, 4), (4, 1, 4), (4, 4, 4), (8, 1, 4), (8, 4, 1), (16, 2, 4)),
+                  context: int = 128, repeats: int = 2) -> tuple[float, float]:
+    """(seconds per draft level, seconds per drafted token) from timing the real drafter on (requests, depth,
+    beam) shapes after its catch-up, least squares on t = levels * a + tokens * b."""
+    from app.engine.draft.drafter import DraftRequest
+
+    drafter = engine.speculator.drafter
+    rows, ts = [], []
+    for n, depth, beam in shapes:
+        reqs = [DraftRequest(f"prof-{n}-{depth}-{beam}-{i}", [1 + (i * 7 + j) % 500 for j in range(context)])
+                for i in range(n)]
+        drafter.propose(reqs, depth=depth, beam_width=beam, topk=beam)  # catch-up (prompt) not timed
+        best = np.inf
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            drafter.propose(reqs, depth=depth, beam_width=beam, topk=beam)
+            best = min(best, time.perf_counter() - t0)
+        for r in reqs:
+            drafter.release(r.request_id)
+        tokens = n * (1 + (depth - 1) * beam)  # root level, then beam frontier nodes per level
+        rows.append([depth, tokens])
+        ts.append(best)
+    coef, *_ = np.linalg.lstsq(np.asarray(rows, float), np.asarray(ts), rcond=None)
+    return float(max(coef[0], 0.0)), float(max(coef[1], 0.0))
+
+
+def step_overheads(steps: list[dict]) -> tuple[float, float]:
+    """(host overhead of a plain step, extra of a speculating step) from the engine's StepStats."""
+    plain = [s["step_s"] - s["verify_s"] - s["draft_s"] for s in steps if s["num_tree_nodes"] == 0]
+    spec = [s["step_s"] - s["verify_s"] - s["draft_s"] for s in steps if s["num_tree_nodes"] > 0]
+    base = float(np.median(plain)) if plain else 0.0
+    return base, max(float(np.median(spec)) - base, 0.0) if spec else 0.0
+
+
+def write_summaries(out: Path, rows: list[dict]) -> None:
+    (out / "summary.json").write_text(json.dumps(rows, indent=1))
+    keys = ["policy", "rate", "class", "requests", "attainment", "goodput_tok_s", "goodput_req_s", "throughput_tok_s",
+            "ttft_s_p50", "ttft_s_p99", "tpot_s_p50", "tpot_s_p90", "tpot_s_p99", "accepted_tokens_per_step", "errors"]
+    with open(out / "summary.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(keys)
+        for row in rows:
+            for cls, b in row["summary"].items():
+                if cls == "wall_s":
+                    continue
+                w.writerow([row["policy"], row["rate"], cls] + [
+                    (round(b[k], 5) if isinstance(b[k], float) else b[k]) for k in keys[3:]])
+
+
+def sweep_engine(args) -> None:
+    import torch
+
+    from app.engine.config import EngineConfig
+    from app.engine.engine import LLMEngine
+    from app.engine.profiler import profile_target
+    from bench.loadgen import encode_chat
+    from bench.traces import TraceRecorder
+
+    torch.set_num_threads(args.threads)
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    for name in ("requests.jsonl", "trace.jsonl", "trace.jsonl.gz"):
+        (out / name).unlink(missing_ok=True)
+    engine = LLMEngine(EngineConfig(draft="distilled", policy="none", device="cpu", kv_cache_memory_gb=1.0,
+                                    max_num_seqs=args.max_num_seqs, token_budget=args.token_budget,
+                                    profile_latency=False))
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:  # a fresh profile, under today's load, not a cached one
+        target = profile_target(engine.runner, "embedded", Path(tmp))
+    engine.latency_model = target  # t_step for A(r), as the engine would have profiled it
+    level_s, token_s = profile_draft(engine)
+    unloaded = measure_unloaded_tpot_s(engine)
+    print(f"profiled in {time.perf_counter() - t0:.0f} s: unloaded TPOT {unloaded * 1e3:.1f} ms; target 1 tok "
+          f"{target.predict(1, 256) * 1e3:.0f} ms, 32 tok x 8 req {target.predict(32, 8 * 256) * 1e3:.0f} ms; "
+          f"draft {level_s * 1e3:.1f} ms/level + {token_s * 1e3:.2f} ms/token; token budget {engine.token_budget}",
+          flush=True)
+    slo_ms = slo_targets_ms(unloaded * 1e3, dict(zip(CATEGORIES, args.absolute_ms)) if args.absolute_ms else None)
+    rows, step_rows = [], []
+    recorder = None
+    all_steps: list[dict] = []
+    meta = {"unloaded_tpot_ms": unloaded * 1e3, "slo_ms": slo_ms, "token_budget": engine.token_budget,
+            "num_requests": args.num_requests, "rates": args.rates, "policies": args.policies, "seed": args.seed,
+            "max_tokens": args.max_tokens, "arrival": args.arrival, "cv": args.cv, "mode": "engine",
+            "threads": args.threads, "max_num_seqs": args.max_num_seqs}
+    (out / "meta.json").write_text(json.dumps(meta, indent=1))
+    current = {"policy": ""}
+    recorder = TraceRecorder(engine, out / "trace.jsonl", policy_of=lambda rid: current["policy"])
+    for rate in args.rates:
+        wl = build_workload(args.num_requests, rate=rate, seed=args.seed, mix=tuple(args.mix), arrival=args.arrival,
+                            cv=args.cv, max_tokens_cap=args.max_tokens, prompt_char_cap=args.prompt_chars)
+        prompt_ids = [encode_chat(engine, r.messages) for r in wl]
+        for pol in args.policies:
+            current["policy"] = pol
+            t_run = time.perf_counter()
+            recs, steps = run_engine(engine, wl, pol, slo_ms, max_duration_s=args.max_duration,
+                                     prompt_ids=prompt_ids)
+            s = summarize(recs)
+            steps_d = [{k: getattr(st, k) for k in ("num_tokens", "num_decodes", "num_trees", "num_tree_nodes",
+                                                     "num_accepted", "draft_s", "select_s", "verify_s", "accept_s",
+                                                     "step_s")} for st in steps]
+            all_steps += steps_d
+            write_jsonl(out / "requests.jsonl", recs, {"rate": rate})
+            rows.append({"policy": pol, "rate": rate, "summary": s})
+            step_rows.append({"policy": pol, "rate": rate, "num_steps": len(steps_d),
+                              **{f"mean_{k}": float(np.mean([d[k] for d in steps_d])) if steps_d else None
+                                 for k in ("num_tokens", "num_decodes", "num_tree_nodes", "num_accepted", "draft_s",
+                                           "verify_s", "step_s")}})
+            print(format_summary(s, f"{pol} @ {rate} req/s (run {time.perf_counter() - t_run:.0f} s)"), flush=True)
+            write_summaries(out, rows)
+            recorder.close()  # flush what we have; keep recording
+            recorder.lines.clear()
+            recorder = TraceRecorder(engine, out / "trace.jsonl", policy_of=lambda rid: current["policy"])
+    recorder.close()
+    from bench.traces import gzip_file
+
+    gzip_file(out / "trace.jsonl")
+    overhead, spec_overhead = step_overheads(all_steps)
+    from bench.simulate import Profile
+
+    profile = Profile("cpu-smollm2-135m-distilled-draft", target, level_s, token_s, overhead, spec_overhead)
+    (out / "profile_cpu.json").write_text(json.dumps({**profile.to_dict(), "unloaded_tpot_ms": unloaded * 1e3},
+                                                     indent=1))
+    (out / "steps.json").write_text(json.dumps(step_rows, indent=1))
+    (out / "step_samples.json").write_text(json.dumps(
+        [{k: (round(v, 5) if isinstance(v, float) else v) for k, v in d.items()} for d in all_steps]))
+    print(f"host overhead per step {overhead * 1e3:.1f} ms (+{spec_overhead * 1e3:.1f} ms when speculating)")
+
+
+def _http_config(tmp: Path, policy: str, token_budget: int | None, threads: int, max_num_seqs: int) -> Path:
+    from bench import serve as serve_bench
+
+    path = serve_bench.write_config(tmp, threads)
+    import yaml
+
+    raw = yaml.safe_load(path.read_text())
+    eng = raw["applications"][0]["args"]["engine"]
+    eng.update({"policy": policy, "draft": "distilled" if policy != "none" else eng.get("draft"),
+                "max_num_seqs": max_num_seqs})
+    if policy == "none":
+        eng["draft"] = None
+    if token_budget is not None:
+        eng["token_budget"] = token_budget
+    out = tmp / f"serve_{policy.replace(':', '_')}.yaml"
+    out.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return out
+
+
+def sweep_http(args) -> None:
+    from bench import serve as serve_bench
+
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "requests.jsonl").unlink(missing_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix="bench_sweep_"))
+    rows = []
+    slo_ms = None
+    if args.absolute_ms:
+        slo_ms = dict(zip(CATEGORIES, args.absolute_ms))
+    elif args.unloaded_tpot_ms:
+        slo_ms = slo_targets_ms(args.unloaded_tpot_ms)
+    for pol in args.policies:
+        server = serve_bench.Server(_http_config(tmp, pol, args.token_budget, args.threads, args.max_num_seqs))
+        try:
+            print(f"{pol}: server up in {server.wait_first_answer():.0f} s (logs {tmp})", flush=True)
+            for rate in args.rates:
+                wl = build_workload(args.num_requests, rate=rate, seed=args.seed, mix=tuple(args.mix),
+                                    arrival=args.arrival, cv=args.cv, max_tokens_cap=args.max_tokens,
+                                    prompt_char_cap=args.prompt_chars)
+                # None: the server resolves relative classes against ITS unloaded TPOT (the first server's
+                # figure is then reused as absolute ms for the others, so all policies face the same targets)
+                recs = asyncio.run(run_http(serve_bench.BASE_URL, wl, pol, slo_ms, max_duration_s=args.max_duration))
+                if slo_ms is None:
+                    per = {}
+                    for r in recs:
+                        if r.tpot_slo_ms is not None:
+                            per[r.slo_class] = r.tpot_slo_ms
+                    if len(per) == len(CATEGORIES):
+                        slo_ms = per
+                s = summarize(recs)
+                try:
+                    gauges = asyncio.run(scrape_metrics(serve_bench.BASE_URL))
+                    acc = gauges.get("adaserve_replica_accepted_tokens_per_step")
+                    if acc is not None:
+                        s["overall"]["server_accepted_tokens_per_step"] = acc
+                except Exception:  # noqa: BLE001 - metrics are optional
+                    pass
+                write_jsonl(out / "requests.jsonl", recs, {"rate": rate})
+                rows.append({"policy": pol, "rate": rate, "summary": s})
+                write_summaries(out, rows)
+                print(format_summary(s, f"{pol} @ {rate} req/s (HTTP)"), flush=True)
+        finally:
+            server.stop()
+    (out / "meta.json").write_text(json.dumps({"mode": "http", "slo_ms": slo_ms, "rates": args.rates,
+                                               "policies": args.policies, "num_requests": args.num_requests,
+                                               "seed": args.seed, "max_tokens": args.max_tokens}, indent=1))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--mode", choices=["engine", "http"], default="engine")
+    ap.add_argument("--policies", nargs="+", default=POLICIES)
+    ap.add_argument("--rates", type=float, nargs="+", default=[0.25, 0.5, 1.0, 2.0])
+    ap.add_argument("-n", "--num-requests", type=int, default=16)
+    ap.add_argument("--max-tokens", type=int, default=32)
+    ap.add_argument("--prompt-chars", type=int, default=1200)
+    ap.add_argument("--mix", type=float, nargs=3, default=(0.6, 0.2, 0.2))
+    ap.add_argument("--arrival", choices=["poisson", "gamma"], default="poisson")
+    ap.add_argument("--cv", type=float, default=1.0)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--token-budget", type=int, default=24,
+                    help="engine step token budget (roots included); the profiled default is ~2 on this CPU")
+    ap.add_argument("--max-num-seqs", type=int, default=32)
+    ap.add_argument("--max-duration", type=float, default=150.0, help="per run (policy x rate)")
+    ap.add_argument("--absolute-ms", type=float, nargs=3, default=None, metavar=("CODING", "CHAT", "SUMM"))
+    ap.add_argument("--unloaded-tpot-ms", type=float, default=None, help="http mode: reuse this baseline")
+    ap.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "1")))
+    ap.add_argument("--out", type=Path, default=RESULTS / "cpu_sweep")
+    ap.add_argument("--no-plots", action="store_true")
+    args = ap.parse_args()
+    (sweep_engine if args.mode == "engine" else sweep_http)(args)
+    if not args.no_plots:
+        from bench.plots import plot_sweep
+
+        for p in plot_sweep(args.out / "summary.json", args.out):
+            print(f"plot: {p}")
+
+
+if __name__ == "__main__":
+    main()

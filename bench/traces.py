@@ -1,0 +1,231 @@
+"""Acceptance traces from the real draft/target pair, and the empirical acceptance model the simulator samples.
+
+Recording wraps ``engine.speculator.observe`` (called after every verify with the request's candidate tree,
+the verified tree and the accepted path), so nothing in the engine changes. One JSONL line per verified tree:
+
+    {"policy", "parent": [M], "q": [M] draft prob per candidate, "sel": verified candidate slots,
+     "acc": accepted candidate slots (a chain from the root)}
+
+From those lines ``AcceptanceModel.from_trace`` derives
+- ``fanout``: for every drafted node (the root included) its children's draft probabilities, sorted,
+  padded to ``K`` columns: the simulator draws a node's children from this pool, so trees look like the
+  drafter's (same spread of confidence per level);
+- ``cond_accept(q)``: P(target picks this child | its parent was accepted) by bins of the draft probability
+  ``q``, estimated on verified nodes whose parent was the root or accepted. Multiplying along a path gives
+  P(path accepted), i.e. the empirical counterpart of ``f``;
+- for the report, the unconditional P(node accepted | f bin) over verified nodes.
+
+Usage: ``python -m bench.traces record --out bench/results/acceptance_trace.jsonl`` (in-process engine,
+bounded) and ``python -m bench.traces summary bench/results/acceptance_trace.jsonl``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+Q_BINS = np.array([0.0, 0.02, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0 + 1e-9])
+
+
+class TraceRecorder:
+    """Wraps an engine's speculator.observe; ``lines`` accumulates one dict per verified tree."""
+
+    def __init__(self, engine, path: Path | None = None, policy_of=None):
+        self.engine = engine
+        self.lines: list[dict] = []
+        self.path = path
+        self._policy_of = policy_of or (lambda rid: "")
+        spec = engine.speculator
+        if spec is None:
+            raise ValueError("the engine has no draft: nothing to trace")
+        self._orig = spec.observe
+
+        def observe(request_id, candidates, tree, path_idx):
+            slots = tree.slots
+            self.lines.append({
+                "policy": self._policy_of(request_id),
+                "parent": candidates.parent.tolist(),
+                "q": [round(float(x), 5) for x in candidates.draft_prob],
+                "sel": [int(s) for s in slots[1:]],
+                "acc": [int(slots[i]) for i in path_idx[1:]],
+            })
+            self._orig(request_id, candidates, tree, path_idx)
+
+        spec.observe = observe
+
+    def close(self) -> None:
+        self.engine.speculator.observe = self._orig
+        if self.path is not None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.path, "a") as f:
+                for line in self.lines:
+                    f.write(json.dumps(line) + "\n")
+
+
+def load_trace(path: str | Path) -> list[dict]:
+    """Lines of a trace; ``.gz`` files (how the committed traces are stored) are read transparently; a
+    missing ``x.jsonl`` falls back to ``x.jsonl.gz``."""
+    path = Path(path)
+    if not path.exists() and Path(str(path) + ".gz").exists():
+        path = Path(str(path) + ".gz")
+    text = gzip.decompress(path.read_bytes()).decode() if path.suffix == ".gz" else path.read_text()
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def gzip_file(path: Path) -> Path:
+    """path -> path.gz (the original removed); traces compress ~5x."""
+    out = Path(str(path) + ".gz")
+    out.write_bytes(gzip.compress(path.read_bytes(), compresslevel=9))
+    path.unlink()
+    return out
+
+
+@dataclass
+class AcceptanceModel:
+    fanout: np.ndarray  # [P, K] float32, each row a node's children's draft probs, descending, 0-padded
+    bin_edges: np.ndarray  # [B + 1]
+    cond_rate: np.ndarray  # [B] P(accepted | parent accepted, q in bin)
+    cond_count: np.ndarray  # [B]
+    f_rate: np.ndarray  # [B] P(accepted | f in bin), unconditional, for the report
+    f_count: np.ndarray  # [B]
+    mean_accepted_per_tree: float
+
+    @classmethod
+    def from_trace(cls, lines: list[dict], k: int = 4) -> "AcceptanceModel":
+        fan, cq, ca, fq, fa, acc_len = [], [], [], [], [], []
+        for ln in lines:
+            parent = np.asarray(ln["parent"], dtype=np.int64)
+            q = np.asarray(ln["q"], dtype=np.float64)
+            m = parent.size
+            if m == 0:
+                continue
+            f = np.ones(m)
+            for i in range(m):  # parents-first
+                f[i] = q[i] * (f[parent[i]] if parent[i] >= 0 else 1.0)
+            kids: dict[int, list[float]] = {}
+            for i in range(m):
+                kids.setdefault(int(parent[i]), []).append(q[i])
+            for ch in kids.values():
+                row = sorted(ch, reverse=True)[:k]
+                fan.append(row + [0.0] * (k - len(row)))
+            sel, acc = set(ln["sel"]), set(ln["acc"])
+            acc_len.append(len(acc))
+            for s in sel:
+                p = int(parent[s])
+                if p < 0 or p in acc:
+                    cq.append(q[s])
+                    ca.append(s in acc)
+                fq.append(f[s])
+                fa.append(s in acc)
+        if not fan:
+            raise ValueError("empty trace")
+        edges = Q_BINS
+        cond_rate, cond_count = _binned(np.asarray(cq), np.asarray(ca, dtype=float), edges)
+        f_rate, f_count = _binned(np.asarray(fq), np.asarray(fa, dtype=float), edges)
+        # fill empty bins with the bin centre's calibrated guess (q itself): rare, keeps sampling defined
+        centre = 0.5 * (edges[:-1] + edges[1:])
+        cond_rate = np.where(cond_count > 0, cond_rate, np.minimum(centre, 1.0))
+        return cls(np.asarray(fan, dtype=np.float32), edges, cond_rate, cond_count, f_rate, f_count,
+                   float(np.mean(acc_len)) if acc_len else 0.0)
+
+    def cond_accept(self, q: np.ndarray) -> np.ndarray:
+        idx = np.clip(np.searchsorted(self.bin_edges, q, side="right") - 1, 0, self.cond_rate.size - 1)
+        return self.cond_rate[idx]
+
+    def to_dict(self) -> dict:
+        return {"bin_edges": self.bin_edges.tolist(), "cond_rate": self.cond_rate.tolist(),
+                "cond_count": self.cond_count.tolist(), "f_rate": self.f_rate.tolist(),
+                "f_count": self.f_count.tolist(), "mean_accepted_per_tree": self.mean_accepted_per_tree,
+                "num_fanout_rows": int(self.fanout.shape[0]),
+                "mean_top1_q": float(self.fanout[:, 0].mean())}
+
+    def scaled(self, factor: float) -> "AcceptanceModel":
+        """What-if 'a draft ``factor`` x as confident and as calibrated': every draft probability x factor
+        (a node's children renormalised if they would sum past 1) and the acceptance at the scaled
+        probability = factor x the measured acceptance at the original one (capped at 1)."""
+        fan = self.fanout.astype(np.float64) * factor
+        tot = fan.sum(axis=1, keepdims=True)
+        fan = np.where(tot > 1.0, fan / np.maximum(tot, 1e-12), fan)
+        edges = self.bin_edges * factor
+        edges[-1] = max(edges[-1], 1.0 + 1e-9)
+        return AcceptanceModel(fan.astype(np.float32), edges, np.minimum(self.cond_rate * factor, 1.0),
+                               self.cond_count, self.f_rate, self.f_count, self.mean_accepted_per_tree * factor)
+
+
+def _binned(x: np.ndarray, y: np.ndarray, edges: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    if x.size == 0:
+        return np.zeros(edges.size - 1), np.zeros(edges.size - 1)
+    idx = np.clip(np.searchsorted(edges, x, side="right") - 1, 0, edges.size - 2)
+    count = np.bincount(idx, minlength=edges.size - 1).astype(float)
+    hits = np.bincount(idx, weights=y, minlength=edges.size - 1)
+    return np.divide(hits, count, out=np.zeros_like(hits), where=count > 0), count
+
+
+def print_summary(model: AcceptanceModel) -> None:
+    e = model.bin_edges
+    print(f"mean accepted draft tokens per verified tree: {model.mean_accepted_per_tree:.3f}; "
+          f"mean top-1 draft prob {model.fanout[:, 0].mean():.3f}; {model.fanout.shape[0]} fan-out rows")
+    print(f"{'bin':>12} {'P(acc|parent acc, q)':>22} {'n':>7} {'P(acc | f)':>12} {'n':>7}")
+    for i in range(e.size - 1):
+        print(f"[{e[i]:.2f},{min(e[i + 1], 1):.2f}) {model.cond_rate[i]:22.3f} {int(model.cond_count[i]):7d} "
+              f"{model.f_rate[i]:12.3f} {int(model.f_count[i]):7d}")
+
+
+def record(out: Path, num_requests: int, max_tokens: int, token_budget: int, policy: str, seed: int) -> None:
+    """Run a bounded mixed workload through the in-process engine with wide trees; append the trace."""
+    import torch
+
+    from app.engine.config import EngineConfig
+    from app.engine.engine import LLMEngine
+    from bench.workloads import build_workload
+
+    torch.set_num_threads(1)
+    engine = LLMEngine(EngineConfig(draft="distilled", policy=policy, device="cpu", token_budget=token_budget,
+                                    kv_cache_memory_gb=1.0, max_num_seqs=8))
+    wl = build_workload(num_requests, rate=1.0, seed=seed, max_tokens_cap=max_tokens)
+    rec = TraceRecorder(engine, out, policy_of=lambda rid: policy)
+    t0 = time.perf_counter()
+    _generate_messages(engine, wl)
+    rec.close()
+    print(f"recorded {len(rec.lines)} verified trees in {time.perf_counter() - t0:.0f} s -> {out}")
+
+
+def _generate_messages(engine, wl) -> None:
+    from app.engine.config import SamplingParams
+
+    prompts = [engine.tokenizer.apply_chat_template(r.messages, add_generation_prompt=True, tokenize=True,
+                                                    return_dict=False) for r in wl]
+    engine.generate([list(p) for p in prompts],
+                    [SamplingParams(max_tokens=r.max_tokens, ignore_eos=True) for r in wl])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("record")
+    r.add_argument("--out", type=Path, default=Path("bench/results/acceptance_trace.jsonl"))
+    r.add_argument("--num-requests", type=int, default=24)
+    r.add_argument("--max-tokens", type=int, default=32)
+    r.add_argument("--token-budget", type=int, default=256)
+    r.add_argument("--policy", default="dynamic-tree")
+    r.add_argument("--seed", type=int, default=7)
+    r.add_argument("--gzip", action="store_true", help="compress the trace when done (x.jsonl -> x.jsonl.gz)")
+    s = sub.add_parser("summary")
+    s.add_argument("trace", type=Path)
+    args = ap.parse_args()
+    if args.cmd == "record":
+        record(args.out, args.num_requests, args.max_tokens, args.token_budget, args.policy, args.seed)
+        if args.gzip:
+            print(f"compressed -> {gzip_file(args.out)}")
+    else:
+        print_summary(AcceptanceModel.from_trace(load_trace(args.trace)))
+
+
+if __name__ == "__main__":
+    main()

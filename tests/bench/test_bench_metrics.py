@@ -1,0 +1,55 @@
+"""Metric functions on hand-made records: attainment, both goodputs, percentiles."""
+
+from __future__ import annotations
+
+import pytest
+
+from bench.loadgen import RequestRecord, attained, percentiles, summarize, tpot_s, ttft_s
+
+
+def rec(cls, slo_ms, first, last, n, scheduled=0.0, error=None, spec=None, acc=None, ttft_slo=None):
+    return {"slo_class": cls, "tpot_slo_ms": slo_ms, "ttft_slo_ms": ttft_slo, "scheduled_s": scheduled,
+            "first_token_s": first, "last_token_s": last, "num_tokens": n, "error": error,
+            "spec_steps": spec, "accepted_draft_tokens": acc}
+
+
+def test_tpot_ttft_and_attainment():
+    r = rec("coding", 50, 1.0, 1.4, 9, scheduled=0.5)  # 8 gaps in 0.4 s = 50 ms: exactly on target
+    assert tpot_s(r) == pytest.approx(0.05) and ttft_s(r) == pytest.approx(0.5)
+    assert attained(r)
+    assert not attained(rec("coding", 49, 1.0, 1.4, 9))
+    assert not attained(rec("coding", 100, 1.0, 1.4, 9, error="timeout"))
+    assert attained(rec("chat", 10, 1.0, 1.0, 1))  # one token: no decode phase
+    assert not attained(rec("chat", 100, 1.0, 1.4, 9, ttft_slo=500))  # TTFT 1 s > 500 ms
+    assert not attained(rec("chat", 100, None, None, 0))
+
+
+def test_summary_goodput_both_ways():
+    records = [
+        rec("coding", 50, 1.0, 1.4, 9),  # attains, 9 tokens
+        rec("coding", 50, 1.0, 2.0, 9),  # 125 ms: misses
+        rec("chat", 200, 2.0, 3.0, 11, spec=5, acc=5),  # 100 ms: attains, 11 tokens
+        rec("summarization", 500, 1.0, 10.0, 10, error="timeout"),
+    ]
+    s = summarize(records, wall_s=10.0)
+    o = s["overall"]
+    assert o["requests"] == 4 and o["attained"] == 2 and o["attainment"] == 0.5
+    assert o["goodput_tok_s"] == pytest.approx((9 + 11) / 10)  # paper: tokens of attaining requests / wall
+    assert o["goodput_req_s"] == pytest.approx(2 / 10)  # vLLM: attaining requests / wall
+    assert o["throughput_tok_s"] == pytest.approx(39 / 10)
+    assert o["accepted_tokens_per_step"] == pytest.approx(2.0)
+    assert s["coding"]["attainment"] == 0.5 and s["chat"]["attainment"] == 1.0
+    assert s["summarization"]["attainment"] == 0.0 and s["summarization"]["errors"] == 1
+    assert summarize(records)["wall_s"] == 10.0  # default: to the last token
+
+
+def test_percentiles_and_record_tokens():
+    p = percentiles([1, 2, 3, 4, None, 5])
+    assert p["p50"] == 3 and p["p90"] == pytest.approx(4.6) and p["p99"] == pytest.approx(4.96)
+    assert percentiles([])["p50"] is None
+    r = RequestRecord(0, "chat", "chat", "none", 100.0, scheduled_s=0.1)
+    r.add_tokens(0.5, 1)
+    r.add_tokens(0.7, 2)
+    r.add_tokens(0.9, 0)
+    assert (r.first_token_s, r.last_token_s, r.num_tokens) == (0.5, 0.7, 3)
+    assert tpot_s(r) == pytest.approx(0.1) and attained(r)

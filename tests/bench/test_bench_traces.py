@@ -1,0 +1,35 @@
+"""Acceptance model from a hand-made trace."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from bench.traces import AcceptanceModel
+
+
+def test_from_trace_counts():
+    # root -> 0 (q .8) -> 2 (q .5); root -> 1 (q .1). Verified 0, 1, 2; accepted 0 then 2.
+    line = {"policy": "x", "parent": [-1, -1, 0], "q": [0.8, 0.1, 0.5], "sel": [0, 1, 2], "acc": [0, 2]}
+    miss = {"policy": "x", "parent": [-1, -1, 0], "q": [0.8, 0.1, 0.5], "sel": [0, 1, 2], "acc": []}
+    m = AcceptanceModel.from_trace([line, miss])
+    assert m.mean_accepted_per_tree == 1.0
+    assert m.fanout.shape == (4, 4)  # two parents (root, node 0) per tree
+    np.testing.assert_allclose(m.fanout[0], [0.8, 0.1, 0, 0], rtol=1e-6)
+    # node 0 (q .8): 1 of 2 accepted; node 2 (q .5) counted only when its parent was accepted: 1 of 1
+    assert m.cond_accept(np.array([0.85]))[0] == 0.5
+    assert m.cond_accept(np.array([0.55]))[0] == 1.0
+    assert m.cond_accept(np.array([0.15]))[0] == 0.0
+    assert m.scaled(2.0).cond_accept(np.array([0.3]))[0] == 0.0  # was q .15: rate 0 x 2
+    assert m.scaled(2.0).cond_accept(np.array([1.0]))[0] == 1.0
+
+
+def test_gzip_roundtrip(tmp_path):
+    import json
+
+    from bench.traces import gzip_file, load_trace
+
+    p = tmp_path / "t.jsonl"
+    p.write_text(json.dumps({"parent": [-1], "q": [0.5], "sel": [0], "acc": [0]}) + "\n")
+    gz = gzip_file(p)
+    assert not p.exists() and gz.exists()
+    assert load_trace(p) == load_trace(gz) == [{"parent": [-1], "q": [0.5], "sel": [0], "acc": [0]}]
