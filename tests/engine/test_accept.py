@@ -55,3 +55,16 @@ def test_build_verify_trees_compacts_selected_nodes():
     vt = build_verify_trees([100, 200], cands, selected)
     assert vt[0].tokens == [100, 11, 13, 14] and vt[0].parents == [-1, 0, 1, 2]
     assert vt[1].tokens == [200] and vt[1].num_nodes == 0
+
+
+def test_depth_gate_follows_measured_acceptance():
+    from app.engine.spec.speculator import Speculator
+
+    spec = Speculator(drafter=None, default_policy="adaserve", max_tree_nodes=32, max_depth=8, max_width=4)
+    assert spec.depth_cap() == 8  # no evidence yet: the adaptive shape decides
+    spec.num_trees, spec.num_accepted = 100, 30  # E = 0.3 -> a = 0.23: level 2 yields 0.05 < 0.1
+    assert spec.depth_cap() == 1
+    spec.num_accepted = 400  # E = 4 -> a = 0.8: 0.8**10 < 0.1 -> capped by max_depth
+    assert spec.depth_cap() == 8
+    spec.num_accepted = 100  # E = 1 -> a = 0.5: 0.5**3 = 0.125 >= 0.1 > 0.5**4
+    assert spec.depth_cap() == 3

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -31,6 +32,19 @@ class Speculator:
         self.default_policy = parse_policy(default_policy)
         self.n_max = min(max_tree_nodes, MAX_TREE_TOKENS - 1)  # the root takes one of the 64 mask bits
         self.max_depth, self.max_width = max_depth, max_width
+        self.num_trees, self.num_accepted = 0, 0  # verify outcomes, for the depth gate
+
+    def depth_cap(self, min_level_gain: float = 0.1) -> int:
+        """Deepest level still worth a draft forward: with per-token acceptance a (from the mean accepted
+        length E = a / (1 - a) of past trees), level l yields about a**l tokens; stop below min_level_gain.
+        Until 32 trees were verified the adaptive shape alone decides."""
+        if self.num_trees < 32:
+            return self.max_depth
+        mean = self.num_accepted / self.num_trees
+        a = mean / (1.0 + mean)
+        if a <= min_level_gain:
+            return 1
+        return int(min(self.max_depth, max(1, math.floor(math.log(min_level_gain) / math.log(a)))))
 
     def policy_of(self, req: Request) -> PolicySpec:
         return parse_policy(req.policy) if req.policy else self.default_policy
@@ -51,6 +65,8 @@ class Speculator:
                 continue
             depth, beam, topk = draft_shape(spec, len(group), budget, d_max=self.max_depth, w_max=self.max_width)
             depth = min(depth, (MAX_TREE_TOKENS - 1) // max(beam, 1))  # frontier + ancestors fit the mask
+            if spec.budgeted:
+                depth = min(depth, self.depth_cap())
             if depth == 0:
                 continue
             t0 = time.perf_counter()
@@ -83,6 +99,8 @@ class Speculator:
 
     def observe(self, request_id: str, candidates: CandidateTree, tree: VerifyTree, path: list[int]) -> None:
         """Tell a drafter that learns from verification (e.g. calibrated lookup sources) what was accepted."""
+        self.num_trees += 1
+        self.num_accepted += len(path) - 1
         observe = getattr(self.drafter, "observe", None)
         if observe is not None:
             observe(request_id, candidates, tree, path)
