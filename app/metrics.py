@@ -78,6 +78,17 @@ class ReplicaStatsCollector(Collector):
             if s.get("kv_total_blocks"):
                 usage.add_metric([replica], 1.0 - float(s.get("kv_free_blocks", 0)) / float(s["kv_total_blocks"]))
         yield usage
+        for suffix, key, help_text in (
+                ("accepted_tokens_per_step_by_source", "accepted_per_step_by_source",
+                 "Draft tokens accepted per verified tree, by draft source"),
+                ("draft_calibration_ece", "calibration_ece_by_source",
+                 "Expected calibration error of predicted f vs observed acceptance, by draft source")):
+            family = GaugeMetricFamily(f"adaserve_replica_{suffix}", help_text, labels=["replica", "source"])
+            for replica, st in sorted(stats.items()):
+                for source, value in sorted((st.get(key) or {}).items()):
+                    if isinstance(value, (int, float)):
+                        family.add_metric([replica, source], float(value))
+            yield family
 
 
 class ServeMetrics:

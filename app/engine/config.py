@@ -9,7 +9,7 @@ from dataclasses import dataclass
 @dataclass(frozen=True)
 class EngineConfig:
     model: str = "embedded"  # "embedded", a Hugging Face id, a local directory or a .gguf file
-    draft: str | None = None  # draft model for speculation (None: no draft model)
+    draft: str | None = None  # draft sources: "distilled", "ngram", a model id/path, or a comma list to merge
     policy: str = "none"  # speculation policy: none | chain:k | static-tree | dynamic-tree | adaserve
     device: str = "auto"  # cpu | cuda | auto
     dtype: str = "auto"  # float32 | bfloat16 | float16 | auto (float32 on CPU, bfloat16 on CUDA)
@@ -32,6 +32,8 @@ class EngineConfig:
     profile_latency: bool = True  # profile the target's step latency at start-up (cached per model+device)
 
     def __post_init__(self) -> None:
+        if isinstance(self.draft, (list, tuple)):  # YAML `draft: [distilled, ngram]` -> "distilled,ngram"
+            object.__setattr__(self, "draft", ",".join(str(d) for d in self.draft) or None)
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "prefill_chunk_tokens"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")
