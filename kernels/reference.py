@@ -61,7 +61,7 @@ def tree_attention_reference(
         groups = meta.scratch[key] = _plan_groups(meta, k_cache.shape[1], q.shape[0])
     enable_gqa = k_cache.shape[2] != q.shape[1]
     for tok, q_valid, tables, mask in groups:
-        n, max_kv = tables.shape[0], mask.shape[-1]
+        max_kv = mask.shape[-1]
         # Whole blocks are gathered (contiguous rows, far cheaper than token-granular indexing), then trimmed.
         kp = k_cache[tables].flatten(1, 2)[:, :max_kv]  # [n, max_kv, KVH, D]
         vp = v_cache[tables].flatten(1, 2)[:, :max_kv]

@@ -18,7 +18,9 @@ from app.engine.draft.ngram import NgramConfig, NgramIndex, NgramSource, cell_fe
 from app.engine.engine import LLMEngine
 from app.engine.spec.tree import VerifyTree
 from policies import token_tree
-from tests.engine.test_spec import POLICIES, _chi_square_p, _next_logits, random_draft_dir  # noqa: F401
+from tests.engine.test_spec import POLICIES, _chi_square_p, _next_logits, _spec_engine, plain_greedy  # noqa: F401
+from tests.engine.test_spec import _run_staggered as run_staggered
+from tests.engine.test_spec import random_draft_dir  # noqa: F401
 
 PARAGRAPH = ("The river flows through the old town, past the stone bridge and the market square, where merchants "
              "sell bread, cheese and fresh vegetables every morning. In the evening the lamps are lit and people "
@@ -250,32 +252,11 @@ def test_merge_caps_candidates_to_a_valid_tree():
 
 @pytest.fixture(scope="module")
 def plain_outputs():
-    engine = LLMEngine(EngineConfig(num_kv_blocks=256))
-    outs = engine.generate(PROMPTS, SamplingParams(max_tokens=NEW_TOKENS, ignore_eos=True))
-    return {p: o.token_ids for p, o in zip(PROMPTS, outs)}
-
-
-def _spec_engine(draft: str, **kw) -> LLMEngine:
-    cfg = dict(num_kv_blocks=256, draft=draft, policy="adaserve", profile_latency=False, token_budget=48,
-               prefill_chunk_tokens=16, max_num_batched_tokens=96)
-    cfg.update(kw)
-    return LLMEngine(EngineConfig(**cfg))
+    return plain_greedy(PROMPTS)
 
 
 def _run_staggered(engine: LLMEngine, policies: list[str], slo_ms: list[float | None]) -> dict[str, list[int]]:
-    """Requests arrive two per step; request i gets policies[i % len] and slo_ms[i % len]."""
-    outs: dict[str, list[int]] = {}
-    pending = list(range(len(PROMPTS)))
-    while pending or engine.has_unfinished():
-        for i in pending[:2]:
-            engine.add_request(PROMPTS[i], SamplingParams(max_tokens=NEW_TOKENS, ignore_eos=True),
-                               request_id=PROMPTS[i], policy=policies[i % len(policies)],
-                               tpot_slo_ms=slo_ms[i % len(slo_ms)])
-        pending = pending[2:]
-        for o in engine.step():
-            if o.finished:
-                outs[o.request_id] = o.token_ids
-    return outs
+    return run_staggered(engine, policies, slo_ms, PROMPTS)
 
 
 def _check_released(engine: LLMEngine) -> None:

@@ -34,11 +34,16 @@ def random_draft_dir(tmp_path_factory, embedded_dir):
     return path
 
 
+def plain_greedy(prompts: list[str]) -> dict[str, list[int]]:
+    """Non-speculative greedy outputs: what every speculative run must reproduce token for token."""
+    engine = LLMEngine(EngineConfig(num_kv_blocks=256))
+    outs = engine.generate(prompts, SamplingParams(max_tokens=NEW_TOKENS, ignore_eos=True))
+    return {p: o.token_ids for p, o in zip(prompts, outs)}
+
+
 @pytest.fixture(scope="module")
 def plain_outputs():
-    engine = LLMEngine(EngineConfig(num_kv_blocks=256))
-    outs = engine.generate(PROMPTS, SamplingParams(max_tokens=NEW_TOKENS, ignore_eos=True))
-    return {p: o.token_ids for p, o in zip(PROMPTS, outs)}
+    return plain_greedy(PROMPTS)
 
 
 def _spec_engine(draft: str, **kw) -> LLMEngine:
@@ -48,14 +53,15 @@ def _spec_engine(draft: str, **kw) -> LLMEngine:
     return LLMEngine(EngineConfig(**cfg))
 
 
-def _run_staggered(engine: LLMEngine, policies: list[str], slo_ms: list[float | None]) -> dict[str, list[int]]:
-    """Requests arrive two per step; each carries its own policy (per-request override) and SLO."""
+def _run_staggered(engine: LLMEngine, policies: list[str], slo_ms: list[float | None],
+                   prompts: list[str] = PROMPTS) -> dict[str, list[int]]:
+    """Requests arrive two per step; request i carries policies[i % len] (per-request override) and slo_ms[i % len]."""
     outs: dict[str, list[int]] = {}
-    pending = list(range(len(PROMPTS)))
+    pending = list(range(len(prompts)))
     while pending or engine.has_unfinished():
         for i in pending[:2]:
-            engine.add_request(PROMPTS[i], SamplingParams(max_tokens=NEW_TOKENS, ignore_eos=True),
-                               request_id=PROMPTS[i], policy=policies[i % len(policies)],
+            engine.add_request(prompts[i], SamplingParams(max_tokens=NEW_TOKENS, ignore_eos=True),
+                               request_id=prompts[i], policy=policies[i % len(policies)],
                                tpot_slo_ms=slo_ms[i % len(slo_ms)])
         pending = pending[2:]
         for o in engine.step():
