@@ -14,12 +14,13 @@ import torch
 from app.engine.config import EngineConfig, SamplingParams
 from app.engine.kv_cache import KVCache
 from app.engine.model import LlamaModel
-from app.engine.request import Request, RequestOutput, RequestStatus
+from app.engine.request import Request, RequestOutput
 from app.engine.runner import ModelRunner, SeqInput
 from app.engine.sampling import sample_rows
 from app.engine.scheduler import Scheduler, StepPlan
 from app.engine.spec.accept import accept_tree
-from app.engine.spec.speculator import Speculator
+from app.engine.spec.speculator import ProposeResult, Speculator
+from app.engine.spec.tree import VerifyTree
 from app.engine.weights import load_checkpoint, load_tokenizer
 import numpy as np
 
@@ -208,28 +209,13 @@ class LLMEngine:
         return self._step_ema_s or 0.05
 
     def _execute(self, plan: StepPlan, t_start: float) -> tuple[dict[str, list[int]], StepStats]:
-        """Run the target over the plan (prefill chunks, decode roots, speculation trees); return new tokens."""
+        """Draft + select trees, one target pass over the plan, accept; return the tokens each request gains."""
         decodes = [c.request for c in plan.decodes]
-        trees = {}
-        draft_s = select_s = 0.0
+        proposal = None
+        trees: dict[str, VerifyTree] = {}
         if self.speculator is not None and decodes:
-            prefill_tokens = sum(c.num_tokens for c in plan.prefills)
-            node_budget = min(plan.spec_token_budget, self.token_budget - len(decodes) - prefill_tokens)
-            context = sum(r.num_computed_tokens for r in decodes)
-            t_step_s = self.predicted_step_s(len(decodes) + prefill_tokens + max(node_budget, 0), context)
-            min_f = 0.0
-            if self.latency_model is not None:
-                mean_gain = 1.0 + (self.totals["accepted"] / self.totals["tree_requests"]
-                                   if self.totals["tree_requests"] else 0.0)
-                min_f = min_worthwhile_path_prob(self.latency_model, len(decodes) + prefill_tokens, context,
-                                                 len(decodes) * mean_gain)
-            proposal = self.speculator.propose(decodes, node_budget, t_step_s, t_start, min_path_prob=min_f)
-            draft_s, select_s = proposal.draft_s, proposal.select_s
-            for req in decodes:
-                tree = proposal.trees.get(req.request_id)
-                # Trees need KV room for their nodes; without it the request decodes plainly this step.
-                if tree and req.num_computed_tokens + len(tree.tokens) <= self.max_model_len and self.kv.ensure_capacity(req.block_ids, req.num_computed_tokens + len(tree.tokens)):
-                    trees[req.request_id] = tree
+            proposal = self._propose(plan, decodes, t_start)
+            trees = self._fit_trees(decodes, proposal.trees)
         t_verify = time.perf_counter()
         chunks = plan.chunks
         seqs = []
@@ -258,32 +244,64 @@ class LLMEngine:
                 c.request.num_computed_tokens += c.num_tokens
         num_nodes = num_accepted = 0
         if trees:
-            tree_idx = [i for i, c in enumerate(chunks) if c.request.request_id in trees]
-            greedy = torch.argmax(out.logits, dim=-1).tolist()
-            moves = []
-            for i in tree_idx:
-                req = chunks[i].request
-                tree = trees[req.request_id]
-                rows = out.logit_rows[i]
-                path, emitted = accept_tree(tree.tokens, tree.parents, out.logits[rows[0]:rows[-1] + 1],
-                                            req.sampling, req.generator, [greedy[j] for j in rows])
-                moves.append((req.block_ids, req.num_computed_tokens, path))
-                self.speculator.observe(req.request_id, proposal.candidates[req.request_id], tree, path)
-                req.num_computed_tokens += len(path)
-                req.num_spec_steps += 1
-                req.num_accepted_draft_tokens += len(path) - 1
-                num_nodes += tree.num_nodes
-                num_accepted += len(path) - 1
-                new_tokens[req.request_id] = emitted
-            self.kv.keep_accepted(moves)
-            for i in tree_idx:
-                req = chunks[i].request
-                self.kv.trim(req.block_ids, req.num_computed_tokens)
-        t_end = time.perf_counter()
+            num_nodes, num_accepted = self._accept(chunks, trees, out, proposal, new_tokens)
         stats = StepStats(num_tokens=sum(len(s.token_ids) for s in seqs), num_decodes=len(decodes),
-                          num_trees=len(trees), num_tree_nodes=num_nodes, num_accepted=num_accepted, draft_s=draft_s, select_s=select_s,
-                          verify_s=t_accept - t_verify, accept_s=t_end - t_accept, step_s=0.0)
+                          num_trees=len(trees), num_tree_nodes=num_nodes, num_accepted=num_accepted,
+                          draft_s=proposal.draft_s if proposal else 0.0,
+                          select_s=proposal.select_s if proposal else 0.0,
+                          verify_s=t_accept - t_verify, accept_s=time.perf_counter() - t_accept, step_s=0.0)
         return new_tokens, stats
+
+    def _propose(self, plan: StepPlan, decodes: list[Request], t_start: float) -> ProposeResult:
+        """Draft and select under what the step's budget leaves after roots and prefill chunks."""
+        prefill_tokens = sum(c.num_tokens for c in plan.prefills)
+        node_budget = min(plan.spec_token_budget, self.token_budget - len(decodes) - prefill_tokens)
+        context = sum(r.num_computed_tokens for r in decodes)
+        t_step_s = self.predicted_step_s(len(decodes) + prefill_tokens + max(node_budget, 0), context)
+        min_f = 0.0
+        if self.latency_model is not None:
+            mean_gain = 1.0 + (self.totals["accepted"] / self.totals["tree_requests"]
+                               if self.totals["tree_requests"] else 0.0)
+            min_f = min_worthwhile_path_prob(self.latency_model, len(decodes) + prefill_tokens, context,
+                                             len(decodes) * mean_gain)
+        return self.speculator.propose(decodes, node_budget, t_step_s, t_start, min_path_prob=min_f)
+
+    def _fit_trees(self, decodes: list[Request], trees: dict[str, VerifyTree]) -> dict[str, VerifyTree]:
+        """Trees need KV room (and context window) for their nodes; without it a request decodes plainly."""
+        fitted = {}
+        for req in decodes:
+            tree = trees.get(req.request_id)
+            if tree is None:
+                continue
+            end = req.num_computed_tokens + len(tree.tokens)
+            if end <= self.max_model_len and self.kv.ensure_capacity(req.block_ids, end):
+                fitted[req.request_id] = tree
+        return fitted
+
+    def _accept(self, chunks, trees: dict[str, VerifyTree], out, proposal: ProposeResult,
+                new_tokens: dict[str, list[int]]) -> tuple[int, int]:
+        """Walk each verified tree, keep the accepted path's KV, release the rest; returns (nodes, accepted)."""
+        greedy = torch.argmax(out.logits, dim=-1).tolist()  # one vectorised argmax for every greedy walk
+        moves = []
+        num_nodes = num_accepted = 0
+        tree_chunks = [(i, c.request) for i, c in enumerate(chunks) if c.request.request_id in trees]
+        for i, req in tree_chunks:
+            tree = trees[req.request_id]
+            rows = out.logit_rows[i]
+            path, emitted = accept_tree(tree.tokens, tree.parents, out.logits[rows[0]:rows[-1] + 1],
+                                        req.sampling, req.generator, [greedy[j] for j in rows])
+            moves.append((req.block_ids, req.num_computed_tokens, path))
+            self.speculator.observe(req.request_id, proposal.candidates[req.request_id], tree, path)
+            req.num_computed_tokens += len(path)
+            req.num_spec_steps += 1
+            req.num_accepted_draft_tokens += len(path) - 1
+            num_nodes += tree.num_nodes
+            num_accepted += len(path) - 1
+            new_tokens[req.request_id] = emitted
+        self.kv.keep_accepted(moves)
+        for _, req in tree_chunks:
+            self.kv.trim(req.block_ids, req.num_computed_tokens)
+        return num_nodes, num_accepted
 
     def _record(self, stats: StepStats) -> None:
         self.step_history.append(stats)
