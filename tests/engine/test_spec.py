@@ -128,6 +128,7 @@ def test_draft_equal_to_target_accepts_the_greedy_path_of_a_tree(self_draft_engi
 def _chi_square_p(counts: np.ndarray, probs: np.ndarray) -> float:
     from scipy.stats import chisquare
 
+    probs = probs / probs.sum()  # float rounding: scipy checks that observed and expected totals agree
     keep = probs * counts.sum() >= 5  # pool rare cells
     obs = np.append(counts[keep], counts[~keep].sum())
     exp = np.append(probs[keep], probs[~keep].sum()) * counts.sum()
@@ -144,7 +145,8 @@ def test_sampling_speculation_matches_target_distribution(random_draft_dir, embe
     show as the draft's distribution. Chi-square goodness of fit at significance 0.001 (seeds fixed: the test
     is deterministic).
     """
-    e = _spec_engine("embedded", token_budget=64, max_num_seqs=128, max_num_batched_tokens=2048,
+    # the budget must leave room for trees after 128 roots a step
+    e = _spec_engine("embedded", token_budget=1024, max_num_seqs=128, max_num_batched_tokens=2048,
                      prefill_chunk_tokens=2048, num_kv_blocks=1024)
     prompt = "My favourite colour is"
     n = 600
