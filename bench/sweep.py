@@ -106,7 +106,7 @@ def sweep_engine(args) -> None:
     out.mkdir(parents=True, exist_ok=True)
     for name in ("requests.jsonl", "trace.jsonl", "trace.jsonl.gz"):
         (out / name).unlink(missing_ok=True)
-    engine = LLMEngine(EngineConfig(draft="distilled", policy="none", device="cpu", kv_cache_memory_gb=1.0,
+    engine = LLMEngine(EngineConfig(draft=args.draft, policy="none", device="cpu", kv_cache_memory_gb=1.0,
                                     max_num_seqs=args.max_num_seqs, token_budget=args.token_budget,
                                     profile_latency=False))
     t0 = time.perf_counter()
@@ -255,6 +255,7 @@ def main() -> None:
     ap.add_argument("--token-budget", type=int, default=24,
                     help="engine step token budget (roots included); the profiled default is ~2 on this CPU")
     ap.add_argument("--max-num-seqs", type=int, default=32)
+    ap.add_argument("--draft", default="distilled", help="draft sources for the engine (e.g. distilled,ngram)")
     ap.add_argument("--max-duration", type=float, default=150.0, help="per run (policy x rate)")
     ap.add_argument("--absolute-ms", type=float, nargs=3, default=None, metavar=("CODING", "CHAT", "SUMM"))
     ap.add_argument("--unloaded-tpot-ms", type=float, default=None, help="http mode: reuse this baseline")
