@@ -289,5 +289,8 @@ def test_metrics_parse_as_prometheus_text(server) -> None:
                  "adaserve_replica_accepted_tokens_per_step", "adaserve_replica_spare_token_budget"):
         assert name in names, name
     assert samples[schema_400] == before + 1
-    assert samples[("adaserve_slo_requests_total", (("attained", "true"), ("slo_class", "chat")))] >= 1
+    # the request was counted under its class; whether it attained depends on this machine's timing
+    chat = [samples.get(("adaserve_slo_requests_total", (("attained", a), ("slo_class", "chat"))), 0.0)
+            for a in ("true", "false")]
+    assert sum(chat) >= 1
     assert httpx.get(f"{base_url}/health", timeout=30).json()["status"] == "ok"
