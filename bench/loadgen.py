@@ -321,6 +321,14 @@ async def scrape_metrics(url: str) -> dict[str, float]:
     return {k: float(np.mean(v)) for k, v in vals.items() if all(math.isfinite(x) for x in v)}
 
 
+def server_accepted_tokens_per_step(url: str) -> float | None:
+    """The server's accepted tokens per step from /metrics; None when it cannot be read (metrics are optional)."""
+    try:
+        return asyncio.run(scrape_metrics(url)).get("adaserve_replica_accepted_tokens_per_step")
+    except Exception:  # noqa: BLE001
+        return None
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--url", default="http://127.0.0.1:8000")
@@ -344,13 +352,9 @@ def main() -> None:
     recs = asyncio.run(run_http(args.url, wl, args.policy_label, slo, model=args.model,
                                 max_duration_s=args.max_duration))
     summary = summarize(recs)
-    try:
-        gauges = asyncio.run(scrape_metrics(args.url))
-        acc = gauges.get("adaserve_replica_accepted_tokens_per_step")
-        if acc is not None:
-            summary["overall"]["accepted_tokens_per_step"] = acc
-    except Exception:  # noqa: BLE001 - metrics are optional
-        pass
+    acc = server_accepted_tokens_per_step(args.url)
+    if acc is not None:
+        summary["overall"]["accepted_tokens_per_step"] = acc
     if args.out:
         write_jsonl(args.out, recs, {"rate": args.rate})
     print(format_summary(summary, f"{args.policy_label} @ {args.rate} req/s"))

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.loadgen import format_summary, run_engine, run_http, scrape_metrics, summarize, write_jsonl
+from bench.loadgen import format_summary, run_engine, run_http, server_accepted_tokens_per_step, summarize, write_jsonl
 from bench.workloads import CATEGORIES, build_workload, slo_targets_ms
 
 POLICIES = ["none", "chain:4", "chain:6", "chain:8", "static-tree", "dynamic-tree", "adaserve"]
@@ -222,13 +222,9 @@ def sweep_http(args) -> None:
                     if len(per) == len(CATEGORIES):
                         slo_ms = per
                 s = summarize(recs)
-                try:
-                    gauges = asyncio.run(scrape_metrics(serve_bench.BASE_URL))
-                    acc = gauges.get("adaserve_replica_accepted_tokens_per_step")
-                    if acc is not None:
-                        s["overall"]["server_accepted_tokens_per_step"] = acc
-                except Exception:  # noqa: BLE001 - metrics are optional
-                    pass
+                acc = server_accepted_tokens_per_step(serve_bench.BASE_URL)
+                if acc is not None:
+                    s["overall"]["server_accepted_tokens_per_step"] = acc
                 write_jsonl(out / "requests.jsonl", recs, {"rate": rate})
                 rows.append({"policy": pol, "rate": rate, "summary": s})
                 write_summaries(out, rows)

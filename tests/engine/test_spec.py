@@ -153,16 +153,19 @@ def test_sampling_speculation_matches_target_distribution(random_draft_dir, embe
     params = [SamplingParams(max_tokens=2, temperature=1.0, top_k=4, seed=s, ignore_eos=True) for s in range(n)]
     outs = e.generate([prompt] * n, params, policy="dynamic-tree")
     assert e.totals["accepted"] > 0
-    # Exact joint distribution p(t1) p(t2 | t1) from the target (fp32 reference forward).
+    assert_first_two_tokens_follow_target(e, prompt, params[0], outs)
+
+
+def assert_first_two_tokens_follow_target(e: LLMEngine, prompt: str, params: SamplingParams, outs) -> None:
+    """Chi-square of the sampled (t1, t2) pairs against the target's exact p(t1) p(t2 | t1) (fp32 reference)."""
     from app.engine.sampling import processed_probs
 
     ids = e.encode_prompt(prompt)
     base = LLMEngine(EngineConfig(num_kv_blocks=64))
-    p1 = processed_probs(_next_logits(base, ids), params[0])
-    firsts = torch.nonzero(p1).flatten().tolist()
+    p1 = processed_probs(_next_logits(base, ids), params)
     cells, probs = {}, []
-    for t1 in firsts:
-        p2 = processed_probs(_next_logits(base, ids + [t1]), params[0])
+    for t1 in torch.nonzero(p1).flatten().tolist():
+        p2 = processed_probs(_next_logits(base, ids + [t1]), params)
         for t2 in torch.nonzero(p2).flatten().tolist():
             cells[(t1, t2)] = len(probs)
             probs.append(float(p1[t1] * p2[t2]))
