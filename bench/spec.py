@@ -2,7 +2,11 @@
 the engine without speculation and transformers' assisted generation with the same draft; then the selection
 overhead for 256 requests x 64 candidates as a fraction of a measured target step.
 
-    python -m bench.spec [--draft distilled] [--new-tokens 64] [--prompts 6]
+    python -m bench.spec [--draft feature] [--hf-draft distilled] [--new-tokens 64] [--prompts 6]
+
+transformers' assisted generation needs a stand-alone causal LM, so it runs with `--hf-draft` (a token-only
+draft: the shipped distilled one by default); the feature draft reads the target's hidden states, which
+`assistant_model` cannot feed. Its prompt-lookup mode (`prompt_lookup_num_tokens`) is the other baseline.
 """
 
 from __future__ import annotations
@@ -46,11 +50,10 @@ def engine_single_request(engine: LLMEngine, prompts: list[list[int]], policy: s
             "accepted_per_step": (accepted + spec_steps) / spec_steps if spec_steps else 1.0}
 
 
-def hf_draft_model(engine: LLMEngine, target_hf):
-    """The engine's distilled draft as a transformers model (full vocabulary head) for assisted generation."""
+def hf_draft_model(draft, target_hf):
+    """A token-only draft LlamaModel (e.g. the distilled one) as a transformers model (full vocabulary head)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    draft = engine.speculator.drafter.model
     cfg = LlamaConfig(**{**target_hf.config.to_dict(), "num_hidden_layers": draft.config.num_layers})
     hf = LlamaForCausalLM(cfg).eval()
     c = draft.config
@@ -71,13 +74,16 @@ def hf_draft_model(engine: LLMEngine, target_hf):
     return hf
 
 
-def hf_decode_tok_s(target_hf, prompts: list[list[int]], new_tokens: int, assistant=None) -> float:
+def hf_decode_tok_s(target_hf, prompts: list[list[int]], new_tokens: int, assistant=None,
+                    prompt_lookup: int = 0) -> float:
     total = 0.0
     for ids in prompts:
         x = torch.tensor([ids])
         kw = dict(do_sample=False, attention_mask=torch.ones_like(x), pad_token_id=0)
         if assistant is not None:
             kw["assistant_model"] = assistant
+        if prompt_lookup:
+            kw["prompt_lookup_num_tokens"] = prompt_lookup
         with torch.no_grad():
             t0 = time.perf_counter()
             target_hf.generate(x, max_new_tokens=1, **kw)
@@ -113,7 +119,8 @@ def selection_overhead(engine: LLMEngine, num_requests: int = 256, nodes: int = 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--draft", default="distilled")
+    ap.add_argument("--draft", default="feature", help="the engine's draft sources (e.g. feature, feature,ngram)")
+    ap.add_argument("--hf-draft", default="distilled", help="token-only draft for transformers' assisted generation")
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--prompts", type=int, default=6)
     ap.add_argument("--token-budget", type=int, default=None, help="default: profiled at start-up")
@@ -131,17 +138,21 @@ def main() -> None:
         rows[policy] = engine_single_request(engine, prompts, policy, args.new_tokens)
         print(f"  {policy:<14} {rows[policy]['tok_s']:7.2f} tok/s  {rows[policy]['accepted_per_step']:.2f} tokens/step",
               flush=True)
-    hf_plain = hf_assisted = float("nan")
+    hf_plain = hf_assisted = hf_lookup = float("nan")
     if not args.skip_hf:
         from transformers import AutoModelForCausalLM
 
+        from app.engine.draft.drafter import load_drafter
         from app.engine.weights import resolve_model_dir
 
         target_hf = AutoModelForCausalLM.from_pretrained(str(resolve_model_dir("embedded")),
                                                          dtype=torch.float32).eval()
-        assistant = hf_draft_model(engine, target_hf)
+        token_draft = load_drafter(args.hf_draft, engine.model, target_tokenizer=engine.tokenizer,
+                                   num_kv_blocks=1, use_vocab_subset=False).model
+        assistant = hf_draft_model(token_draft, target_hf)
         hf_plain = hf_decode_tok_s(target_hf, prompts, args.new_tokens)
         hf_assisted = hf_decode_tok_s(target_hf, prompts, args.new_tokens, assistant)
+        hf_lookup = hf_decode_tok_s(target_hf, prompts, args.new_tokens, prompt_lookup=10)
     base = rows["none"]["tok_s"]
     best = max((p for p in POLICIES if p != "none"), key=lambda p: rows[p]["tok_s"])
     print(f"\n{'policy':<26} {'decode tok/s':>12} {'x none':>7} {'tokens/step':>12}")
@@ -149,9 +160,13 @@ def main() -> None:
         r = rows[policy]
         print(f"{'engine ' + policy:<26} {r['tok_s']:>12.2f} {r['tok_s'] / base:>7.2f} {r['accepted_per_step']:>12.2f}")
     print(f"{'transformers generate':<26} {hf_plain:>12.2f} {hf_plain / base:>7.2f} {'':>12}")
-    print(f"{'transformers assisted':<26} {hf_assisted:>12.2f} {hf_assisted / base:>7.2f} {'':>12}")
+    print(f"{'transformers assisted':<26} {hf_assisted:>12.2f} {hf_assisted / base:>7.2f} {'':>12}"
+          f"   (assistant: {args.hf_draft})")
+    print(f"{'transformers prompt lookup':<26} {hf_lookup:>12.2f} {hf_lookup / base:>7.2f} {'':>12}")
+    best_hf = max(hf_assisted, hf_lookup)
     print(f"best speculative policy: {best}: {rows[best]['tok_s'] / base:.2f}x engine none, "
-          f"{rows[best]['tok_s'] / hf_assisted:.2f}x transformers assisted")
+          f"{rows[best]['tok_s'] / hf_assisted:.2f}x transformers assisted, "
+          f"{rows[best]['tok_s'] / best_hf:.2f}x transformers' best speculative mode")
     sel_ms, step_ms = selection_overhead(engine)
     print(f"adaserve selection, 256 requests x 64 candidates: {sel_ms:.3f} ms; target step at 256 requests: "
           f"{step_ms:.1f} ms; fraction {100 * sel_ms / step_ms:.3f}%")

@@ -177,7 +177,8 @@ def print_summary(model: AcceptanceModel) -> None:
               f"{model.f_rate[i]:12.3f} {int(model.f_count[i]):7d}")
 
 
-def record(out: Path, num_requests: int, max_tokens: int, token_budget: int, policy: str, seed: int) -> None:
+def record(out: Path, num_requests: int, max_tokens: int, token_budget: int, policy: str, seed: int,
+           draft: str = "feature") -> None:
     """Run a bounded mixed workload through the in-process engine with wide trees; append the trace."""
     import torch
 
@@ -186,7 +187,7 @@ def record(out: Path, num_requests: int, max_tokens: int, token_budget: int, pol
     from bench.workloads import build_workload
 
     torch.set_num_threads(1)
-    engine = LLMEngine(EngineConfig(draft="distilled", policy=policy, device="cpu", token_budget=token_budget,
+    engine = LLMEngine(EngineConfig(draft=draft, policy=policy, device="cpu", token_budget=token_budget,
                                     kv_cache_memory_gb=1.0, max_num_seqs=8))
     wl = build_workload(num_requests, rate=1.0, seed=seed, max_tokens_cap=max_tokens)
     rec = TraceRecorder(engine, out, policy_of=lambda rid: policy)
@@ -215,12 +216,13 @@ def main() -> None:
     r.add_argument("--token-budget", type=int, default=256)
     r.add_argument("--policy", default="dynamic-tree")
     r.add_argument("--seed", type=int, default=7)
+    r.add_argument("--draft", default="feature", help="draft sources (e.g. feature, distilled, feature,ngram)")
     r.add_argument("--gzip", action="store_true", help="compress the trace when done (x.jsonl -> x.jsonl.gz)")
     s = sub.add_parser("summary")
     s.add_argument("trace", type=Path)
     args = ap.parse_args()
     if args.cmd == "record":
-        record(args.out, args.num_requests, args.max_tokens, args.token_budget, args.policy, args.seed)
+        record(args.out, args.num_requests, args.max_tokens, args.token_budget, args.policy, args.seed, args.draft)
         if args.gzip:
             print(f"compressed -> {gzip_file(args.out)}")
     else:

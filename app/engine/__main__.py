@@ -31,7 +31,7 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--ttft-slo-ms", type=float, default=None)
     gen.add_argument("--policy", default=_DEFAULTS.policy, help="none | chain:k | static-tree | dynamic-tree | adaserve")
     gen.add_argument("--model", default=_DEFAULTS.model, help="'embedded', a Hugging Face id, a directory or .gguf")
-    gen.add_argument("--draft", default=_DEFAULTS.draft, help="draft sources: distilled | ngram | a model id/path | a comma list to merge (distilled,ngram)")
+    gen.add_argument("--draft", default=_DEFAULTS.draft, help="draft sources: feature | distilled | ngram | a model id/path | a comma list to merge (feature,ngram)")
     gen.add_argument("--device", default=_DEFAULTS.device)
     gen.add_argument("--dtype", default=_DEFAULTS.dtype)
     gen.add_argument("--threads", type=int, default=None,

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 @dataclass(frozen=True)
 class EngineConfig:
     model: str = "embedded"  # "embedded", a Hugging Face id, a local directory or a .gguf file
-    draft: str | None = None  # draft sources: "distilled", "ngram", a model id/path, or a comma list to merge
+    draft: str | None = None  # draft sources: "feature", "distilled", "ngram", a model id/path, or a comma list to merge
     policy: str = "none"  # speculation policy: none | chain:k | static-tree | dynamic-tree | adaserve
     device: str = "auto"  # cpu | cuda | auto
     dtype: str = "auto"  # float32 | bfloat16 | float16 | auto (float32 on CPU, bfloat16 on CUDA)

@@ -230,6 +230,11 @@ class LLMEngine:
                                      logits="last" if c.completes else "none"))
         out = self.runner.run(seqs)
         t_accept = time.perf_counter()
+        record = self._hidden_recorder()
+        if record is not None:  # feature drafts read the target's hidden state of every computed token
+            for i, c in enumerate(chunks):
+                if c.request.request_id not in trees:
+                    record(c.request.request_id, c.request.num_computed_tokens, out.hidden[out.token_rows[i]])
 
         new_tokens: dict[str, list[int]] = {}
         plain = [(i, c) for i, c in enumerate(chunks) if c.completes and c.request.request_id not in trees]
@@ -251,6 +256,11 @@ class LLMEngine:
                           select_s=proposal.select_s if proposal else 0.0,
                           verify_s=t_accept - t_verify, accept_s=time.perf_counter() - t_accept, step_s=0.0)
         return new_tokens, stats
+
+    def _hidden_recorder(self):
+        if self.speculator is None or not getattr(self.speculator.drafter, "uses_features", False):
+            return None
+        return self.speculator.drafter.record_hidden
 
     def _propose(self, plan: StepPlan, decodes: list[Request], t_start: float) -> ProposeResult:
         """Draft and select under what the step's budget leaves after roots and prefill chunks."""
@@ -285,12 +295,16 @@ class LLMEngine:
         moves = []
         num_nodes = num_accepted = 0
         tree_chunks = [(i, c.request) for i, c in enumerate(chunks) if c.request.request_id in trees]
+        record = self._hidden_recorder()
         for i, req in tree_chunks:
             tree = trees[req.request_id]
             rows = out.logit_rows[i]
             path, emitted = accept_tree(tree.tokens, tree.parents, out.logits[rows[0]:rows[-1] + 1],
                                         req.sampling, req.generator, [greedy[j] for j in rows])
             moves.append((req.block_ids, req.num_computed_tokens, path))
+            if record is not None:
+                record(req.request_id, req.num_computed_tokens,
+                       out.hidden[[out.token_rows[i][j] for j in path]])
             self.speculator.observe(req.request_id, proposal.candidates[req.request_id], tree, path)
             req.num_computed_tokens += len(path)
             req.num_spec_steps += 1

@@ -86,9 +86,10 @@ class ModelRunner:
         return (torch.tensor(input_ids, dtype=torch.int64, device=dev),
                 torch.tensor(positions, dtype=torch.int64, device=dev), meta, logit_rows)
 
-    def run(self, seqs: list[SeqInput]) -> ForwardOutput:
+    def run(self, seqs: list[SeqInput], input_embeds: torch.Tensor | None = None) -> ForwardOutput:
+        """input_embeds: [num_tokens, hidden] instead of embedding the token ids (feature drafts)."""
         input_ids, positions, meta, rows = self.build(seqs)
-        hidden = self.model.forward(input_ids, positions, meta, self.kv.tensors)
+        hidden = self.model.forward(input_ids, positions, meta, self.kv.tensors, input_embeds=input_embeds)
         logits = self.model.logits(hidden[rows]) if rows else hidden.new_zeros((0, self.model.config.vocab_size))
         # Map flat rows back to sequences.
         logit_rows, token_rows = [], []

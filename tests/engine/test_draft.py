@@ -230,13 +230,119 @@ def test_datasets_load_offline():
 
 
 @pytest.mark.slow
-def test_quick_training_reduces_the_loss(tmp_path):
+@pytest.mark.parametrize("kind", ["layers", "feature"])
+def test_quick_training_reduces_the_loss(kind, tmp_path):
     from app.engine.draft.train import QUICK, TrainConfig, train
 
     cfg = TrainConfig(**{**asdict(TrainConfig()), **QUICK, "quick": True, "out_dir": str(tmp_path),
-                         "minutes": 0.5, "self_distill": 2})
+                         "minutes": 0.5, "self_distill": 2, "kind": kind})
     summary = train(cfg)
     losses = summary["losses"]
     assert len(losses) >= 6
     assert np.mean(losses[-3:]) < 0.5 * np.mean(losses[:3])
     assert (tmp_path / "draft.safetensors").exists() and (tmp_path / "ckpt.pt").exists()
+
+
+# ---- the feature draft (EAGLE style) ---------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def feature_file(target, tmp_path_factory):
+    """An untrained feature draft (fc = [I I], target layer 29, 4096-row head) in the shipped format."""
+    from app.engine.draft.feature import save_feature_draft
+
+    path = tmp_path_factory.mktemp("feature") / "draft.safetensors"
+    H = target.config.hidden_size
+    torch.manual_seed(0)
+    fc = torch.cat([torch.eye(H), torch.eye(H)], dim=1) + 0.02 * torch.randn(H, 2 * H)
+    save_feature_draft(path, fc, fused_layer(target.state_dict, 29), target.state_dict["model.norm.weight"],
+                       target.config, target.state_dict["model.embed_tokens.weight"],
+                       torch.arange(4096, dtype=torch.int64))
+    return path
+
+
+@pytest.fixture(scope="module")
+def target_hidden(target, prompt_ids):
+    """The target's final-normed hidden states of prompt_ids (fp32, paged forward)."""
+    from app.engine.draft.evaluate import target_hidden_states
+    from app.engine.model import LlamaModel
+
+    model = LlamaModel(target.config, target.state_dict, torch.float32, torch.device("cpu"))
+    return target_hidden_states(model, [(prompt_ids, [])])[0]
+
+
+def _feature_drafter(feature_file, target, blocks=64):
+    drafter = load_drafter(str(feature_file), target, num_kv_blocks=blocks)
+    assert drafter.uses_features and drafter.model.config.num_layers == 1
+    return drafter
+
+
+def test_feature_draft_beam_trees(feature_file, target, prompt_ids, target_hidden):
+    drafter = _feature_drafter(feature_file, target)
+    drafter.record_hidden("a", 0, target_hidden)
+    drafter.record_hidden("b", 0, target_hidden[:9])
+    trees = drafter.propose([DraftRequest("a", prompt_ids), DraftRequest("b", prompt_ids[:10])],
+                            depth=3, beam_width=2, topk=3)
+    for tree in trees:
+        assert_valid_tree(tree, target.config.vocab_size)
+        assert tree.num_nodes == 3 + 2 * 2 * 3
+    for r in ("a", "b"):
+        drafter.release(r)
+    assert not drafter.features and drafter.kv.allocator.num_free == drafter.kv.allocator.num_blocks
+
+
+def test_feature_draft_needs_the_target_hidden_states(feature_file, target, prompt_ids, target_hidden):
+    drafter = _feature_drafter(feature_file, target)
+    with pytest.raises(ValueError, match="hidden states"):
+        drafter.propose([DraftRequest("x", prompt_ids)], depth=2, beam_width=1, topk=2)
+    drafter.record_hidden("y", 0, target_hidden[:5])
+    with pytest.raises(ValueError, match="hidden states"):
+        drafter.record_hidden("y", 7, target_hidden[7:9])  # a gap
+    # A one-token prompt has no hidden state before its root: an empty tree, not an error.
+    assert drafter.propose([DraftRequest("z", prompt_ids[:1])], depth=2, beam_width=1, topk=2)[0].num_nodes == 0
+
+
+def test_feature_draft_equals_its_training_forward(feature_file, target, prompt_ids, target_hidden):
+    """The serving path (paged catch-up, then a tree level fed with the draft's own output) computes what the
+    unrolled training forward computes: pass 0 on the target's features, pass 1 on the draft's estimates."""
+    from app.engine.draft.distilled import rope_cos_sin
+    from app.engine.draft.feature import feature_forward_train
+    from safetensors import safe_open
+
+    drafter = _feature_drafter(feature_file, target)
+    drafter.record_hidden("c", 0, target_hidden)
+    [tree] = drafter.propose([DraftRequest("c", prompt_ids)], depth=2, beam_width=1, topk=1)
+    assert tree.num_nodes == 2
+    with safe_open(str(feature_file), framework="pt") as f:
+        t = {k: f.get_tensor(k).float() for k in f.keys()}
+    layer = fused_layer({k: v for k, v in t.items() if k.startswith("model.layers.")}, 0)
+    ids = torch.tensor([prompt_ids + [int(tree.tokens[0])]])
+    feats = torch.cat([target_hidden, torch.zeros(1, target_hidden.shape[1])])[None]  # last feature unused
+    cos, sin = rope_cos_sin(target.config, ids.shape[1] - 1, torch.float32, ids.device)
+    embed = target.state_dict["model.embed_tokens.weight"].float()
+    gs = feature_forward_train(t["fc.weight"], layer, t["norm.weight"], embed, feats, ids, target.config,
+                               cos, sin, passes=2)
+    head = embed[:4096]
+    T = len(prompt_ids)
+    p0 = torch.softmax(gs[0][0, T - 2] @ head.T, -1)  # the root pair (F_{T-2}, x_{T-1}) proposes level 1
+    p1 = torch.softmax(gs[1][0, T - 1] @ head.T, -1)  # the level-1 node, fed the root pair's output
+    assert int(p0.argmax()) == int(tree.tokens[0]) and int(p1.argmax()) == int(tree.tokens[1])
+    np.testing.assert_allclose(float(p0.max()), tree.draft_prob[0], rtol=1e-3)
+    np.testing.assert_allclose(float(p1.max()), tree.draft_prob[1], rtol=1e-3)
+
+
+def test_feature_catch_up_after_partial_acceptance_matches_fresh_prefill(feature_file, target, prompt_ids,
+                                                                          target_hidden):
+    drafter = _feature_drafter(feature_file, target)
+    stepper = type(drafter)(drafter.model, 64)
+    ctx = prompt_ids[:-3]
+    stepper.record_hidden("r", 0, target_hidden[: len(ctx) - 1])
+    stepper.propose([DraftRequest("r", ctx)], depth=4, beam_width=2, topk=3)
+    # The target verified the root and two accepted nodes (their hidden states arrive) and emitted a bonus.
+    stepper.record_hidden("r", len(ctx) - 1, target_hidden[len(ctx) - 1: len(prompt_ids) - 1])
+    got = stepper.propose([DraftRequest("r", prompt_ids)], depth=4, beam_width=2, topk=3)
+    fresh = type(drafter)(drafter.model, 64)
+    fresh.record_hidden("f", 0, target_hidden)
+    want = fresh.propose([DraftRequest("f", prompt_ids)], depth=4, beam_width=2, topk=3)
+    _same_trees(got[0], want[0])
+    again = stepper.propose([DraftRequest("r", prompt_ids)], depth=4, beam_width=2, topk=3)
+    _same_trees(again[0], got[0])

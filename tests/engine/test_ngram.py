@@ -267,9 +267,10 @@ def _check_released(engine: LLMEngine) -> None:
             assert not src.indexes
         else:
             assert not src.seqs and src.kv.allocator.num_free == src.kv.allocator.num_blocks
+            assert not getattr(src, "features", None)
 
 
-@pytest.mark.parametrize("draft", ["ngram", "distilled,ngram", "random,ngram"])
+@pytest.mark.parametrize("draft", ["ngram", "distilled,ngram", "random,ngram", "feature,ngram"])
 def test_greedy_is_lossless_for_every_policy_on_staggered_batches(draft, random_draft_dir, plain_outputs):
     """One staggered run per source list; the requests cycle through every policy (and SLOs)."""
     spec = draft.replace("random", str(random_draft_dir))

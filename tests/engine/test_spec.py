@@ -70,7 +70,7 @@ def _run_staggered(engine: LLMEngine, policies: list[str], slo_ms: list[float | 
     return outs
 
 
-@pytest.mark.parametrize("draft", ["random", "distilled"])
+@pytest.mark.parametrize("draft", ["random", "distilled", "feature"])
 @pytest.mark.parametrize("policy", POLICIES)
 def test_greedy_speculation_is_lossless(draft, policy, random_draft_dir, plain_outputs):
     engine = _spec_engine(str(random_draft_dir) if draft == "random" else draft, policy=policy)
@@ -80,6 +80,7 @@ def test_greedy_speculation_is_lossless(draft, policy, random_draft_dir, plain_o
     assert engine.kv.allocator.num_free == engine.kv.allocator.num_blocks
     drafter = engine.speculator.drafter
     assert not drafter.seqs and drafter.kv.allocator.num_free == drafter.kv.allocator.num_blocks  # draft KV freed
+    assert not getattr(drafter, "features", None)  # and the target hidden states a feature draft kept
 
 
 def test_mixed_policies_in_one_batch(random_draft_dir, plain_outputs):
@@ -185,11 +186,14 @@ def _next_logits(engine: LLMEngine, ids: list[int]) -> torch.Tensor:
     return out.logits[0]
 
 
-def test_speculation_survives_kv_exhaustion(random_draft_dir, plain_outputs):
-    engine = _spec_engine(str(random_draft_dir), num_kv_blocks=12, policy="dynamic-tree")
+@pytest.mark.parametrize("draft", ["random", "feature"])
+def test_speculation_survives_kv_exhaustion(draft, random_draft_dir, plain_outputs):
+    engine = _spec_engine(str(random_draft_dir) if draft == "random" else draft, num_kv_blocks=6,
+                          policy="dynamic-tree")
     outs = engine.generate(PROMPTS[:4], SamplingParams(max_tokens=NEW_TOKENS, ignore_eos=True))
     assert [o.token_ids for o in outs] == [plain_outputs[p] for p in PROMPTS[:4]]
     assert engine.kv.allocator.num_free == engine.kv.allocator.num_blocks
+    assert sum(o.metrics.num_preemptions for o in outs) > 0  # preemption (and its recompute) really happened
 
 
 def test_policy_without_draft_is_a_clear_error():

@@ -66,18 +66,9 @@ def save_draft_weights(path: Path, layers: list[dict[str, torch.Tensor]], target
                        dtype: torch.dtype = torch.bfloat16) -> None:
     """layers: fused training tensors (in_norm, post_norm, wqkv, wo, w13, w2) per draft layer."""
     c = target_config
-    q, kv = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
     tensors: dict[str, torch.Tensor] = {}
     for i, layer in enumerate(layers):
-        p = f"model.layers.{i}."
-        wq, wk, wv = layer["wqkv"].detach().split([q, kv, kv])
-        gate, up = layer["w13"].detach().chunk(2)
-        parts = {"input_layernorm.weight": layer["in_norm"], "post_attention_layernorm.weight": layer["post_norm"],
-                 "self_attn.q_proj.weight": wq, "self_attn.k_proj.weight": wk, "self_attn.v_proj.weight": wv,
-                 "self_attn.o_proj.weight": layer["wo"], "mlp.gate_proj.weight": gate, "mlp.up_proj.weight": up,
-                 "mlp.down_proj.weight": layer["w2"]}
-        for name, t in parts.items():
-            tensors[p + name] = t.detach().to(dtype).contiguous().cpu()
+        tensors.update(hf_layer_tensors(layer, c, f"model.layers.{i}.", dtype))
     if vocab_ids is not None:
         tensors["draft.vocab_ids"] = vocab_ids.to(torch.int64).contiguous().cpu()
     meta = {"format": FORMAT, "num_layers": str(len(layers)), "target_vocab_size": str(c.vocab_size),
@@ -89,15 +80,40 @@ def save_draft_weights(path: Path, layers: list[dict[str, torch.Tensor]], target
     tmp.replace(path)
 
 
-def read_draft_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def hf_layer_tensors(layer: dict[str, torch.Tensor], config: ModelConfig, prefix: str,
+                     dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """One fused training layer (in_norm, post_norm, wqkv, wo, w13, w2) -> HF-named tensors under `prefix`."""
+    c = config
+    q, kv = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+    wq, wk, wv = layer["wqkv"].detach().split([q, kv, kv])
+    gate, up = layer["w13"].detach().chunk(2)
+    parts = {"input_layernorm.weight": layer["in_norm"], "post_attention_layernorm.weight": layer["post_norm"],
+             "self_attn.q_proj.weight": wq, "self_attn.k_proj.weight": wk, "self_attn.v_proj.weight": wv,
+             "self_attn.o_proj.weight": layer["wo"], "mlp.gate_proj.weight": gate, "mlp.up_proj.weight": up,
+             "mlp.down_proj.weight": layer["w2"]}
+    return {prefix + name: t.detach().to(dtype).contiguous().cpu() for name, t in parts.items()}
+
+
+def read_draft_weights(path: Path, fmt: str = FORMAT,
+                       what: str = "distilled draft") -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     if not Path(path).exists():
-        raise FileNotFoundError(f"distilled draft weights not found: {path}")
+        raise FileNotFoundError(f"{what} weights not found: {path}")
     with safe_open(str(path), framework="pt") as f:
         meta = dict(f.metadata() or {})
         tensors = {k: f.get_tensor(k) for k in f.keys()}
-    if meta.get("format") != FORMAT:
-        raise ValueError(f"{path}: not a distilled draft file (format {meta.get('format')!r}, want {FORMAT!r})")
+    if meta.get("format") != fmt:
+        raise ValueError(f"{path}: not a {what} file (format {meta.get('format')!r}, want {fmt!r})")
     return tensors, meta
+
+
+def check_target(path: Path, meta: dict[str, str], target_config: ModelConfig, target_embed: torch.Tensor) -> None:
+    """A clear ValueError unless the draft file was trained for this target (shape and embedding probe)."""
+    c = target_config
+    if int(meta["target_vocab_size"]) != c.vocab_size or int(meta["target_hidden_size"]) != c.hidden_size:
+        raise ValueError(f"{path} was trained for a target with vocab {meta['target_vocab_size']} / hidden "
+                         f"{meta['target_hidden_size']}, not vocab {c.vocab_size} / hidden {c.hidden_size}")
+    if not same_target(json.loads(meta.get("target_embed_probe", "[]")) or [0.0], target_embed):
+        raise ValueError(f"{path} was trained for a different target model (its embedding differs)")
 
 
 def build_distilled_model(path: Path, target_config: ModelConfig, target_embed: torch.Tensor,
@@ -105,14 +121,8 @@ def build_distilled_model(path: Path, target_config: ModelConfig, target_embed: 
                           use_vocab_subset: bool = True) -> DraftLlamaModel:
     """The draft LlamaModel: trained layers from `path`, embedding/norm/tied head from the target."""
     tensors, meta = read_draft_weights(path)
-    c = target_config
-    if int(meta["target_vocab_size"]) != c.vocab_size or int(meta["target_hidden_size"]) != c.hidden_size:
-        raise ValueError(f"{path} was trained for a target with vocab {meta['target_vocab_size']} / hidden "
-                         f"{meta['target_hidden_size']}, not vocab {c.vocab_size} / hidden {c.hidden_size}")
-    if not same_target(json.loads(meta.get("target_embed_probe", "[]")) or [0.0], target_embed):
-        raise ValueError(f"{path} was trained for a different target model (its embedding differs)")
-    n = int(meta["num_layers"])
-    config = replace(c, num_layers=n, tie_word_embeddings=True)
+    check_target(path, meta, target_config, target_embed)
+    config = replace(target_config, num_layers=int(meta["num_layers"]), tie_word_embeddings=True)
     state = {k: v for k, v in tensors.items() if k.startswith("model.layers.")}
     state["model.embed_tokens.weight"] = target_embed
     state["model.norm.weight"] = target_norm

@@ -80,6 +80,7 @@ class _Building:
     draft_prob: list[float] = field(default_factory=list)
     path_prob: list[float] = field(default_factory=list)
     frontier: list[int] = field(default_factory=list)  # node indices whose children the next level proposes
+    hidden: dict[int, torch.Tensor] = field(default_factory=dict)  # draft output per expanded node (-1 = root)
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
@@ -102,6 +103,8 @@ def max_step_tokens(depth: int, beam_width: int, topk: int, widths: tuple[int, .
 
 class Drafter:
     """Proposes candidate trees for a batch of requests with one draft forward per level."""
+
+    uses_features = False  # feature drafts (app/engine/draft/feature.py) read the target's hidden states
 
     def __init__(self, model: LlamaModel, num_kv_blocks: int, block_size: int = 16, name: str = "draft"):
         self.model = model
@@ -143,28 +146,28 @@ class Drafter:
             return []
 
         # 1. Catch-up: one causal chain per request from its first uncached token to the root.
-        seqs, live = [], []
+        seqs, live, feats = [], [], []
         for i, r in enumerate(reqs):
             if not r.token_ids:
                 raise ValueError(f"request {r.request_id}: token_ids is empty")
             st = self.seqs.setdefault(r.request_id, _DraftSeq())
-            start = _common_prefix(st.token_ids, r.token_ids)
-            start = min(start, len(r.token_ids) - 1)  # the root's logits are always needed
-            del st.token_ids[start:]
-            if not self.kv.ensure_capacity(st.block_ids, len(r.token_ids) + scratch):
-                self.kv.trim(st.block_ids, start)
-                continue
-            seqs.append(SeqInput(block_ids=st.block_ids, context_len=start, token_ids=r.token_ids[start:],
-                                 logits="last"))
-            live.append(i)
+            seq, feat = self._catch_up_input(r, st, scratch)
+            if seq is not None:
+                seqs.append(seq)
+                feats.append(feat)
+                live.append(i)
         trees: list[CandidateTree | None] = [None] * len(reqs)
         if live:
-            out = self.runner.run(seqs)
+            embeds = None
+            if self.uses_features:
+                embeds = self.model.input_embeds(torch.cat(feats), torch.tensor(
+                    [t for s in seqs for t in s.token_ids], dtype=torch.int64, device=self.model.device))
+            out = self.runner.run(seqs, embeds)
             self.num_forwards += 1
-            for i in live:
-                st = self.seqs[reqs[i].request_id]
-                st.token_ids[:] = reqs[i].token_ids
             builds = [_Building(index=i) for i in live]
+            for b, s, rows in zip(builds, seqs, out.token_rows):
+                self._committed(self.seqs[reqs[b.index].request_id], reqs[b.index])
+                b.hidden[-1] = out.hidden[rows[-1]]
             self._expand(builds, out.logits, [None] * len(builds), 1, depth, beam_width, topk, widths)
 
             # 2. One tree forward per further level.
@@ -180,9 +183,24 @@ class Drafter:
                     draft_prob=np.asarray(b.draft_prob, np.float32), path_prob=np.asarray(b.path_prob, np.float32))
         return [t if t is not None else CandidateTree.empty() for t in trees]
 
+    def _catch_up_input(self, r: DraftRequest, st: _DraftSeq,
+                        scratch: int) -> tuple[SeqInput | None, torch.Tensor | None]:
+        """The causal chain that brings this request's draft cache up to its root (None: no KV room)."""
+        start = _common_prefix(st.token_ids, r.token_ids)
+        start = min(start, len(r.token_ids) - 1)  # the root's logits are always needed
+        del st.token_ids[start:]
+        if not self.kv.ensure_capacity(st.block_ids, len(r.token_ids) + scratch):
+            self.kv.trim(st.block_ids, start)
+            return None, None
+        return SeqInput(block_ids=st.block_ids, context_len=start, token_ids=r.token_ids[start:], logits="last"), None
+
+    def _committed(self, st: _DraftSeq, r: DraftRequest) -> None:
+        st.token_ids[:] = r.token_ids
+
     def _tree_forward(self, active: list[_Building], reqs: list[DraftRequest]) -> torch.Tensor:
-        """Run frontier nodes plus their ancestors as a tree after each committed context; frontier logits."""
-        seqs, rows = [], []
+        """Run frontier nodes plus their ancestors as a tree after each committed context; frontier logits
+        (each frontier node's draft output is kept in `hidden` for its children's inputs)."""
+        seqs, rows, feats = [], [], []
         cursor = 0
         for b in active:
             keep: set[int] = set()
@@ -194,14 +212,27 @@ class Drafter:
             local = {n: j for j, n in enumerate(nodes)}
             parents = [local[b.parent[n]] if b.parent[n] >= 0 else -1 for n in nodes]
             st = self.seqs[reqs[b.index].request_id]
-            seqs.append(SeqInput(block_ids=st.block_ids, context_len=len(st.token_ids),
+            seqs.append(SeqInput(block_ids=st.block_ids, context_len=self._context_len(st),
                                  token_ids=[b.tokens[n] for n in nodes], parents=parents, logits="none"))
+            if self.uses_features:
+                feats.extend(b.hidden[b.parent[n]] for n in nodes)  # a node's pair: (parent's output, token)
             rows.extend(cursor + local[n] for n in b.frontier)
             cursor += len(nodes)
         input_ids, positions, meta, _ = self.runner.build(seqs)
-        hidden = self.model.forward(input_ids, positions, meta, self.kv.tensors)
+        embeds = self.model.input_embeds(torch.stack(feats), input_ids) if self.uses_features else None
+        hidden = self.model.forward(input_ids, positions, meta, self.kv.tensors, input_embeds=embeds)
         self.num_forwards += 1
-        return self.model.logits(hidden[torch.tensor(rows, device=hidden.device)])
+        frontier_hidden = hidden[torch.tensor(rows, device=hidden.device)]
+        j = 0
+        for b in active:
+            for n in b.frontier:
+                b.hidden[n] = frontier_hidden[j]
+                j += 1
+        return self.model.logits(frontier_hidden)
+
+    def _context_len(self, st: _DraftSeq) -> int:
+        """Committed draft positions: the tree is written after them."""
+        return len(st.token_ids)
 
     def _expand(self, builds: list[_Building], logits: torch.Tensor, frontiers: list[list[int] | None],
                 level: int, depth: int, beam_width: int, topk: int, widths: tuple[int, ...] | None) -> None:
@@ -248,6 +279,7 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
 # ---- loading -------------------------------------------------------------------------------------------------
 
 DISTILLED = "distilled"
+FEATURE = "feature"
 
 
 def load_drafter(spec: str, target, *, target_tokenizer=None, target_dir: Path | str | None = None,
@@ -257,8 +289,9 @@ def load_drafter(spec: str, target, *, target_tokenizer=None, target_dir: Path |
                  use_vocab_subset: bool = True) -> Drafter:
     """Build a Drafter for `target`.
 
-    spec: "distilled" (the shipped draft for the embedded target), a path to a distilled-draft .safetensors
-    file, or any model id/path `load_checkpoint` takes (an independent causal LM with the target's tokenizer).
+    spec: "feature" (the shipped feature draft for the embedded target: reads the target's hidden states),
+    "distilled" (the shipped token-only draft), a path to a feature- or distilled-draft .safetensors file, or
+    any model id/path `load_checkpoint` takes (an independent causal LM with the target's tokenizer).
     target: the target's Checkpoint, or its LlamaModel (then pass target_tokenizer, a tokenizer object or its
     directory, or target_dir, the target's checkpoint directory, for the vocabulary check of an independent draft).
     num_kv_blocks (alias num_blocks): draft KV blocks; None sizes them from kv_cache_memory_gb. Giving the target's
@@ -269,6 +302,8 @@ def load_drafter(spec: str, target, *, target_tokenizer=None, target_dir: Path |
     if target_tokenizer is None and target_dir is not None:
         target_tokenizer = Path(target_dir)
     from app.engine.draft.distilled import SHIPPED_WEIGHTS, build_distilled_model
+    from app.engine.draft.feature import (SHIPPED_FEATURE_WEIGHTS, FeatureDrafter, build_feature_model,
+                                          is_feature_draft_file)
     from app.engine.weights import Checkpoint, load_checkpoint, load_tokenizer
 
     if isinstance(target, Checkpoint):
@@ -285,7 +320,12 @@ def load_drafter(spec: str, target, *, target_tokenizer=None, target_dir: Path |
     else:
         raise TypeError(f"target must be a Checkpoint or a LlamaModel, got {type(target).__name__}")
 
-    if spec == DISTILLED or spec.endswith(".safetensors") and Path(spec).is_file():
+    drafter_cls = Drafter
+    if spec == FEATURE or is_feature_draft_file(spec):
+        path = SHIPPED_FEATURE_WEIGHTS if spec == FEATURE else Path(spec)
+        model = build_feature_model(path, t_config, t_embed, dtype, device, use_vocab_subset)
+        name, drafter_cls = (FEATURE if spec == FEATURE else str(path)), FeatureDrafter
+    elif spec == DISTILLED or spec.endswith(".safetensors") and Path(spec).is_file():
         path = SHIPPED_WEIGHTS if spec == DISTILLED else Path(spec)
         model = build_distilled_model(path, t_config, t_embed, t_norm, dtype, device, use_vocab_subset)
         name = "distilled" if spec == DISTILLED else str(path)
@@ -308,7 +348,7 @@ def load_drafter(spec: str, target, *, target_tokenizer=None, target_dir: Path |
     if num_kv_blocks is None:
         per_block = model.kv_bytes_per_token() * block_size
         num_kv_blocks = max(1, int(kv_cache_memory_gb * 2**30) // per_block)
-    return Drafter(model, num_kv_blocks, block_size, name=name)
+    return drafter_cls(model, num_kv_blocks, block_size, name=name)
 
 
 def check_same_vocabulary(draft_tokenizer, target_tokenizer, draft_name: str = "draft") -> None:

@@ -50,20 +50,46 @@ def target_continuations(model: LlamaModel, tokenizer, prompts: list[str], gen_t
     return pairs
 
 
-def teacher_forced(drafter: Drafter, pairs: list[tuple[list[int], list[int]]]) -> tuple[np.ndarray, np.ndarray,
-                                                                                          np.ndarray]:
-    """Draft top-1 token and prob at every continuation position, and the target's token there."""
+@torch.inference_mode()
+def target_hidden_states(model: LlamaModel, pairs: list[tuple[list[int], list[int]]]) -> list[torch.Tensor]:
+    """The target's final-normed hidden state of every prompt + continuation token (what feature drafts read)."""
+    block = 16
+    kv = KVCache(*model.new_kv_cache(max(-(-(len(p) + len(c)) // block) for p, c in pairs), block))
+    runner = ModelRunner(model, kv)
+    out = []
+    for prompt, cont in pairs:
+        blocks: list[int] = []
+        kv.ensure_capacity(blocks, len(prompt) + len(cont))
+        out.append(runner.run([SeqInput(block_ids=blocks, context_len=0, token_ids=prompt + cont,
+                                        logits="none")]).hidden.clone())
+        kv.release(blocks)
+    return out
+
+
+def teacher_forced(drafter: Drafter, pairs: list[tuple[list[int], list[int]]],
+                   hidden: list[torch.Tensor] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Draft top-1 token and prob at every continuation position, and the target's token there.
+    hidden: the target's hidden states per pair (target_hidden_states), needed by feature drafts."""
     top_tok, top_prob, truth = [], [], []
     kv, runner = drafter.kv, drafter.runner
-    for prompt, cont in pairs:
+    for n, (prompt, cont) in enumerate(pairs):
         ids = prompt + cont
+        # A token draft's position i predicts ids[i + 1]; a feature draft's position i (pair F_i, ids[i + 1])
+        # predicts ids[i + 2].
+        shift = 1 if drafter.uses_features else 0
+        if shift and len(prompt) < 2:
+            continue
         blocks: list[int] = []
         if not kv.ensure_capacity(blocks, len(ids)):
             raise RuntimeError("draft KV cache too small for the evaluation")
         with torch.inference_mode():
-            out = runner.run([SeqInput(block_ids=blocks, context_len=0, token_ids=ids, logits="all")])
+            embeds = None
+            if shift:
+                embeds = drafter.model.input_embeds(hidden[n][:-1], torch.tensor(ids[1:], dtype=torch.int64))
+            out = runner.run([SeqInput(block_ids=blocks, context_len=0, token_ids=ids[shift:], logits="all")],
+                             embeds)
         kv.release(blocks)
-        logits = out.logits[len(prompt) - 1: len(ids) - 1]  # predicts cont[0], cont[1], ...
+        logits = out.logits[len(prompt) - 1 - shift: len(ids) - 1 - shift]  # predicts cont[0], cont[1], ...
         p, i = torch.softmax(logits, -1).max(-1)
         if drafter.vocab_ids is not None:
             i = drafter.vocab_ids[i]
@@ -84,9 +110,15 @@ def expected_calibration_error(prob: np.ndarray, correct: np.ndarray, bins: int)
     return float(ece)
 
 
-def chain_acceptance(drafter: Drafter, pairs: list[tuple[list[int], list[int]]], k: int, stride: int) -> float:
+def chain_acceptance(drafter: Drafter, pairs: list[tuple[list[int], list[int]]], k: int, stride: int,
+                     hidden: list[torch.Tensor] | None = None) -> float:
     """Mean accepted draft tokens (bonus excluded) of greedy k-chains, all requests batched per start offset."""
     accepted = []
+    if drafter.uses_features:
+        kept = [(pc, h) for pc, h in zip(pairs, hidden) if len(pc[0]) >= 2]
+        pairs = [pc for pc, _ in kept]
+        for j, (_, h) in enumerate(kept):
+            drafter.record_hidden(f"eval{j}", 0, h)
     max_cont = max(len(c) for _, c in pairs)
     for t in range(0, max_cont - k + 1, stride):
         live = [(j, p, c) for j, (p, c) in enumerate(pairs) if t + k <= len(c)]
@@ -123,18 +155,24 @@ def step_cost(model: LlamaModel, batch: int, context: int, reps: int, seed: int 
             ids = torch.randint(0, 1000, (context,), generator=g).tolist()
             runner.run([SeqInput(block_ids=b, context_len=0, token_ids=ids, logits="none")])
         seqs = [SeqInput(block_ids=b, context_len=context, token_ids=[42], logits="last") for b in tables]
-        runner.run(seqs)
+        step = lambda: runner.run(seqs)  # noqa: E731
+        if hasattr(model, "input_embeds"):  # a feature draft also runs its fc over (feature, token) pairs
+            feats = torch.randn(batch, model.config.hidden_size, generator=g).to(model.dtype)
+            ids = torch.full((batch,), 42, dtype=torch.int64)
+            step = lambda: runner.run(seqs, model.input_embeds(feats, ids))  # noqa: E731
+        step()
         times = []
         for _ in range(reps):
             t0 = time.perf_counter()
-            runner.run(seqs)
+            step()
             times.append(time.perf_counter() - t0)
     return statistics.median(times)
 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--draft", default="distilled", help="distilled | path to a draft .safetensors | model id")
+    ap.add_argument("--draft", default="feature",
+                    help="feature | distilled | path to a draft .safetensors | model id")
     ap.add_argument("--target", default="embedded")
     ap.add_argument("--mtbench", type=int, default=16, help="MT-Bench first turns to use (of 80)")
     ap.add_argument("--humaneval", type=int, default=16, help="HumanEval prompts to use (of 164)")
@@ -164,13 +202,14 @@ def main(argv: list[str] | None = None) -> None:
         if not prompts:
             continue
         pairs = [(p, c) for p, c in target_continuations(target_model, tokenizer, prompts, args.gen_tokens, eos) if c]
-        tok, prob, truth = teacher_forced(drafter, pairs)
+        hidden = target_hidden_states(target_model, pairs) if drafter.uses_features else None
+        tok, prob, truth = teacher_forced(drafter, pairs, hidden)
         correct = (tok == truth).astype(np.float64)
         results["datasets"][name] = {
             "prompts": len(pairs), "tokens": int(truth.size), "agreement": float(correct.mean()),
             "ece": expected_calibration_error(prob.astype(np.float64), correct, args.bins),
             "mean_top1_prob": float(prob.mean()),
-            f"accepted@{args.k}": chain_acceptance(drafter, pairs, args.k, args.stride),
+            f"accepted@{args.k}": chain_acceptance(drafter, pairs, args.k, args.stride, hidden),
             "coverage": 1.0 if subset is None else float(np.mean([t in subset for t in truth.tolist()])),
         }
     if not args.no_cost:

@@ -94,6 +94,16 @@ class MultiSourceDrafter:
         """The sources that run a draft model (they own KV caches)."""
         return [s for s in self.sources if hasattr(s, "kv")]
 
+    @property
+    def uses_features(self) -> bool:
+        return any(getattr(s, "uses_features", False) for s in self.sources)
+
+    def record_hidden(self, request_id: str, start: int, hidden) -> None:
+        """The target's hidden states, for the sources that read them (feature drafts)."""
+        for s in self.sources:
+            if getattr(s, "uses_features", False):
+                s.record_hidden(request_id, start, hidden)
+
     def release(self, request_id: str) -> None:
         for s in self.sources:
             s.release(request_id)

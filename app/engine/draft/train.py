@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from app.engine.draft.distilled import dense_forward, fused_layer, rope_cos_sin, save_draft_weights
+from app.engine.draft.feature import feature_forward_train, save_feature_draft
 from app.engine.model import LlamaModel, _rms_norm
 from app.engine.weights import Checkpoint, load_checkpoint, load_tokenizer
 from bench.datasets import iter_sharegpt_conversations
@@ -40,6 +41,9 @@ from bench.datasets import iter_sharegpt_conversations
 class TrainConfig:
     out_dir: str = "/tmp/adaserve-draft"
     target: str = "embedded"
+    kind: str = "layers"  # "layers": token-only decoder layers; "feature": EAGLE style, reads the target's features
+    passes: int = 3  # feature kind: unrolled passes over the draft's own estimates (training-time test)
+    feature_loss_weight: float = 0.1  # feature kind: smooth-L1 of g vs the target's next feature, added to the KL
     init_layers: str = "0,29"  # target layers the draft's layers start from (their count = draft depth)
     vocab_subset: int = 16384  # 0 = full vocabulary head
     vocab_count_convs: int = 3000  # ShareGPT conversations used to rank token frequencies
@@ -201,11 +205,15 @@ class Teacher:
         self.head = self.model.lm_head if vocab_ids is None else self.model.lm_head[vocab_ids].contiguous()
 
     @torch.inference_mode()
-    def logprobs(self, ids: torch.Tensor) -> torch.Tensor:
+    def run(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(final-normed hidden [B, L, H] bf16, next-token log-probs [B, L, S] float32)."""
         cos, sin = rope_cos_sin(self.config, ids.shape[1], torch.bfloat16, ids.device)
         h = dense_forward(self.model.layers, self.model.embed[ids], self.config, cos, sin)
         h = _rms_norm(h, self.model.norm, self.config.rms_norm_eps)
-        return F.log_softmax(F.linear(h, self.head).float(), dim=-1)  # [B, L, S]
+        return h, F.log_softmax(F.linear(h, self.head).float(), dim=-1)
+
+    def logprobs(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.run(ids)[1]
 
 
 class Student(torch.nn.Module):
@@ -231,6 +239,52 @@ class Student(torch.nn.Module):
             h = dense_forward(self.layer_dicts(), self.embed[ids].float(), self.config, cos, sin)
             h = _rms_norm(h, self.norm, self.config.rms_norm_eps)
             return F.linear(h, self.head).float()  # [B, L, S]
+
+
+class FeatureStudent(torch.nn.Module):
+    """The feature draft (app/engine/draft/feature.py) under training: fc, one layer, the output norm."""
+
+    def __init__(self, ckpt: Checkpoint, init_layer: int, vocab_ids: torch.Tensor | None, passes: int):
+        super().__init__()
+        self.config, self.passes = ckpt.config, passes
+        H = ckpt.config.hidden_size
+        self.fc = torch.nn.Parameter(torch.cat([torch.eye(H), torch.eye(H)], dim=1))
+        self.layer = torch.nn.ParameterDict(
+            {k: torch.nn.Parameter(v) for k, v in fused_layer(ckpt.state_dict, init_layer).items()})
+        self.norm = torch.nn.Parameter(ckpt.state_dict["model.norm.weight"].float().clone())
+        embed = ckpt.state_dict["model.embed_tokens.weight"]
+        self.register_buffer("embed", embed.to(torch.bfloat16), persistent=False)
+        head = embed if vocab_ids is None else embed[vocab_ids]
+        self.register_buffer("head", head.to(torch.bfloat16).contiguous(), persistent=False)
+
+    def forward(self, features: torch.Tensor, ids: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Per pass: logits [B, L - 1, S] (position i predicts x_{i+2}) and g [B, L - 1, H]."""
+        cos, sin = rope_cos_sin(self.config, ids.shape[1] - 1, torch.float32, ids.device)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            gs = feature_forward_train(self.fc, dict(self.layer.items()), self.norm, self.embed, features, ids,
+                                       self.config, cos, sin, self.passes)
+            return [F.linear(g, self.head).float() for g in gs], gs
+
+    def save(self, path: Path, ckpt: Checkpoint, vocab_ids: torch.Tensor | None, extra: dict) -> None:
+        save_feature_draft(path, self.fc, dict(self.layer.items()), self.norm, ckpt.config,
+                           ckpt.state_dict["model.embed_tokens.weight"], vocab_ids, extra)
+
+
+def feature_loss(student: FeatureStudent, features: torch.Tensor, ids: torch.Tensor, teacher_logp: torch.Tensor,
+                 mask: torch.Tensor, feature_weight: float) -> tuple[torch.Tensor, list[float]]:
+    """Mean over passes of KL(teacher || draft) + feature_weight * smooth-L1(g, next feature); top-1 agreement
+    per pass (pass p = tree level p + 1)."""
+    logits, gs = student(features, ids)
+    loss, agrees = 0.0, []
+    for p, (lg, g) in enumerate(zip(logits, gs)):
+        m = mask[:, 1:].clone()  # position i (pair F_i, x_{i+1}) matches the teacher at i + 1
+        m[:, :p] = False  # no estimate before position p
+        kl, ag = kl_and_agreement(lg, teacher_logp[:, 1:], m)
+        reg = F.smooth_l1_loss(g.float(), features[:, 1:].float(), reduction="none").mean(-1)
+        mf = m.float()
+        loss = loss + kl + feature_weight * (reg * mf).sum() / mf.sum().clamp_min(1)
+        agrees.append(ag)
+    return loss / len(logits), agrees
 
 
 def kl_and_agreement(student_logits: torch.Tensor, teacher_logp: torch.Tensor,
@@ -281,7 +335,11 @@ def train(cfg: TrainConfig) -> dict:
 
     init_layers = [int(x) for x in cfg.init_layers.split(",")]
     teacher = Teacher(ckpt, vocab_ids)
-    student = Student(ckpt, init_layers, vocab_ids)
+    feature = cfg.kind == "feature"
+    if cfg.kind not in ("layers", "feature"):
+        raise ValueError(f"unknown draft kind {cfg.kind!r}: layers or feature")
+    student = (FeatureStudent(ckpt, init_layers[-1], vocab_ids, cfg.passes) if feature
+               else Student(ckpt, init_layers, vocab_ids))
     opt = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98))
 
     step, cursor, answer_pos, history = 0, cfg.val_convs, 0, []
@@ -301,17 +359,26 @@ def train(cfg: TrainConfig) -> dict:
     val_stream = ShareGPTChunks(tokenizer, cfg.seq_len, cfg.max_chunks_per_conv, 0)
     val_seqs = [val_stream.next() for _ in range(cfg.val_chunks)]
     val_ids, val_mask = pad_batch(val_seqs, pad_id)
-    val_teacher = torch.cat([teacher.logprobs(val_ids[i: i + 4]) for i in range(0, len(val_seqs), 4)])
+    val_out = [teacher.run(val_ids[i: i + 4]) for i in range(0, len(val_seqs), 4)]
 
     def evaluate() -> dict:
         with torch.no_grad():
             kls, agrees = [], []
-            for i in range(0, len(val_seqs), 4):
-                kl, ag = kl_and_agreement(student.logits(val_ids[i: i + 4]), val_teacher[i: i + 4],
-                                          val_mask[i: i + 4])
-                kls.append(float(kl))
-                agrees.append(ag)
-        return {"val_kl": sum(kls) / len(kls), "val_agree": sum(agrees) / len(agrees)}
+            for j, (feats, logp) in enumerate(val_out):
+                ids, mask = val_ids[4 * j: 4 * j + 4], val_mask[4 * j: 4 * j + 4]
+                if feature:
+                    kl, ag = feature_loss(student, feats, ids, logp, mask, 0.0)
+                    kls.append(float(kl))
+                    agrees.append(ag)
+                else:
+                    kl, ag = kl_and_agreement(student.logits(ids), logp, mask)
+                    kls.append(float(kl))
+                    agrees.append([ag])
+        per_pass = [sum(a[p] for a in agrees) / len(agrees) for p in range(len(agrees[0]))]
+        out = {"val_kl": sum(kls) / len(kls), "val_agree": per_pass[0]}
+        if len(per_pass) > 1:
+            out["val_agree_by_level"] = per_pass
+        return out
 
     def save() -> None:
         state = {"student": student.state_dict(), "opt": opt.state_dict(), "step": step, "cursor": stream.cursor,
@@ -321,8 +388,11 @@ def train(cfg: TrainConfig) -> dict:
         os.replace(str(ckpt_path) + ".tmp", ckpt_path)
         extra = {"init_layers": cfg.init_layers, "train_steps": step, "train_tokens": tokens_seen,
                  "seq_len": cfg.seq_len, "self_distill_answers": len(answers)}
-        save_draft_weights(out / "draft.safetensors", student.layer_dicts(), ckpt.config,
-                           ckpt.state_dict["model.embed_tokens.weight"], vocab_ids, extra)
+        if feature:
+            student.save(out / "draft.safetensors", ckpt, vocab_ids, {**extra, "passes": cfg.passes})
+        else:
+            save_draft_weights(out / "draft.safetensors", student.layer_dicts(), ckpt.config,
+                               ckpt.state_dict["model.embed_tokens.weight"], vocab_ids, extra)
         if cfg.export:
             Path(cfg.export).parent.mkdir(parents=True, exist_ok=True)
             Path(cfg.export).write_bytes((out / "draft.safetensors").read_bytes())
@@ -347,10 +417,14 @@ def train(cfg: TrainConfig) -> dict:
             seqs.append(a[-cfg.seq_len:])
         seqs += [stream.next() for _ in range(cfg.batch_size - len(seqs))]
         ids, mask = pad_batch(seqs, pad_id)
-        target_logp = teacher.logprobs(ids)
+        target_feats, target_logp = teacher.run(ids)
         for g in opt.param_groups:
             g["lr"] = lr_at(cfg, step)
-        loss, agree = kl_and_agreement(student.logits(ids), target_logp, mask)
+        if feature:
+            loss, agrees = feature_loss(student, target_feats, ids, target_logp, mask, cfg.feature_loss_weight)
+            agree = agrees[0]
+        else:
+            loss, agree = kl_and_agreement(student.logits(ids), target_logp, mask)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.grad_clip)
