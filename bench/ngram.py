@@ -29,7 +29,11 @@ from app.engine.runner import SeqInput
 
 CLASSES = ("chat", "coding", "summarization")
 LONG = "summ-long"  # summarization of longer texts (--long-summary-chars), not a workload class of its own
-CONFIGS = {"none": None, "distilled": "distilled", "ngram": "ngram", "merged": "distilled,ngram"}
+
+
+def draft_configs(model_draft: str) -> dict[str, str | None]:
+    """Engine configurations side by side: plain decoding, the model draft alone, lookup alone, both merged."""
+    return {"none": None, model_draft: model_draft, "ngram": "ngram", "merged": f"{model_draft},ngram"}
 
 
 def class_prompts(n: int, seed: int, prompt_char_cap: int, long_chars: int) -> dict[str, list[str]]:
@@ -175,6 +179,7 @@ def target_step_s(engine: LLMEngine, batch: int, context: int, repeats: int = 2)
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model-draft", default="feature", help="the model draft source (feature, distilled, ...)")
     ap.add_argument("--requests", type=int, default=4, help="requests per class")
     ap.add_argument("--new-tokens", type=int, default=40)
     ap.add_argument("--prompt-char-cap", type=int, default=1200, help="as bench.workloads' default")
@@ -190,13 +195,15 @@ def main() -> None:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     import torch
 
+    md = args.model_draft
+    configs = draft_configs(md)
     print(f"torch threads {torch.get_num_threads()} (OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')})")
     prompts = class_prompts(args.requests, args.seed, args.prompt_char_cap, args.long_summary_chars)
     classes = tuple(prompts)
     results: dict[str, dict[str, dict]] = {}
     engines = {}
     t_start = time.perf_counter()
-    for cfg, draft in CONFIGS.items():
+    for cfg, draft in configs.items():
         engine = LLMEngine(EngineConfig(draft=draft, policy="adaserve" if draft else "none",
                                         max_num_batched_tokens=512, prefill_chunk_tokens=512, num_kv_blocks=1024,
                                         token_budget=args.token_budget, profile_latency=False))
@@ -204,43 +211,43 @@ def main() -> None:
         engines[cfg] = engine
         print(f"  {cfg}: {time.perf_counter() - t_start:.0f} s", flush=True)
     for c in classes:  # losslessness, as a check on the whole run
-        for cfg in CONFIGS:
+        for cfg in configs:
             if results[cfg][c]["token_ids"] != results["none"][c]["token_ids"]:
                 print(f"WARNING: {cfg} output differs from plain decoding on {c}")
 
     print(f"\n## Accepted tokens per step and TPOT ({args.requests} requests per class, greedy, "
           f"<= {args.new_tokens} new tokens, adaserve, token budget {engines['merged'].token_budget})")
-    print(f"{'class':14s} {'prompt tok':>10s} | " + " | ".join(f"{cfg:>28s}" for cfg in CONFIGS))
+    print(f"{'class':14s} {'prompt tok':>10s} | " + " | ".join(f"{cfg:>28s}" for cfg in configs))
     print(f"{'':14s} {'':>10s} | " + " | ".join(f"{'acc/step':>8s} {'per tree':>8s} {'TPOT ms':>10s}"
-                                                  for _ in CONFIGS))
+                                                  for _ in configs))
     for c in classes:
         r = results
         print(f"{c:14s} {r['none'][c]['prompt_tokens']:10.0f} | " + " | ".join(
             f"{r[cfg][c]['acc_per_step']:8.2f} {r[cfg][c]['acc_per_spec_step']:8.2f} {r[cfg][c]['tpot_ms']:10.1f}"
-            for cfg in CONFIGS))
+            for cfg in configs))
     print("  share of decode steps with a tree: " + ", ".join(
-        f"{cfg} " + "/".join(f"{results[cfg][c]['spec_step_share']:.2f}" for c in classes) for cfg in CONFIGS
+        f"{cfg} " + "/".join(f"{results[cfg][c]['spec_step_share']:.2f}" for c in classes) for cfg in configs
         if cfg != "none") + f" ({'/'.join(classes)})")
 
     print("\n## Targets")
     for c in classes:
-        best = max(results["distilled"][c]["acc_per_step"], results["ngram"][c]["acc_per_step"])
+        best = max(results[md][c]["acc_per_step"], results["ngram"][c]["acc_per_step"])
         m = results["merged"][c]["acc_per_step"]
         print(f"  {c:14s} merged {m:.2f} vs better single {best:.2f}: {'ok' if m >= best - 1e-9 else 'MISSED'}"
               f"   | TPOT merged {results['merged'][c]['tpot_ms']:.1f} ms vs best single "
-              f"{min(results['distilled'][c]['tpot_ms'], results['ngram'][c]['tpot_ms']):.1f} ms")
+              f"{min(results[md][c]['tpot_ms'], results['ngram'][c]['tpot_ms']):.1f} ms")
     for c in [x for x in ("summarization", LONG) if x in classes]:
-        s_m, s_d = results["merged"][c]["acc_per_step"], results["distilled"][c]["acc_per_step"]
+        s_m, s_d = results["merged"][c]["acc_per_step"], results[md][c]["acc_per_step"]
         print(f"  {c} merged / model draft alone: {s_m / s_d:.2f}x (target >= 2x): "
               f"{'ok' if s_m >= 2 * s_d else 'MISSED'}")
 
     print("\n## Merged: accepted draft tokens per verified tree by source (shared = proposed by both)")
-    print(f"{'class':14s} {'distilled':>10s} {'ngram':>10s} | "
-          f"{'only distilled':>14s} {'only ngram':>10s} {'shared':>8s}")
+    print(f"{'class':14s} {md:>10s} {'ngram':>10s} | "
+          f"{'only ' + md:>14s} {'only ngram':>10s} {'shared':>8s}")
     for c in classes:
         r = results["merged"][c]
-        print(f"{c:14s} {r['by_source']['distilled']:10.2f} {r['by_source']['ngram']:10.2f} | "
-              f"{r['only']['distilled']:14.2f} {r['only']['ngram']:10.2f} {r['shared']:8.2f}")
+        print(f"{c:14s} {r['by_source'][md]:10.2f} {r['by_source']['ngram']:10.2f} | "
+              f"{r['only'][md]:14.2f} {r['only']['ngram']:10.2f} {r['shared']:8.2f}")
 
     print("\n## Calibration: predicted f vs accepted (verified nodes, all classes)")
     for cfg in ("ngram", "merged"):

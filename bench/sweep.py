@@ -54,6 +54,12 @@ def profile_draft(engine, shapes=((1, 1, 1), (1, 4, 4), (4, 1, 4), (4, 4, 4), (8
     for n, depth, beam in shapes:
         reqs = [DraftRequest(f"prof-{n}-{depth}-{beam}-{i}", [1 + (i * 7 + j) % 500 for j in range(context)])
                 for i in range(n)]
+        if getattr(drafter, "uses_features", False):  # a feature draft reads the target's hidden states
+            import torch
+
+            for r in reqs:
+                drafter.record_hidden(r.request_id, 0, torch.randn(context, engine.model_config.hidden_size,
+                                                                   dtype=engine.dtype))
         drafter.propose(reqs, depth=depth, beam_width=beam, topk=beam)  # catch-up (prompt) not timed
         best = np.inf
         for _ in range(repeats):
@@ -162,7 +168,7 @@ def sweep_engine(args) -> None:
     overhead, spec_overhead = step_overheads(all_steps)
     from bench.simulate import Profile
 
-    profile = Profile("cpu-smollm2-135m-distilled-draft", target, level_s, token_s, overhead, spec_overhead)
+    profile = Profile(f"cpu-smollm2-135m-{args.draft.replace(',', '+')}", target, level_s, token_s, overhead, spec_overhead)
     (out / "profile_cpu.json").write_text(json.dumps({**profile.to_dict(), "unloaded_tpot_ms": unloaded * 1e3},
                                                      indent=1))
     (out / "steps.json").write_text(json.dumps(step_rows, indent=1))
@@ -171,7 +177,8 @@ def sweep_engine(args) -> None:
     print(f"host overhead per step {overhead * 1e3:.1f} ms (+{spec_overhead * 1e3:.1f} ms when speculating)")
 
 
-def _http_config(tmp: Path, policy: str, token_budget: int | None, threads: int, max_num_seqs: int) -> Path:
+def _http_config(tmp: Path, policy: str, token_budget: int | None, threads: int, max_num_seqs: int,
+                 draft: str) -> Path:
     from bench import serve as serve_bench
 
     path = serve_bench.write_config(tmp, threads)
@@ -179,10 +186,7 @@ def _http_config(tmp: Path, policy: str, token_budget: int | None, threads: int,
 
     raw = yaml.safe_load(path.read_text())
     eng = raw["applications"][0]["args"]["engine"]
-    eng.update({"policy": policy, "draft": "distilled" if policy != "none" else eng.get("draft"),
-                "max_num_seqs": max_num_seqs})
-    if policy == "none":
-        eng["draft"] = None
+    eng.update({"policy": policy, "draft": draft if policy != "none" else None, "max_num_seqs": max_num_seqs})
     if token_budget is not None:
         eng["token_budget"] = token_budget
     out = tmp / f"serve_{policy.replace(':', '_')}.yaml"
@@ -204,7 +208,8 @@ def sweep_http(args) -> None:
     elif args.unloaded_tpot_ms:
         slo_ms = slo_targets_ms(args.unloaded_tpot_ms)
     for pol in args.policies:
-        server = serve_bench.Server(_http_config(tmp, pol, args.token_budget, args.threads, args.max_num_seqs))
+        server = serve_bench.Server(_http_config(tmp, pol, args.token_budget, args.threads, args.max_num_seqs,
+                                                    args.draft))
         try:
             print(f"{pol}: server up in {server.wait_first_answer():.0f} s (logs {tmp})", flush=True)
             for rate in args.rates:
@@ -251,7 +256,7 @@ def main() -> None:
     ap.add_argument("--token-budget", type=int, default=24,
                     help="engine step token budget (roots included); the profiled default is ~2 on this CPU")
     ap.add_argument("--max-num-seqs", type=int, default=32)
-    ap.add_argument("--draft", default="distilled", help="draft sources for the engine (e.g. distilled,ngram)")
+    ap.add_argument("--draft", default="feature,ngram", help="draft sources for the engine (e.g. feature, distilled,ngram)")
     ap.add_argument("--max-duration", type=float, default=150.0, help="per run (policy x rate)")
     ap.add_argument("--absolute-ms", type=float, nargs=3, default=None, metavar=("CODING", "CHAT", "SUMM"))
     ap.add_argument("--unloaded-tpot-ms", type=float, default=None, help="http mode: reuse this baseline")

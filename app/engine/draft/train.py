@@ -128,32 +128,33 @@ def frequency_ranked_vocab(tokenizer, num_convs: int, size: int, vocab_size: int
 
 
 def self_distill_answers(cfg: TrainConfig, ckpt: Checkpoint, tokenizer, path: Path) -> list[list[int]]:
-    """Prompt + the target's greedy answer, for ShareGPT prompts; generated once and cached as jsonl."""
+    """Prompt + the target's greedy answer, for ShareGPT prompts; cached as jsonl in prompt order and extended
+    (only the missing prompts are answered) when a resumed run asks for more."""
     if cfg.self_distill <= 0:
         return []
+    rows = []
     if path.exists():
-        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        rows = [json.loads(line)["token_ids"] for line in path.read_text().splitlines() if line.strip()]
         if len(rows) >= cfg.self_distill:
-            return [r["token_ids"] for r in rows[: cfg.self_distill]]
+            return rows[: cfg.self_distill]
     prompts = []
-    for conv in iter_sharegpt_conversations(limit=cfg.self_distill, skip=cfg.val_convs):
+    for conv in iter_sharegpt_conversations(limit=cfg.self_distill - len(rows), skip=cfg.val_convs + len(rows)):
         first = next(m["content"] for m in conv["messages"] if m["role"] == "user")
         prompts.append(list(tokenizer.apply_chat_template([{"role": "user", "content": first[:600]}],
                                                           add_generation_prompt=True, tokenize=True,
                                                           return_dict=False)))
     model = LlamaModel(ckpt.config, ckpt.state_dict, torch.bfloat16, torch.device("cpu"))
     eos = set(ckpt.config.eos_token_ids) | ({tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set())
-    outs = []
     bar = tqdm(total=len(prompts), desc="self-distill answers", unit="prompt")
-    for i in range(0, len(prompts), 32):
-        batch = prompts[i: i + 32]
-        outs += [p + a for p, a in zip(batch, greedy_answers(model, batch, cfg.self_distill_tokens, eos))]
+    for i in range(0, len(prompts), 64):
+        batch = prompts[i: i + 64]
+        new = [p + a for p, a in zip(batch, greedy_answers(model, batch, cfg.self_distill_tokens, eos))]
+        with path.open("a") as f:  # appended batch by batch: an interrupted run keeps what it generated
+            f.write("".join(json.dumps({"token_ids": t}) + "\n" for t in new))
+        rows += new
         bar.update(len(batch))
     bar.close()
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(json.dumps({"token_ids": t}) + "\n" for t in outs))
-    tmp.replace(path)
-    return outs
+    return rows
 
 
 @torch.inference_mode()
@@ -330,7 +331,7 @@ def train(cfg: TrainConfig) -> dict:
             vocab_ids = frequency_ranked_vocab(tokenizer, cfg.vocab_count_convs, cfg.vocab_subset,
                                                ckpt.config.vocab_size, always)
             torch.save(vocab_ids, vocab_path)
-    answers_path = out / f"self_distill_{cfg.self_distill}x{cfg.self_distill_tokens}.jsonl"
+    answers_path = out / f"self_distill_{cfg.self_distill_tokens}tok.jsonl"
     answers = self_distill_answers(cfg, ckpt, tokenizer, answers_path)
 
     init_layers = [int(x) for x in cfg.init_layers.split(",")]
