@@ -188,7 +188,7 @@ def _next_logits(engine: LLMEngine, ids: list[int]) -> torch.Tensor:
 
 @pytest.mark.parametrize("draft", ["random", "feature"])
 def test_speculation_survives_kv_exhaustion(draft, random_draft_dir, plain_outputs):
-    engine = _spec_engine(str(random_draft_dir) if draft == "random" else draft, num_kv_blocks=6,
+    engine = _spec_engine(str(random_draft_dir) if draft == "random" else draft, num_kv_blocks=5,
                           policy="dynamic-tree")
     outs = engine.generate(PROMPTS[:4], SamplingParams(max_tokens=NEW_TOKENS, ignore_eos=True))
     assert [o.token_ids for o in outs] == [plain_outputs[p] for p in PROMPTS[:4]]
