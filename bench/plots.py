@@ -54,12 +54,8 @@ def plot_sweep(summary_path: Path, out_dir: Path, title: str = "", prefix: str =
         ax.grid(alpha=0.3)
     axes[0].set_ylim(-3, 103)
     axes[0].legend(fontsize=8)
-    fig.suptitle(f"{title}: attainment and goodput vs rate")
-    fig.tight_layout()
-    p = out_dir / f"{prefix}attainment_goodput_vs_rate.png"
-    fig.savefig(p, dpi=110)
-    plt.close(fig)
-    paths.append(p)
+    paths.append(_save(fig, f"{title}: attainment and goodput vs rate",
+                       out_dir / f"{prefix}attainment_goodput_vs_rate.png"))
 
     rates = sorted({r["rate"] for r in rows})
     policies = [p for p in STYLE if any(r["policy"] == p for r in rows)] + sorted(
@@ -82,13 +78,16 @@ def plot_sweep(summary_path: Path, out_dir: Path, title: str = "", prefix: str =
         ax.grid(axis="y", alpha=0.3)
     axes[0][0].set_ylabel("SLO attainment (%)")
     axes[0][-1].legend(fontsize=7)
-    fig.suptitle(f"{title}: per-class attainment")
-    fig.tight_layout()
-    p = out_dir / f"{prefix}attainment_per_class.png"
-    fig.savefig(p, dpi=110)
-    plt.close(fig)
-    paths.append(p)
+    paths.append(_save(fig, f"{title}: per-class attainment", out_dir / f"{prefix}attainment_per_class.png"))
     return paths
+
+
+def _save(fig, title: str, path: Path) -> Path:
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def main() -> None:

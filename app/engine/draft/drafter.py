@@ -80,7 +80,7 @@ class _Building:
     draft_prob: list[float] = field(default_factory=list)
     path_prob: list[float] = field(default_factory=list)
     frontier: list[int] = field(default_factory=list)  # node indices whose children the next level proposes
-    hidden: dict[int, torch.Tensor] = field(default_factory=dict)  # draft output per expanded node (-1 = root)
+    hidden: dict[int, torch.Tensor] = field(default_factory=dict)  # feature drafts: output per expanded node (-1 = root)
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
@@ -165,9 +165,10 @@ class Drafter:
             out = self.runner.run(seqs, embeds)
             self.num_forwards += 1
             builds = [_Building(index=i) for i in live]
-            for b, s, rows in zip(builds, seqs, out.token_rows):
+            for b, rows in zip(builds, out.token_rows):
                 self._committed(self.seqs[reqs[b.index].request_id], reqs[b.index])
-                b.hidden[-1] = out.hidden[rows[-1]]
+                if self.uses_features:
+                    b.hidden[-1] = out.hidden[rows[-1]]
             self._expand(builds, out.logits, [None] * len(builds), 1, depth, beam_width, topk, widths)
 
             # 2. One tree forward per further level.
@@ -199,7 +200,7 @@ class Drafter:
 
     def _tree_forward(self, active: list[_Building], reqs: list[DraftRequest]) -> torch.Tensor:
         """Run frontier nodes plus their ancestors as a tree after each committed context; frontier logits
-        (each frontier node's draft output is kept in `hidden` for its children's inputs)."""
+        (a feature draft keeps each frontier node's output in `hidden` for its children's inputs)."""
         seqs, rows, feats = [], [], []
         cursor = 0
         for b in active:
@@ -212,7 +213,7 @@ class Drafter:
             local = {n: j for j, n in enumerate(nodes)}
             parents = [local[b.parent[n]] if b.parent[n] >= 0 else -1 for n in nodes]
             st = self.seqs[reqs[b.index].request_id]
-            seqs.append(SeqInput(block_ids=st.block_ids, context_len=self._context_len(st),
+            seqs.append(SeqInput(block_ids=st.block_ids, context_len=len(st.token_ids),
                                  token_ids=[b.tokens[n] for n in nodes], parents=parents, logits="none"))
             if self.uses_features:
                 feats.extend(b.hidden[b.parent[n]] for n in nodes)  # a node's pair: (parent's output, token)
@@ -223,16 +224,10 @@ class Drafter:
         hidden = self.model.forward(input_ids, positions, meta, self.kv.tensors, input_embeds=embeds)
         self.num_forwards += 1
         frontier_hidden = hidden[torch.tensor(rows, device=hidden.device)]
-        j = 0
-        for b in active:
-            for n in b.frontier:
-                b.hidden[n] = frontier_hidden[j]
-                j += 1
+        if self.uses_features:  # the children of a frontier node take its output as their feature
+            for (b, n), h in zip([(b, n) for b in active for n in b.frontier], frontier_hidden):
+                b.hidden[n] = h
         return self.model.logits(frontier_hidden)
-
-    def _context_len(self, st: _DraftSeq) -> int:
-        """Committed draft positions: the tree is written after them."""
-        return len(st.token_ids)
 
     def _expand(self, builds: list[_Building], logits: torch.Tensor, frontiers: list[list[int] | None],
                 level: int, depth: int, beam_width: int, topk: int, widths: tuple[int, ...] | None) -> None:

@@ -72,11 +72,10 @@ def teacher_forced(drafter: Drafter, pairs: list[tuple[list[int], list[int]]],
     hidden: the target's hidden states per pair (target_hidden_states), needed by feature drafts."""
     top_tok, top_prob, truth = [], [], []
     kv, runner = drafter.kv, drafter.runner
+    # A token draft's position i predicts ids[i + 1]; a feature draft's position i (pair F_i, ids[i + 1]) ids[i + 2].
+    shift = 1 if drafter.uses_features else 0
     for n, (prompt, cont) in enumerate(pairs):
         ids = prompt + cont
-        # A token draft's position i predicts ids[i + 1]; a feature draft's position i (pair F_i, ids[i + 1])
-        # predicts ids[i + 2].
-        shift = 1 if drafter.uses_features else 0
         if shift and len(prompt) < 2:
             continue
         blocks: list[int] = []

@@ -213,9 +213,6 @@ class Teacher:
         h = _rms_norm(h, self.model.norm, self.config.rms_norm_eps)
         return h, F.log_softmax(F.linear(h, self.head).float(), dim=-1)
 
-    def logprobs(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.run(ids)[1]
-
 
 class Student(torch.nn.Module):
     def __init__(self, ckpt: Checkpoint, init_layers: list[int], vocab_ids: torch.Tensor | None):
@@ -369,12 +366,11 @@ def train(cfg: TrainConfig) -> dict:
                 ids, mask = val_ids[4 * j: 4 * j + 4], val_mask[4 * j: 4 * j + 4]
                 if feature:
                     kl, ag = feature_loss(student, feats, ids, logp, mask, 0.0)
-                    kls.append(float(kl))
-                    agrees.append(ag)
                 else:
                     kl, ag = kl_and_agreement(student.logits(ids), logp, mask)
-                    kls.append(float(kl))
-                    agrees.append([ag])
+                    ag = [ag]
+                kls.append(float(kl))
+                agrees.append(ag)
         per_pass = [sum(a[p] for a in agrees) / len(agrees) for p in range(len(agrees[0]))]
         out = {"val_kl": sum(kls) / len(kls), "val_agree": per_pass[0]}
         if len(per_pass) > 1:
