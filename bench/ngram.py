@@ -206,7 +206,8 @@ def main() -> None:
     for cfg, draft in configs.items():
         engine = LLMEngine(EngineConfig(draft=draft, policy="adaserve" if draft else "none",
                                         max_num_batched_tokens=512, prefill_chunk_tokens=512, num_kv_blocks=1024,
-                                        token_budget=args.token_budget, profile_latency=False))
+                                        token_budget=args.token_budget, profile_latency=False,
+                                        dtype="float32"))  # exact losslessness check below (bf16 near-ties)
         results[cfg] = {c: run_class(engine, prompts[c], args.new_tokens) for c in classes}
         engines[cfg] = engine
         print(f"  {cfg}: {time.perf_counter() - t_start:.0f} s", flush=True)

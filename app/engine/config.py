@@ -12,7 +12,7 @@ class EngineConfig:
     draft: str | None = None  # draft sources: "feature", "distilled", "ngram", a model id/path, or a comma list to merge
     policy: str = "none"  # speculation policy: none | chain:k | static-tree | dynamic-tree | adaserve
     device: str = "auto"  # cpu | cuda | auto
-    dtype: str = "auto"  # float32 | bfloat16 | float16 | auto (float32 on CPU, bfloat16 on CUDA)
+    dtype: str = "auto"  # float32 | bfloat16 | float16 | auto (bfloat16 on CUDA and AMX CPUs, else float32)
     block_size: int = 16
     num_kv_blocks: int | None = None  # None: sized from kv_cache_memory_gb (CPU) or free GPU memory
     kv_cache_memory_gb: float = 2.0

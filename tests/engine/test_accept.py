@@ -62,9 +62,23 @@ def test_depth_gate_follows_measured_acceptance():
 
     spec = Speculator(drafter=None, default_policy="adaserve", max_tree_nodes=32, max_depth=8, max_width=4)
     assert spec.depth_cap() == 8  # no evidence yet: the adaptive shape decides
-    spec.num_trees, spec.num_accepted = 100, 30  # E = 0.3 -> a = 0.23: level 2 yields 0.05 < 0.1
+    spec.num_trees, spec.num_accepted, spec.num_rejections = 100, 30, 100  # a = 0.23: level 2 yields 0.05
     assert spec.depth_cap() == 1
-    spec.num_accepted = 400  # E = 4 -> a = 0.8: 0.8**10 < 0.1 -> capped by max_depth
+    spec.num_accepted, spec.num_rejections = 400, 100  # a = 0.8: 0.8**10 < 0.1 -> capped by max_depth
     assert spec.depth_cap() == 8
-    spec.num_accepted = 100  # E = 1 -> a = 0.5: 0.5**3 = 0.125 >= 0.1 > 0.5**4
+    spec.num_accepted, spec.num_rejections = 100, 100  # a = 0.5: 0.5**3 = 0.125 >= 0.1 > 0.5**4
     assert spec.depth_cap() == 3
+
+
+def test_acceptance_rate_counts_only_walks_stopped_by_a_rejection():
+    from app.engine.spec.speculator import Speculator
+    from app.engine.spec.tree import VerifyTree
+
+    spec = Speculator(object(), "adaserve", max_tree_nodes=8, max_depth=8, max_width=4)
+    chain = VerifyTree(tokens=[1, 2, 3], parents=[-1, 0, 1], path_prob=[1.0, 0.5, 0.2], slots=[-1, 0, 1])
+    fan = VerifyTree(tokens=[1, 2, 3], parents=[-1, 0, 0], path_prob=[1.0, 0.5, 0.2], slots=[-1, 0, 1])
+    spec.observe("a", None, chain, [0, 1, 2])  # reached the leaf: 2 accepted, nothing said about a 3rd token
+    spec.observe("b", None, fan, [0])  # both children rejected
+    spec.observe("c", None, chain, [0, 1])  # node 2 rejected
+    assert (spec.num_accepted, spec.num_rejections) == (3, 2)
+    assert abs(spec.acceptance_rate() - 3 / 5) < 1e-12

@@ -115,6 +115,26 @@ def test_distilled_beam_trees(distilled, target, prompt_ids):
     distilled.release("b")
 
 
+def test_cut_offs_stop_drafting_what_selection_could_not_use(distilled, target, prompt_ids):
+    req = [DraftRequest("c", prompt_ids)]
+    full = distilled.propose(req, depth=4, beam_width=3, topk=4)[0]
+    assert full.depths().max() == 4
+    # Only frontier nodes with f >= min_path_prob are expanded: children hang under such parents only.
+    cut = float(np.sort(full.path_prob[full.depths() == 1])[-2])  # keeps at most the top two level-1 nodes
+    pruned = distilled.propose(req, depth=4, beam_width=3, topk=4, min_path_prob=cut)[0]
+    assert_valid_tree(pruned, target.config.vocab_size)
+    inner = pruned.parent[pruned.parent >= 0]
+    assert (pruned.path_prob[inner] >= cut).all()
+    assert pruned.num_nodes < full.num_nodes
+    # A level whose frontiers' total f is below min_level_mass is not drafted at all.
+    level1 = float(np.sort(full.path_prob[full.depths() == 1])[::-1][:3].sum())
+    shallow = distilled.propose(req, depth=4, beam_width=3, topk=4, min_level_mass=level1 * 1.01)[0]
+    assert shallow.depths().max() == 1 and shallow.num_nodes == 4
+    deep = distilled.propose(req, depth=4, beam_width=3, topk=4, min_level_mass=level1 * 0.99)[0]
+    assert deep.depths().max() >= 2
+    distilled.release("c")
+
+
 def test_static_tree_shape(distilled, target, prompt_ids):
     widths = (1, 1, 3, 1, 1)
     [tree] = distilled.propose([DraftRequest("s", prompt_ids)], depth=0, beam_width=1, topk=1, widths=widths)

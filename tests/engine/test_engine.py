@@ -26,7 +26,7 @@ MAX_NEW = [12, 9, 14, 7, 10, 12, 8, 11]
 def engine():
     # Small chunks and step budget force chunked prefill and steps mixing prefill with decode.
     return LLMEngine(EngineConfig(num_kv_blocks=256, block_size=16, prefill_chunk_tokens=16,
-                                  max_num_batched_tokens=40, max_num_seqs=8))
+                                  max_num_batched_tokens=40, max_num_seqs=8, dtype="float32"))  # vs transformers fp32
 
 
 def _drain(engine: LLMEngine, outs: dict) -> None:
@@ -106,7 +106,7 @@ def test_blocks_return_after_finish_and_abort(engine):
 
 def test_kv_exhaustion_preempts_and_output_stays_correct(hf_embedded):
     small = LLMEngine(EngineConfig(num_kv_blocks=10, block_size=8, prefill_chunk_tokens=32,
-                                   max_num_batched_tokens=64))
+                                   max_num_batched_tokens=64, dtype="float32"))
     prompts = [small.encode_prompt(p) for p in PROMPTS[1:5]]
     outs = small.generate(prompts, SamplingParams(max_tokens=14, ignore_eos=True))
     assert sum(o.metrics.num_preemptions for o in outs) > 0

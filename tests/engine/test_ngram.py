@@ -191,7 +191,7 @@ class _FixedSource:
     def __init__(self, name, trees):
         self.name, self.trees, self.released = name, trees, []
 
-    def propose(self, reqs, depth, beam_width, topk, widths=None):
+    def propose(self, reqs, depth, beam_width, topk, widths=None, min_path_prob=0.0, min_level_mass=0.0):
         return [self.trees[r.request_id] for r in reqs]
 
     def release(self, request_id):

@@ -35,7 +35,8 @@ def tiny_pair(tmp_path_factory, embedded_dir):
 
 def _generate(model: str, draft: str | None, policy: str) -> list[list[int]]:
     engine = LLMEngine(EngineConfig(model=model, draft=draft, policy=policy, num_kv_blocks=64, block_size=8,
-                                    profile_latency=False, token_budget=24, prefill_chunk_tokens=8))
+                                    profile_latency=False, token_budget=24, prefill_chunk_tokens=8,
+                                    dtype="float32"))  # exact equality: no bf16 near-ties
     prompts = [[5, 17, 300, 42, 9, 1000, 77, 23, 11], [400, 401, 402], [7] * 17]
     outs = engine.generate(prompts, SamplingParams(max_tokens=6, ignore_eos=True))
     return [o.token_ids for o in outs]

@@ -130,7 +130,12 @@ class Drafter:
     # ---- proposing -----------------------------------------------------------------------------------------
     @torch.inference_mode()
     def propose(self, reqs: list[DraftRequest], depth: int, beam_width: int, topk: int,
-                widths: tuple[int, ...] | None = None) -> list[CandidateTree]:
+                widths: tuple[int, ...] | None = None, min_path_prob: float = 0.0,
+                min_level_mass: float = 0.0) -> list[CandidateTree]:
+        """Candidate trees, one draft forward per level. Budgeted callers pass two cut-offs that stop work
+        whose result could not be used: a frontier node with path probability below `min_path_prob` is not
+        expanded (its children's f are lower still), and the next level is not drafted when the frontiers'
+        total path probability, an upper bound on what the level can add, is below `min_level_mass`."""
         if widths is not None:
             widths = tuple(int(w) for w in widths)
             if not widths or min(widths) < 1:
@@ -173,8 +178,11 @@ class Drafter:
 
             # 2. One tree forward per further level.
             for level in range(2, depth + 1):
+                if min_path_prob > 0:
+                    for b in builds:
+                        b.frontier = [n for n in b.frontier if b.path_prob[n] >= min_path_prob]
                 active = [b for b in builds if b.frontier]
-                if not active:
+                if not active or sum(b.path_prob[n] for b in active for n in b.frontier) < min_level_mass:
                     break
                 logits = self._tree_forward(active, reqs)
                 self._expand(active, logits, [b.frontier for b in active], level, depth, beam_width, topk, widths)

@@ -95,6 +95,10 @@ class MultiSourceDrafter:
         return [s for s in self.sources if hasattr(s, "kv")]
 
     @property
+    def num_forwards(self) -> int:
+        return sum(s.num_forwards for s in self.model_drafters)
+
+    @property
     def uses_features(self) -> bool:
         return any(getattr(s, "uses_features", False) for s in self.sources)
 
@@ -110,9 +114,11 @@ class MultiSourceDrafter:
         self._proposals.pop(request_id, None)
 
     def propose(self, reqs: list[DraftRequest], depth: int, beam_width: int, topk: int,
-                widths: tuple[int, ...] | None = None) -> list[CandidateTree]:
+                widths: tuple[int, ...] | None = None, min_path_prob: float = 0.0,
+                min_level_mass: float = 0.0) -> list[CandidateTree]:
         self._flush()
-        per_source = [s.propose(reqs, depth=depth, beam_width=beam_width, topk=topk, widths=widths)
+        per_source = [s.propose(reqs, depth=depth, beam_width=beam_width, topk=topk, widths=widths,
+                                min_path_prob=min_path_prob, min_level_mass=min_level_mass)
                       for s in self.sources]
         out = []
         for i, r in enumerate(reqs):

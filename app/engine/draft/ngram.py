@@ -223,11 +223,13 @@ class NgramSource:
         self.stats.update(cells, accepted)
 
     def propose(self, reqs: list[DraftRequest], depth: int, beam_width: int = 1, topk: int = 1,
-                widths: tuple[int, ...] | None = None) -> list[LookupTree]:
+                widths: tuple[int, ...] | None = None, min_path_prob: float = 0.0,
+                min_level_mass: float = 0.0) -> list[LookupTree]:
         """One lookup tree per request, max(depth, min_depth) levels deep (len(widths) for a static shape).
 
         Lookup nodes cost nothing to propose, so their chains do not shrink with the adaptive depth (1 under
-        heavy load): the selection weighs their f against everything else under the budget.
+        heavy load), and the model draft's work cut-offs (`min_path_prob`, `min_level_mass`) do not apply:
+        the selection weighs their f against everything else under the budget.
         """
         if widths is not None:
             depth = len(widths)

@@ -32,16 +32,22 @@ class Speculator:
         self.default_policy = parse_policy(default_policy)
         self.n_max = min(max_tree_nodes, MAX_TREE_TOKENS - 1)  # the root takes one of the 64 mask bits
         self.max_depth, self.max_width = max_depth, max_width
-        self.num_trees, self.num_accepted = 0, 0  # verify outcomes, for the depth gate
+        # Verify outcomes, for the depth gate: accepted draft tokens, and walks stopped by a rejection (the last
+        # accepted node had children in the tree); a walk that reached a leaf tells nothing of the next level.
+        self.num_trees, self.num_accepted, self.num_rejections = 0, 0, 0
+        self.draft_forward_s: float | None = None  # EMA of one draft forward (a tree level) over the batch
+
+    def acceptance_rate(self) -> float:
+        """Per-token acceptance a, the geometric MLE with censored walks: accepted / (accepted + rejections)."""
+        return self.num_accepted / max(self.num_accepted + self.num_rejections, 1)
 
     def depth_cap(self, min_level_gain: float = 0.1) -> int:
-        """Deepest level still worth a draft forward: with per-token acceptance a (from the mean accepted
-        length E = a / (1 - a) of past trees), level l yields about a**l tokens; stop below min_level_gain.
-        Until 32 trees were verified the adaptive shape alone decides."""
+        """Deepest level still worth a draft forward: with per-token acceptance a, level l yields about a**l
+        tokens; stop below min_level_gain. A guard against drafts whose probabilities overstate acceptance
+        (the per-step cut-offs trust them). Until 32 trees were verified the adaptive shape alone decides."""
         if self.num_trees < 32:
             return self.max_depth
-        mean = self.num_accepted / self.num_trees
-        a = mean / (1.0 + mean)
+        a = self.acceptance_rate()
         if a <= min_level_gain:
             return 1
         return int(min(self.max_depth, max(1, math.floor(math.log(min_level_gain) / math.log(a)))))
@@ -50,9 +56,11 @@ class Speculator:
         return parse_policy(req.policy) if req.policy else self.default_policy
 
     def propose(self, reqs: list[Request], node_budget: int, t_step_s: float, now: float,
-                min_path_prob: float = 0.0) -> ProposeResult:
+                min_path_prob: float = 0.0, tokens_per_s: float = 0.0) -> ProposeResult:
         """Verify trees for decoding requests. node_budget: tree nodes (roots excluded) the step may verify;
-        min_path_prob: nodes less likely than this cost more than they yield (budgeted policies skip them)."""
+        min_path_prob: nodes less likely than this cost more than they yield (budgeted policies skip them);
+        tokens_per_s: the step's expected output rate, which prices a draft level (budgeted policies draft
+        the next level only if its frontiers' path probability could pay for the forward's time)."""
         result = ProposeResult()
         groups: dict[PolicySpec, list[Request]] = {}
         for r in reqs:
@@ -69,11 +77,19 @@ class Speculator:
                 depth = min(depth, self.depth_cap())
             if depth == 0:
                 continue
+            cut = {}
+            if spec.budgeted:
+                level_s = self.draft_forward_s or 0.0
+                cut = {"min_path_prob": min_path_prob, "min_level_mass": tokens_per_s * level_s}
+            forwards = getattr(self.drafter, "num_forwards", None)
             t0 = time.perf_counter()
             cands = self.drafter.propose(
                 [_draft_request(r) for r in group], depth=depth, beam_width=beam, topk=topk,
-                widths=spec.static_widths or None)
+                widths=spec.static_widths or None, **cut)
             t1 = time.perf_counter()
+            if forwards is not None and self.drafter.num_forwards > forwards:
+                per = (t1 - t0) / (self.drafter.num_forwards - forwards)
+                self.draft_forward_s = per if self.draft_forward_s is None else 0.9 * self.draft_forward_s + 0.1 * per
             padded = pad(cands)
             slo = SLOState(
                 decode_time_s=np.array([r.decode_time_s(now) for r in group]),
@@ -101,6 +117,7 @@ class Speculator:
         """Tell a drafter that learns from verification (e.g. calibrated lookup sources) what was accepted."""
         self.num_trees += 1
         self.num_accepted += len(path) - 1
+        self.num_rejections += int(path[-1] in tree.parents)
         observe = getattr(self.drafter, "observe", None)
         if observe is not None:
             observe(request_id, candidates, tree, path)
