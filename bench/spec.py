@@ -136,7 +136,7 @@ def main() -> None:
     ap.add_argument("--hf-draft", default="distilled", help="token-only draft for transformers' assisted generation")
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--prompts", type=int, default=6)
-    ap.add_argument("--rounds", type=int, default=1, help="passes over the prompts (policies interleaved)")
+    ap.add_argument("--rounds", type=int, default=1, help="passes over the prompts (contenders take turns on each prompt)")
     ap.add_argument("--token-budget", type=int, default=None, help="default: profiled at start-up")
     ap.add_argument("--dtype", default="auto", help="engine and transformers dtype (auto: the engine's default)")
     ap.add_argument("--skip-hf", action="store_true")
