@@ -20,19 +20,29 @@ from app.engine.engine import LLMEngine
 from bench.ngram import class_prompts
 
 
-def oracle_tokens_per_step(prompt: list[int], output: list[int], match_len: int, depth: int) -> tuple[int, int]:
-    """(tokens, steps) of the oracle replay of one output."""
+def _best_run(ctx: list[int], output: list[int], i: int, match_len: int, depth: int) -> int:
+    """Longest prefix of output[i:] (<= depth) that follows some earlier position of ctx after a match."""
+    arr = np.asarray(ctx)
+    starts = [j for j in np.flatnonzero(arr == output[i]).tolist()
+              if match_len == 0 or (j >= match_len and ctx[j - match_len:j] == ctx[-match_len:])]
+    best = 0
+    for length in range(1, min(len(output) - i, depth) + 1):
+        if not any(ctx[j:j + length] == output[i:i + length] for j in starts):
+            break
+        best = length
+    return best
+
+
+def oracle_tokens_per_step(prompt: list[int], output: list[int], match_len: int, depth: int,
+                           anchored: bool = False) -> tuple[int, int]:
+    """(tokens, steps) of the oracle replay of one output. `anchored`: the lookup may also start one token
+    later, under the true next token (as a model draft's level-1 node would supply it), when that goes further."""
     ctx = list(prompt)
     i = steps = 0
     while i < len(output):
-        arr = np.asarray(ctx)
-        starts = [j for j in np.flatnonzero(arr == output[i]).tolist()
-                  if match_len == 0 or (j >= match_len and ctx[j - match_len:j] == ctx[-match_len:])]
-        best = 0
-        for length in range(1, min(len(output) - i, depth) + 1):
-            if not any(ctx[j:j + length] == output[i:i + length] for j in starts):
-                break
-            best = length
+        best = _best_run(ctx, output, i, match_len, depth)
+        if anchored and i + 1 < len(output):
+            best = max(best, 1 + _best_run(ctx + [output[i]], output, i + 1, match_len, depth - 1))
         gain = min(best + 1, len(output) - i)
         ctx.extend(output[i:i + gain])
         i += gain
@@ -53,13 +63,14 @@ def main() -> None:
     ids = [engine.encode_prompt(p, chat=True) for p in prompts]
     outs = [o.token_ids for o in engine.generate(ids, SamplingParams(max_tokens=args.new_tokens))]
     print(f"{args.cls}: {len(ids)} requests, {sum(map(len, outs))} greedy tokens")
-    for match_len, depth in [(0, 10**6), (1, 10**6), (1, 16), (1, 8), (2, 8)]:
+    for match_len, depth, anchored in [(0, 10**6, False), (1, 10**6, False), (1, 16, False), (1, 8, False),
+                                       (2, 8, False), (1, 8, True), (1, 16, True)]:
         tok = steps = 0
         for p, o in zip(ids, outs):
-            t, s = oracle_tokens_per_step(p, o, match_len, depth)
+            t, s = oracle_tokens_per_step(p, o, match_len, depth, anchored)
             tok, steps = tok + t, steps + s
-        print(f"  match {match_len} token(s), depth {'any' if depth > 1000 else depth}: "
-              f"{tok / steps:.2f} tokens per step")
+        print(f"  match {match_len} token(s), depth {'any' if depth > 1000 else depth}"
+              f"{', anchored under the next token' if anchored else ''}: {tok / steps:.2f} tokens per step")
 
 
 if __name__ == "__main__":

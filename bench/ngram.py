@@ -4,12 +4,12 @@ lookup's cost at 64 requests with 8k-token prompts as a fraction of a measured t
 
     OMP_NUM_THREADS=1 python -m bench.ngram [--requests 4] [--new-tokens 40]
 
-Each class's requests run together (one batch, greedy, a fixed token budget, policy adaserve without SLOs).
-Accepted tokens per step = tokens decoded / decode steps, over every decode step of every request (a step where
-a source had nothing to propose counts with its one token). The engine's own accepted_tokens_per_step counts
-only steps that verified a tree, which flatters a source that often proposes nothing (lookup alone); it is
-printed too ("per tree"). One engine per draft configuration serves the classes in turn (chat, coding,
-summarization), so the lookup statistics carry over between classes as on a replica.
+Each class's requests run together (one batch, greedy, a token budget of 16 per request, policy adaserve
+without SLOs). Accepted tokens per step = tokens decoded / decode steps, over every decode step of every request
+(a step where a source had nothing to propose counts with its one token). The engine's own
+accepted_tokens_per_step counts only steps that verified a tree, which flatters a source that often proposes
+nothing (lookup alone); it is printed too ("per tree"). One engine per draft configuration serves the classes
+in turn (chat, coding, summarization), so the lookup statistics carry over between classes as on a replica.
 """
 
 from __future__ import annotations
@@ -21,9 +21,9 @@ import time
 import numpy as np
 
 from app.engine.config import EngineConfig, SamplingParams
-from app.engine.draft.drafter import DraftRequest
+from app.engine.draft.drafter import CandidateTree, DraftRequest
 from app.engine.draft.multi import MultiSourceDrafter
-from app.engine.draft.ngram import NgramSource
+from app.engine.draft.ngram import NgramConfig, NgramSource
 from app.engine.engine import LLMEngine
 from app.engine.runner import SeqInput
 
@@ -32,8 +32,10 @@ LONG = "summ-long"  # summarization of longer texts (--long-summary-chars), not 
 
 
 def draft_configs(model_draft: str) -> dict[str, str | None]:
-    """Engine configurations side by side: plain decoding, the model draft alone, lookup alone, both merged."""
-    return {"none": None, model_draft: model_draft, "ngram": "ngram", "merged": f"{model_draft},ngram"}
+    """Engine configurations side by side: plain decoding, the model draft alone, lookup alone, both merged, and
+    merged with lookups also anchored under the model draft's 3 best nodes (`ngram:anchors=3`, off by default)."""
+    return {"none": None, model_draft: model_draft, "ngram": "ngram", "merged": f"{model_draft},ngram",
+            "merged, anchored": f"{model_draft},ngram:anchors=3"}
 
 
 def class_prompts(n: int, seed: int, prompt_char_cap: int, long_chars: int) -> dict[str, list[str]]:
@@ -115,15 +117,41 @@ def text_stream(tokenizer, num_tokens: int) -> list[int]:
     return out
 
 
-def lookup_cost(engine: LLMEngine, num_requests: int, prompt_tokens: int, steps: int, depth: int) -> dict:
-    """Time prompt lookup (index update + matching + tree + verify feedback) for num_requests requests whose
-    prompts are prompt_tokens of real text; each step commits what a greedy target would accept (the text's
-    true continuation walked down the lookup tree) plus one bonus token."""
+class _StreamDraft:
+    """A stand-in model draft for timing the lookup merged with one: per request, the text's next token (f 0.6),
+    a wrong sibling (0.2) and the true second token (0.4), so the lookup has model nodes to anchor under."""
+
+    name = "stream"
+
+    def __init__(self, stream: list[int], cursor: list[int]):
+        self.stream, self.cursor = stream, cursor
+
+    def propose(self, reqs, **kw) -> list[CandidateTree]:
+        out = []
+        for i in range(len(reqs)):
+            k = self.cursor[i]
+            t1, t2 = self.stream[k], self.stream[k + 1]
+            out.append(CandidateTree(np.array([t1, t1 + 1, t2]), np.array([-1, -1, 0]),
+                                     np.array([0.6, 0.2, 0.67], np.float32), np.array([0.6, 0.2, 0.4], np.float32)))
+        return out
+
+    def release(self, request_id: str) -> None:
+        pass
+
+
+def lookup_cost(engine: LLMEngine, num_requests: int, prompt_tokens: int, steps: int, depth: int,
+                anchors: int = 3) -> dict:
+    """Time prompt lookup merged with a stand-in model draft (index update + matching + tree + lookups anchored
+    under `anchors` of the draft's nodes (`ngram:anchors=N`; 3 is the most expensive setting) + merging + verify
+    feedback) for num_requests requests whose
+    prompts are prompt_tokens of real text; each step commits what a greedy target would accept (the text's true
+    continuation walked down the merged tree) plus one bonus token. The stand-in draft's own proposal is timed too (a few microseconds per request)."""
     stride = 997
     stream = text_stream(engine.tokenizer, prompt_tokens + stride * num_requests + 64 * steps)
-    drafter = MultiSourceDrafter([NgramSource()])
     reqs = [DraftRequest(str(i), stream[i * stride:i * stride + prompt_tokens]) for i in range(num_requests)]
     cursor = [i * stride + prompt_tokens for i in range(num_requests)]
+    drafter = MultiSourceDrafter([_StreamDraft(stream, cursor), NgramSource(NgramConfig(max_anchors=anchors))],
+                                 names=["stream", "ngram"])
     t0 = time.perf_counter()
     drafter.propose(reqs, depth=depth, beam_width=4, topk=4)  # first propose: builds every index
     build_s = time.perf_counter() - t0
@@ -186,8 +214,10 @@ def main() -> None:
     ap.add_argument("--long-summary-chars", type=int, default=4000,
                     help="also summarise texts of this many characters (0: skip)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--token-budget", type=int, default=64,
-                    help="tree nodes per step (the CPU profile's budget is a few tokens: too small to compare drafts)")
+    ap.add_argument("--budget-per-request", type=int, default=16,
+                    help="token budget per step = this x requests (the CPU profile's budget is a few tokens: too "
+                         "small to compare drafts, and a fixed budget would compare them at a load-dependent size)")
+    ap.add_argument("--token-budget", type=int, default=None, help="a fixed budget instead")
     ap.add_argument("--cost-requests", type=int, default=64)
     ap.add_argument("--cost-prompt-tokens", type=int, default=8192)
     ap.add_argument("--cost-steps", type=int, default=20)
@@ -202,11 +232,12 @@ def main() -> None:
     classes = tuple(prompts)
     results: dict[str, dict[str, dict]] = {}
     engines = {}
+    budget = args.token_budget or args.budget_per_request * args.requests
     t_start = time.perf_counter()
     for cfg, draft in configs.items():
         engine = LLMEngine(EngineConfig(draft=draft, policy="adaserve" if draft else "none",
                                         max_num_batched_tokens=512, prefill_chunk_tokens=512, num_kv_blocks=1024,
-                                        token_budget=args.token_budget, profile_latency=False,
+                                        token_budget=budget, profile_latency=False,
                                         dtype="float32"))  # exact losslessness check below (bf16 near-ties)
         results[cfg] = {c: run_class(engine, prompts[c], args.new_tokens) for c in classes}
         engines[cfg] = engine
@@ -241,6 +272,9 @@ def main() -> None:
         s_m, s_d = results["merged"][c]["acc_per_step"], results[md][c]["acc_per_step"]
         print(f"  {c} merged / model draft alone: {s_m / s_d:.2f}x (target >= 2x): "
               f"{'ok' if s_m >= 2 * s_d else 'MISSED'}")
+    print("  anchored lookups (merged, anchored vs merged): " + ", ".join(
+        f"{c} {results['merged, anchored'][c]['acc_per_step']:.2f} vs {results['merged'][c]['acc_per_step']:.2f}"
+        for c in classes))
 
     print("\n## Merged: accepted draft tokens per verified tree by source (shared = proposed by both)")
     print(f"{'class':14s} {md:>10s} {'ngram':>10s} | "
@@ -268,20 +302,22 @@ def main() -> None:
         return
     print(f"\n## Lookup cost: {args.cost_requests} requests x {args.cost_prompt_tokens}-token prompts (ShareGPT text)")
     depth = engines["merged"].config.max_draft_depth
-    cost = lookup_cost(engines["none"], args.cost_requests, args.cost_prompt_tokens, args.cost_steps, depth)
     step_short = target_step_s(engines["none"], args.cost_requests, 256)
     step_long = target_step_s(engines["none"], args.cost_requests, args.cost_prompt_tokens - 1, repeats=1)
-    print(f"  lookup per step (propose + verify feedback, {args.cost_requests} requests): "
-          f"{1e3 * cost['step_s']:.2f} ms median, {1e3 * cost['step_s_p90']:.2f} ms p90 "
-          f"({1e6 * cost['step_s'] / args.cost_requests:.0f} us per request; "
-          f"{cost['nodes_per_request']:.1f} nodes/request, {cost['accepted_per_step']:.2f} tokens/step)")
-    print(f"  index build at the first propose: {1e3 * cost['build_s_per_request']:.1f} ms per 8k-token request "
-          f"(once per request)")
     print(f"  target decode step, batch {args.cost_requests}: {1e3 * step_long:.0f} ms at "
           f"{args.cost_prompt_tokens}-token contexts, {1e3 * step_short:.0f} ms at 256-token contexts")
-    print(f"  lookup / step: {100 * cost['step_s'] / step_long:.2f}% at 8k contexts (target < 2%: "
-          f"{'ok' if cost['step_s'] < 0.02 * step_long else 'MISSED'}); {100 * cost['step_s'] / step_short:.2f}% "
-          f"even against the 256-context step")
+    for anchors in (0, 3):
+        cost = lookup_cost(engines["none"], args.cost_requests, args.cost_prompt_tokens, args.cost_steps, depth,
+                           anchors=anchors)
+        print(f"  ngram:anchors={anchors}, merged with a stand-in draft (propose, merge, verify feedback; "
+              f"{args.cost_requests} requests): {1e3 * cost['step_s']:.2f} ms median, "
+              f"{1e3 * cost['step_s_p90']:.2f} ms p90 per step ({1e6 * cost['step_s'] / args.cost_requests:.0f} us "
+              f"per request; {cost['nodes_per_request']:.1f} nodes/request, {cost['accepted_per_step']:.2f} "
+              f"tokens/step); index build at the first propose {1e3 * cost['build_s_per_request']:.1f} ms per "
+              f"request")
+        print(f"    lookup / step: {100 * cost['step_s'] / step_long:.2f}% at 8k contexts (target < 2%: "
+              f"{'ok' if cost['step_s'] < 0.02 * step_long else 'MISSED'}); "
+              f"{100 * cost['step_s'] / step_short:.2f}% against the 256-context step")
     print(f"\ntotal {time.perf_counter() - t_start:.0f} s")
 
 

@@ -135,19 +135,21 @@ class Simulator:
     def __init__(self, profile: Profile, acceptance: AcceptanceModel, config: SimConfig):
         self.p, self.acc, self.cfg = profile, acceptance, config
         base, *variants = config.policy.split("+")
-        unknown = set(variants) - {"cut", "deep", "pd", "nocap"}
+        unknown = set(variants) - {"cut", "nocut", "deep", "pd", "nocap"}
         if unknown:
-            raise ValueError(f"unknown simulator policy variants {sorted(unknown)} (cut, deep, pd, nocap)")
+            raise ValueError(f"unknown simulator policy variants {sorted(unknown)} (nocut, cut, deep, pd, nocap)")
         self.spec = parse_policy(base)
+        # Budgeted policies price their nodes as the engine does (since it profiles its latency): they skip
+        # nodes whose f is below the marginal cost of verifying them, and stop drafting deeper once a level's
+        # summed frontier f cannot pay for the draft forward. '+nocut' turns that off ('+cut', the prototype's
+        # name, is the default now).
         # Prototypes of engine/policy changes (not in policies/), as '+' suffixes of the policy name:
-        # '+cut': skip nodes whose f is below the marginal cost of verifying them, and stop drafting deeper
-        #         once a level's summed frontier f cannot pay for the draft forward;
         # '+deep': draft depth/width from the number of requests that need more than the root this step
         #         (A(r) > 1) instead of all decoding requests, so tight requests can get deep trees under load;
         # '+pd': the t_step in A(r) includes the draft and host time (the engine predicts the target only);
         # '+nocap': no per-request cap (flexflow's 1.2 x budget / n) on SLO-phase nodes.
         self.slo_cap_factor = 1e9 if "nocap" in variants else SLO_CAP_FACTOR
-        self.cut, self.deep = "cut" in variants, "deep" in variants
+        self.cut, self.deep = self.spec.budgeted and "nocut" not in variants, "deep" in variants
         self.predict_draft = config.predict_draft_in_t_step or "pd" in variants
         self.n_max = min(config.max_tree_nodes, MAX_TREE_TOKENS - 1)
         self.token_budget = config.token_budget or choose_token_budget(

@@ -216,7 +216,7 @@ def main() -> None:
     r.add_argument("--token-budget", type=int, default=256)
     r.add_argument("--policy", default="dynamic-tree")
     r.add_argument("--seed", type=int, default=7)
-    r.add_argument("--draft", default="feature", help="draft sources (e.g. feature, distilled, feature,ngram)")
+    r.add_argument("--draft", default="feature,ngram", help="draft sources (default: the served feature,ngram)")
     r.add_argument("--gzip", action="store_true", help="compress the trace when done (x.jsonl -> x.jsonl.gz)")
     s = sub.add_parser("summary")
     s.add_argument("trace", type=Path)

@@ -11,3 +11,13 @@ def test_oracle_follows_copied_runs_within_depth_and_match():
     assert oracle_tokens_per_step([8, 1, 2, 3], [1, 2, 3], match_len=1, depth=8) == (3, 2)
     assert oracle_tokens_per_step([8, 1, 2, 3], [1, 2, 3], match_len=0, depth=8) == (3, 1)
     assert oracle_tokens_per_step([1], [7, 7], match_len=0, depth=8) == (2, 2)  # nothing to copy: 1 per step
+
+
+def test_anchored_oracle_resumes_copying_after_one_new_token():
+    # The output is "7 2 3 4"; the last context token 1 never occurred before, so plain lookup finds nothing
+    # until 7 is committed (step 1: the bonus token 7; step 2: 7 -> 2 3 4). Anchored under 7 (a model draft's
+    # level-1 node), the lookup matches 7 -> 2 3 4 in the same step.
+    prompt = [7, 2, 3, 4, 1]
+    out = [7, 2, 3, 4]
+    assert oracle_tokens_per_step(prompt, out, match_len=1, depth=8) == (4, 2)
+    assert oracle_tokens_per_step(prompt, out, match_len=1, depth=8, anchored=True) == (4, 1)

@@ -116,8 +116,11 @@ def test_lookup_tree_branches_and_chains():
 def test_ngram_config_parse():
     assert NgramConfig.parse("ngram") == NgramConfig()
     assert NgramConfig.parse("ngram:2-5") == NgramConfig(min_n=2, max_n=5)
-    with pytest.raises(ValueError):
-        NgramConfig.parse("ngram:5-2")
+    assert NgramConfig.parse("ngram:anchors=3") == NgramConfig(max_anchors=3)
+    assert NgramConfig.parse("ngram:2-5:anchors=1") == NgramConfig(min_n=2, max_n=5, max_anchors=1)
+    for bad in ["ngram:5-2", "ngram:anchors=-1", "ngram:depth=3", "ngram:x"]:
+        with pytest.raises(ValueError):
+            NgramConfig.parse(bad)
     assert parse_sources(" distilled , ngram ") == ["distilled", "ngram"]
     with pytest.raises(ValueError, match="repeat"):
         parse_sources("ngram,ngram")
@@ -226,6 +229,48 @@ def test_duplicate_tokens_under_one_parent_are_merged():
     assert st["calibration"]["model"]["count"] == 2 and st["calibration"]["lookup"]["count"] == 3
     drafter.release("r")
     assert drafter.sources[0].released == ["r"] and not drafter._proposals
+
+
+def test_query_with_an_extension_finds_what_committing_it_would():
+    rng = np.random.default_rng(1)
+    for _ in range(30):
+        tokens = rng.integers(0, 6, int(rng.integers(2, 60))).tolist()
+        extra = rng.integers(0, 6, int(rng.integers(1, 4))).tolist()
+        index = NgramIndex(1, 4)
+        index.update(tokens)
+        whole = NgramIndex(1, 4)
+        whole.update(tokens + extra)
+        expect = [(p, m) for p, m in whole.matches(tokens + extra, 1000) if p < len(tokens) - 1]
+        got = index.matches(tokens, 1000, extra=extra)
+        assert sorted(got) == sorted(expect)
+
+
+def test_lookup_resumes_under_a_model_draft_node():
+    a, b, c, d, e, x, z = range(20, 27)
+    tokens = [7, a, b, c, d, e, 8, x]  # x never occurred before: a plain lookup finds nothing
+    src = NgramSource(NgramConfig(min_depth=4, max_anchors=2))
+    model = _tree([a, z, b], [-1, -1, 0], [0.6, 0.3, 0.5])  # the draft guesses a (then b), or z
+    assert src.propose([DraftRequest("r", tokens)], depth=4)[0].num_nodes == 0
+    tree = src.propose([DraftRequest("r", tokens)], depth=4, anchors=[model])[0]
+    # anchors: a (f 0.6) and a -> b (0.5); z is not in the prompt. Under a: copy of a, then b c d e.
+    # Under a -> b: copies of a, b, then c d e 8.
+    assert tree.tokens.tolist() == [a, b, c, d, e, a, b, c, d, e, 8]
+    assert tree.parent.tolist() == [-1, 0, 1, 2, 3, -1, 5, 6, 7, 8, 9]
+    assert tree.anchor_copy.tolist() == [True] + [False] * 4 + [True, True] + [False] * 4
+    assert (tree.cell[tree.anchor_copy] == -1).all() and (tree.cell[~tree.anchor_copy] >= 0).all()
+    means = src.stats.means_array()
+    assert tree.path_prob[1] == pytest.approx(0.6 * means[tree.cell[1]], rel=1e-5)  # anchor f x chain q
+    assert tree.path_prob[7] == pytest.approx(0.5 * means[tree.cell[7]], rel=1e-5)
+    # merged: the copies fold onto the model's nodes, which stay the model's alone
+    drafter = MultiSourceDrafter([_FixedSource("model", {"r": model}), src])
+    out = drafter.propose([DraftRequest("r", tokens)], depth=4, beam_width=2, topk=2)[0]
+    assert token_tree.is_valid_tree(out.parent[None], np.ones((1, out.num_nodes), bool))
+    # a and z are the model's alone; b is also the first node of the chain under a (bits: 1 model, 2 lookup)
+    assert out.tokens[:3].tolist() == [a, z, b] and out.source[:3].tolist() == [1, 1, 3]
+    assert out.path_prob[:3].tolist() == pytest.approx([0.6, 0.3, 0.5])
+    # both chains fold into one: a -> b -> c -> d -> e -> 8, the part below b from lookup only
+    assert out.tokens[3:].tolist() == [c, d, e, 8] and out.parent[3:].tolist() == [2, 3, 4, 5]
+    assert out.source[3:].tolist() == [2, 2, 2, 2]
 
 
 def test_merge_caps_candidates_to_a_valid_tree():

@@ -117,9 +117,17 @@ class MultiSourceDrafter:
                 widths: tuple[int, ...] | None = None, min_path_prob: float = 0.0,
                 min_level_mass: float = 0.0) -> list[CandidateTree]:
         self._flush()
-        per_source = [s.propose(reqs, depth=depth, beam_width=beam_width, topk=topk, widths=widths,
-                                min_path_prob=min_path_prob, min_level_mass=min_level_mass)
-                      for s in self.sources]
+        kw = dict(depth=depth, beam_width=beam_width, topk=topk, widths=widths, min_path_prob=min_path_prob,
+                  min_level_mass=min_level_mass)
+        per_source: list = [None] * len(self.sources)
+        anchors = None  # the first model source's trees: lookups also hang under their best nodes
+        for s, src in enumerate(self.sources):
+            if not isinstance(src, NgramSource):
+                per_source[s] = src.propose(reqs, **kw)
+                anchors = per_source[s] if anchors is None else anchors
+        for s, src in enumerate(self.sources):
+            if isinstance(src, NgramSource):
+                per_source[s] = src.propose(reqs, anchors=anchors, **kw)
         out = []
         for i, r in enumerate(reqs):
             prop = self._merge([trees[i] for trees in per_source])
@@ -215,13 +223,18 @@ class MultiSourceDrafter:
         f = np.zeros(m, np.float64)
         for s, mp in zip(nonempty, maps):
             t = trees[s]
+            own = getattr(t, "anchor_copy", None)  # copies of another source's nodes are not this source's
+            pf, cell = t.path_prob, getattr(t, "cell", None)
+            if own is not None:
+                own = ~own
+                mp, pf, cell = mp[own], pf[own], cell[own] if cell is not None else None
             source_f[s] = np.full(m, np.nan, np.float32)
-            np.fmax.at(source_f[s], mp, t.path_prob)  # fmax: a source's own duplicates keep their larger f
-            if getattr(t, "cell", None) is not None:
+            np.fmax.at(source_f[s], mp, pf)  # fmax: a source's own duplicates keep their larger f
+            if cell is not None:
                 cells[s] = np.full(m, -1, np.int64)
-                cells[s][mp] = t.cell
+                cells[s][mp] = cell
             bits[mp] |= np.uint8(1 << s)
-            np.maximum.at(f, mp, t.path_prob.astype(np.float64))
+            np.maximum.at(f, mp, pf.astype(np.float64))
         parent = np.asarray(par, np.int64)
         f = token_tree.monotone_path_probs(parent[None], f[None], np.ones((1, m), bool))[0].astype(np.float32)
         draft = f / np.where(parent >= 0, f[parent], np.float32(1.0))

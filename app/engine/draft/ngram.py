@@ -21,7 +21,7 @@ matches instead of being pulled down to the short match's first-token rate.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -77,7 +77,8 @@ def default_stats(**kw) -> BetaCounts:
 class LookupTree(CandidateTree):
     """A CandidateTree whose nodes carry their statistics cell (for the verify feedback)."""
 
-    cell: np.ndarray | None = None  # [M] int64 flat BetaCounts cell of each node
+    cell: np.ndarray | None = None  # [M] int64 flat BetaCounts cell of each node (-1: an anchor copy)
+    anchor_copy: np.ndarray | None = None  # [M] bool: a copy of a model-draft node that lookups hang under
 
 
 class NgramIndex:
@@ -151,25 +152,30 @@ class NgramIndex:
             tail[1] = t
         self.length = len(tokens)
 
-    def matches(self, tokens: list[int], max_matches: int) -> list[tuple[int, int]]:
-        """Earlier occurrences of the tokens' suffix: [(end position, measured match length)], best first
-        (longer match, then newer). Only positions with at least one token after them."""
+    def matches(self, tokens: list[int], max_matches: int, extra: list[int] = ()) -> list[tuple[int, int]]:
+        """Earlier occurrences of the suffix of tokens + extra (extra: tokens not committed yet, e.g. a model
+        draft's path to an anchor node): [(end position, measured match length)], best first (longer match,
+        then newer). Only indexed positions (with a committed token after them)."""
         length = self.length
+        query = tokens[-LEN_EDGES[-1]:] + list(extra) if extra else tokens
+        qlen = len(query)
+        total = length + len(extra)
+        tails = self.tail if not extra else self._query_hashes(query)
         found: list[tuple[int, int]] = []
         seen: set[int] = set()
-        for n in range(min(self.max_n, length - 1), self.min_n - 1, -1):
-            p = self.heads[n].get(self.tail[n], -1)
+        for n in range(min(self.max_n, length - 1, total), self.min_n - 1, -1):
+            p = self.heads[n].get(tails[n], -1)
             walked = 0
             while p >= 0 and len(found) < max_matches and walked < 2 * max_matches:
                 walked += 1
                 if p not in seen:
                     seen.add(p)
-                    if tokens[p - n + 1:p + 1] == tokens[length - n:length]:  # not a hash collision
+                    if tokens[p - n + 1:p + 1] == query[qlen - n:]:  # not a hash collision
                         m = n
                         for e in LEN_EDGES:
                             if e <= m:
                                 continue
-                            if p - e + 1 < 0 or tokens[p - e + 1:p + 1] != tokens[length - e:length]:
+                            if p - e + 1 < 0 or e > qlen or tokens[p - e + 1:p + 1] != query[qlen - e:]:
                                 break
                             m = e
                         found.append((p, m))
@@ -179,6 +185,16 @@ class NgramIndex:
         found.sort(key=lambda pm: (-pm[1], -pm[0]))
         return found
 
+    def _query_hashes(self, query: list[int]) -> list[int]:
+        """[n] hash of the last n tokens of query (the index's polynomial hash), n = 0 .. max_n."""
+        out = [0] * (self.max_n + 1)
+        for n in range(1, min(self.max_n, len(query)) + 1):
+            h = 0
+            for t in query[len(query) - n:]:
+                h = (h * _P + t + 1) & _MASK
+            out[n] = h
+        return out
+
 
 @dataclass(frozen=True)
 class NgramConfig:
@@ -187,22 +203,33 @@ class NgramConfig:
     max_matches: int = 8  # occurrences considered per request and step
     max_branches: int = 4  # distinct continuations kept (sibling branches)
     min_depth: int = 8  # chains are at least this deep even when the model's adaptive depth is smaller
+    max_anchors: int = 0  # model-draft nodes per request that a lookup is also anchored under (merged sources)
 
     @classmethod
     def parse(cls, spec: str) -> "NgramConfig":
-        """"ngram" or "ngram:MIN-MAX" (e.g. "ngram:2-5")."""
-        name, sep, arg = spec.strip().lower().partition(":")
+        """"ngram", "ngram:MIN-MAX" (e.g. "ngram:2-5"), "ngram:anchors=N" (lookups under the model draft's
+        N best nodes; 0: none), or both ("ngram:2-5:anchors=0")."""
+        name, _, args = spec.strip().lower().partition(":")
         if name != "ngram":
             raise ValueError(f"not an n-gram source: {spec!r}")
-        if not sep:
-            return cls()
-        try:
-            lo, _, hi = arg.partition("-")
-            cfg = cls(min_n=int(lo), max_n=int(hi or lo))
-        except ValueError:
-            raise ValueError(f"bad n-gram range in {spec!r}; expected e.g. 'ngram:1-4'") from None
+        cfg = cls()
+        for arg in filter(None, args.split(":")):
+            key, eq, value = arg.partition("=")
+            try:
+                if eq and key == "anchors":
+                    cfg = replace(cfg, max_anchors=int(value))
+                elif not eq:
+                    lo, _, hi = arg.partition("-")
+                    cfg = replace(cfg, min_n=int(lo), max_n=int(hi or lo))
+                else:
+                    raise ValueError
+            except ValueError:
+                raise ValueError(f"bad n-gram option {arg!r} in {spec!r}; expected e.g. 'ngram:1-4' or "
+                                 f"'ngram:anchors=3'") from None
         if not 1 <= cfg.min_n <= cfg.max_n:
             raise ValueError(f"n-gram range must satisfy 1 <= min <= max, got {spec!r}")
+        if cfg.max_anchors < 0:
+            raise ValueError(f"anchors must be >= 0, got {spec!r}")
         return cfg
 
 
@@ -224,12 +251,19 @@ class NgramSource:
 
     def propose(self, reqs: list[DraftRequest], depth: int, beam_width: int = 1, topk: int = 1,
                 widths: tuple[int, ...] | None = None, min_path_prob: float = 0.0,
-                min_level_mass: float = 0.0) -> list[LookupTree]:
+                min_level_mass: float = 0.0, anchors: list[CandidateTree] | None = None) -> list[LookupTree]:
         """One lookup tree per request, max(depth, min_depth) levels deep (len(widths) for a static shape).
 
         Lookup nodes cost nothing to propose, so their chains do not shrink with the adaptive depth (1 under
         heavy load), and the model draft's work cut-offs (`min_path_prob`, `min_level_mass`) do not apply:
         the selection weighs their f against everything else under the budget.
+
+        `anchors` (one model-draft tree per request, from a merged drafter): the lookup is also run under the
+        draft's `max_anchors` most probable nodes that the plain lookup does not already cover, with the path
+        to the node appended to the query. A paraphrase (the target's own first token) stops a plain lookup;
+        anchored under the draft's guess of that token, the lookup resumes copying in the same step. Such a
+        chain hangs under copies of the anchor path (`anchor_copy`, which the merge maps onto the draft's
+        nodes), and its f is the anchor's f times the chain's calibrated q.
         """
         if widths is not None:
             depth = len(widths)
@@ -240,7 +274,7 @@ class NgramSource:
         cfg = self.config
         means = self.stats.means()
         out = []
-        for r in reqs:
+        for i, r in enumerate(reqs):
             if not r.token_ids:
                 raise ValueError(f"request {r.request_id}: token_ids is empty")
             index = self.indexes.get(r.request_id)
@@ -248,18 +282,62 @@ class NgramSource:
                 index = self.indexes[r.request_id] = NgramIndex(cfg.min_n, cfg.max_n)
             tokens = r.token_ids
             index.update(tokens)
-            out.append(self._tree(tokens, index.matches(tokens, cfg.max_matches), depth, means))
+            tree = self._tree(tokens, index.matches(tokens, cfg.max_matches), depth, means, cfg.max_branches)
+            if anchors is not None and cfg.max_anchors > 0 and anchors[i].num_nodes:
+                tree = self._anchored(tree, tokens, index, anchors[i], depth, means)
+            out.append(tree)
         return out
 
-    def _tree(self, tokens: list[int], found: list[tuple[int, int]], depth: int, means: list[float]) -> LookupTree:
-        """Trie of the occurrences' continuations (best occurrence first); f = product of the cells' means."""
+    def _anchored(self, tree: LookupTree, tokens: list[int], index: NgramIndex, draft: CandidateTree,
+                  depth: int, means: list[float]) -> LookupTree:
+        """`tree` plus, under each anchor of `draft`, the anchor path's copy and the best occurrence's chain."""
+        d_par, d_tok = draft.parent.tolist(), draft.tokens.tolist()
+        on_trie = dict(zip(zip(tree.parent.tolist(), tree.tokens.tolist()), range(tree.num_nodes)))
+        mapped: list[int] = []  # draft node -> plain lookup node with the same path (-1: none)
+        for p, t in zip(d_par, d_tok):
+            mapped.append(-1 if p >= 0 and mapped[p] < 0 else on_trie.get((mapped[p] if p >= 0 else -1, t), -1))
+        free = np.flatnonzero(np.asarray(mapped) < 0)
+        if not free.size:
+            return tree
+        ranked = free[np.argsort(-draft.path_prob[free], kind="stable")][: self.config.max_anchors]
+        parts = [tree]
+        offset = tree.num_nodes
+        for a in ranked.tolist():
+            path = [a]
+            while d_par[path[-1]] >= 0:
+                path.append(d_par[path[-1]])
+            path.reverse()
+            found = index.matches(tokens, max(self.config.max_matches // 2, 1), extra=[d_tok[j] for j in path])
+            if not found:
+                continue
+            sub = self._tree(tokens, found, depth, means, self.config.max_branches, f0=float(draft.path_prob[a]))
+            k = len(path)
+            copy = LookupTree(tokens=draft.tokens[path], parent=np.arange(offset - 1, offset + k - 1),
+                              draft_prob=draft.draft_prob[path], path_prob=draft.path_prob[path],
+                              cell=np.full(k, -1, np.int64), anchor_copy=np.ones(k, bool))
+            copy.parent[0] = -1
+            sub.parent = np.where(sub.parent >= 0, sub.parent + offset + k, offset + k - 1)
+            sub.anchor_copy = np.zeros(sub.num_nodes, bool)
+            parts += [copy, sub]
+            offset += k + sub.num_nodes
+        if len(parts) == 1:
+            return tree
+        tree.anchor_copy = np.zeros(tree.num_nodes, bool)
+        cat = lambda name: np.concatenate([getattr(t, name) for t in parts])  # noqa: E731
+        return LookupTree(tokens=cat("tokens"), parent=cat("parent"), draft_prob=cat("draft_prob"),
+                          path_prob=cat("path_prob"), cell=cat("cell"), anchor_copy=cat("anchor_copy"))
+
+    def _tree(self, tokens: list[int], found: list[tuple[int, int]], depth: int, means: list[float],
+              max_branches: int, f0: float = 1.0) -> LookupTree:
+        """Trie of the occurrences' continuations (best occurrence first); f = f0 x the product of the cells'
+        means along the path (f0: the anchor's f, 1 under the root)."""
         tok: list[int] = []
         par: list[int] = []
         cell: list[int] = []
         f: list[float] = []
         q: list[float] = []
         children: dict[tuple[int, int], int] = {}
-        num_branches, max_branches = 0, self.config.max_branches
+        num_branches = 0
         top = LEN_EDGES[-1]
         for p, m in found:
             if num_branches >= max_branches:
@@ -281,7 +359,7 @@ class NgramSource:
             tok.extend(new)
             par.append(node)
             par.extend(range(first, first + len(new) - 1))
-            fp = f[node] if node >= 0 else 1.0
+            fp = f[node] if node >= 0 else f0
             keep_children = num_branches < max_branches
             for j in range(first, first + len(new)):
                 d += 1
