@@ -61,6 +61,7 @@ class AppSettings(BaseModel):
     min_tpot_slo_x_baseline: float = Field(default=0.5, gt=0)  # below this x unloaded TPOT: impossible, 400
     replica_timeout_s: float = Field(default=60.0, gt=0)  # no answer from any replica by then: 503
     unloaded_tpot_probe_tokens: int = Field(default=8, ge=2)
+    unloaded_tpot_reprobes: int = Field(default=3, ge=0)  # idle re-measurements after start-up (the min is kept)
     replica_torch_threads: int | None = Field(default=None, ge=1)  # None: Ray's OMP_NUM_THREADS (num_cpus)
 
     @field_validator("engine")

@@ -41,10 +41,22 @@ def _error(status: int, message: str, param: str | None = None) -> dict[str, Any
 
 
 class EngineLoop:
-    """Owns the engine: applies queued commands between steps, steps while work exists, publishes stats."""
+    """Owns the engine: applies queued commands between steps, steps while work exists, publishes stats.
 
-    def __init__(self, engine: Any, idle_wait_s: float = 0.05):
+    It also owns the SLO baseline (``unloaded_tpot_s``): a start-up probe can run while other actors start or
+    stop on the same cores, which inflates the baseline (by 2.4x once on this CPU), loosening every relative SLO
+    class and rejecting valid tight targets. So after ``reprobe_idle_s`` without work it measures again with
+    ``probe`` (at most ``max_reprobes`` times) and keeps the smallest value: idle probes only err upwards.
+    """
+
+    def __init__(self, engine: Any, idle_wait_s: float = 0.05, unloaded_tpot_s: float | None = None,
+                 probe: Callable[[], float] | None = None, reprobe_idle_s: float = 2.0, max_reprobes: int = 3):
         self.engine = engine
+        self.unloaded_tpot_s = unloaded_tpot_s
+        self._probe = probe
+        self._reprobes_left = max_reprobes if probe is not None else 0
+        self._reprobe_idle_s = reprobe_idle_s
+        self._last_busy = time.monotonic()
         self._commands: queue.SimpleQueue[tuple] = queue.SimpleQueue()
         self._sinks: dict[str, Sink] = {}  # loop thread only
         self._stop = threading.Event()
@@ -77,7 +89,24 @@ class EngineLoop:
             self._apply_commands(block=not self.engine.has_unfinished())
             if self.engine.has_unfinished():
                 self._step()
+                self._last_busy = time.monotonic()
+            elif self._reprobes_left and time.monotonic() - self._last_busy >= self._reprobe_idle_s:
+                self._reprobe()
             self._publish_stats()
+
+    def _reprobe(self) -> None:
+        self._reprobes_left -= 1
+        try:
+            value = float(self._probe())
+        except Exception:
+            logger.exception("unloaded TPOT re-probe failed; keeping %s", self.unloaded_tpot_s)
+            return
+        finally:
+            self._last_busy = time.monotonic()  # the next probe waits for another idle period
+        if self.unloaded_tpot_s is None or value < self.unloaded_tpot_s:
+            logger.info("unloaded TPOT re-probed: %.1f ms (was %s)", value * 1e3,
+                        f"{self.unloaded_tpot_s * 1e3:.1f} ms" if self.unloaded_tpot_s else "unknown")
+            self.unloaded_tpot_s = value
 
     def _apply_commands(self, block: bool) -> None:
         try:
@@ -193,14 +222,15 @@ class LLMReplica:
         from app.engine.engine import LLMEngine
 
         self.engine = LLMEngine(self.settings.engine_config())
-        reported = self.engine.stats().get("unloaded_tpot_s")
-        self.unloaded_tpot_s = float(reported) if reported else measure_unloaded_tpot_s(
-            self.engine, self.settings.unloaded_tpot_probe_tokens)
+        probe_tokens = self.settings.unloaded_tpot_probe_tokens
+        unloaded_tpot_s = measure_unloaded_tpot_s(self.engine, probe_tokens)
         self.capacity = self.engine.config.max_num_seqs + self.settings.max_waiting
         self._active: set[str] = set()  # requests this replica holds: queued commands, waiting, running
-        self.loop = EngineLoop(self.engine)
+        self.loop = EngineLoop(self.engine, unloaded_tpot_s=unloaded_tpot_s,
+                               probe=lambda: measure_unloaded_tpot_s(self.engine, probe_tokens, num_probes=1),
+                               max_reprobes=self.settings.unloaded_tpot_reprobes)
         self.loop.start()
-        logger.info("replica ready: unloaded TPOT %.1f ms, capacity %d", self.unloaded_tpot_s * 1e3, self.capacity)
+        logger.info("replica ready: unloaded TPOT %.1f ms, capacity %d", unloaded_tpot_s * 1e3, self.capacity)
 
     async def generate(self, request: dict[str, Any], tpot_slo_ms: float | None = None) -> AsyncIterator[dict]:
         """Stream one request's messages. ``tpot_slo_ms`` is read by the router (the SLO itself travels in
@@ -251,7 +281,7 @@ class LLMReplica:
             "kv_free_blocks": int(s.get("kv_free_blocks", 0)),
             "kv_total_blocks": int(s.get("kv_total_blocks", 0)),
             "measured_tpot_s": s.get("measured_tpot_s"),
-            "unloaded_tpot_s": self.unloaded_tpot_s,
+            "unloaded_tpot_s": self.loop.unloaded_tpot_s,
             "accepted_tokens_per_step": s.get("accepted_tokens_per_step"),
             "num_steps": int(s.get("num_steps", 0)),
             "accepted_per_step_by_source": dict((s.get("draft_sources") or {}).get("accepted_per_step_by_source") or {}),
@@ -263,7 +293,7 @@ class LLMReplica:
         }
 
     def get_unloaded_tpot_s(self) -> float:
-        return self.unloaded_tpot_s
+        return self.loop.unloaded_tpot_s
 
     def check_health(self) -> None:
         if not self.loop.alive:

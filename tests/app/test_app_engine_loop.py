@@ -99,3 +99,49 @@ def test_abort_stops_delivery_and_frees_the_request() -> None:
         assert len(inbox.messages) == n and not inbox.done.is_set()
     finally:
         loop.stop()
+
+
+def test_idle_reprobes_keep_the_smallest_baseline_and_stop() -> None:
+    engine = FakeEngine()
+    values = iter([0.20, 0.05, 0.08, 0.01])  # a noisy start-up measured 0.13; the 4th probe must not run
+    probes: list[float] = []
+
+    def probe() -> float:
+        probes.append(next(values))
+        return probes[-1]
+
+    loop = EngineLoop(engine, idle_wait_s=0.01, unloaded_tpot_s=0.13, probe=probe, reprobe_idle_s=0.05,
+                      max_reprobes=3)
+    loop.start()
+    try:
+        deadline = time.monotonic() + 5
+        while len(probes) < 3 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.3)  # several idle periods more: no further probe
+        assert probes == [0.20, 0.05, 0.08]
+        assert loop.unloaded_tpot_s == 0.05
+        # requests are still served after the probes
+        inbox = Inbox()
+        loop.add("a", {"prompt": "hi", "sampling": {"max_tokens": 2}}, inbox)
+        assert inbox.done.wait(5)
+    finally:
+        loop.stop()
+
+
+def test_no_reprobe_while_busy() -> None:
+    engine = FakeEngine()
+    probes: list[float] = []
+    loop = EngineLoop(engine, idle_wait_s=0.01, unloaded_tpot_s=0.1, probe=lambda: probes.append(0.05) or 0.05,
+                      reprobe_idle_s=0.2)
+    loop.start()
+    try:
+        inbox = Inbox()
+        loop.add("a", {"prompt": "hi", "sampling": {"max_tokens": 15}}, inbox)  # ~0.15 s of steps
+        assert inbox.done.wait(5)
+        assert probes == []  # busy, then not yet idle for 0.2 s
+        deadline = time.monotonic() + 5
+        while loop.unloaded_tpot_s != 0.05 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert probes == [0.05] and loop.unloaded_tpot_s == 0.05
+    finally:
+        loop.stop()

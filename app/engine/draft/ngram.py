@@ -290,7 +290,8 @@ class NgramSource:
 
     def _anchored(self, tree: LookupTree, tokens: list[int], index: NgramIndex, draft: CandidateTree,
                   depth: int, means: list[float]) -> LookupTree:
-        """`tree` plus, under each anchor of `draft`, the anchor path's copy and the best occurrence's chain."""
+        """`tree` plus, under each anchor of `draft`, a copy of the anchor path and the trie of the best
+        occurrences' continuations after it."""
         d_par, d_tok = draft.parent.tolist(), draft.tokens.tolist()
         on_trie = dict(zip(zip(tree.parent.tolist(), tree.tokens.tolist()), range(tree.num_nodes)))
         mapped: list[int] = []  # draft node -> plain lookup node with the same path (-1: none)
