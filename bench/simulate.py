@@ -6,7 +6,9 @@ Per replica it mirrors the engine step by step (app/engine/scheduler.py + engine
 2. draft: ``tree_selection.draft_shape`` (-> ``budget.adaptive_shape``) picks depth/beam/topk exactly as the
    speculator does; candidate trees are built level by level like the drafter's beam search (static widths
    for static-tree, one chain for chain:k), each node's children's draft probabilities drawn from the
-   fan-out pool of the recorded acceptance trace (bench/traces.py);
+   fan-out pool of the recorded acceptance trace (bench/traces.py); for a trace of merged drafts, a recorded
+   prompt-lookup chain is added with the trace's frequency (``_add_lookup``: deep whatever the adaptive
+   depth, no draft time);
 3. select: ``tree_selection.select`` with a real ``SLOState`` (l_r, o_r, SLO) and the engine's t_step
    prediction, then the engine's n_max cap;
 4. verify/accept: at every drafted node the target "picks" at most one child, child i with the empirical
@@ -313,8 +315,11 @@ class Simulator:
         if self.cut:  # tokens/s the step makes without the level / node (~r tokens per t_step)
             rate = r / max(t_step + self.p.overhead_s, 1e-9)
             gate = lambda front_f_sum, tokens: front_f_sum >= rate * (self.p.draft_level_s + self.p.draft_token_s * tokens)  # noqa: E731
-        parent, f, valid, chosen, level_tokens = self._draft(r, depth, beam, topk, spec.static_widths or None, gate)
+        parent, f, valid, chosen, level_tokens, picks = self._draft(r, depth, beam, topk, spec.static_widths or None,
+                                                                    gate)
         depth = len(level_tokens)
+        if self.acc.lookup_chains is not None:
+            parent, f, valid, chosen = self._add_lookup(parent, f, valid, chosen, picks)
         draft_s = sum(self.p.draft_level_s + self.p.draft_token_s * t for t in level_tokens)
         if self.cut:
             base_tokens = r + max(node_budget // 4, 1)
@@ -340,6 +345,7 @@ class Simulator:
         rng = self.rng
         k_pool = self.fan.shape[1]
         parents_l, f_l, valid_l, chosen_l = [], [], [], []
+        picks_l = []  # per level: (frontier slots, the target's uniform draw there, its children's pick mass)
         front_idx = np.full((r, 1), -1, dtype=np.int64)  # frontier node slots (-1 = root)
         front_f = np.ones((r, 1))
         front_ok = np.ones((r, 1), dtype=bool)
@@ -356,6 +362,7 @@ class Simulator:
             q = pq[rows] * front_ok[:, :, None]  # [r, F, k], descending per node
             u = rng.random((r, fcount, 1))
             pick = (u >= lo[rows]) & (u < hi[rows]) & (q > 0)
+            picks_l.append((front_idx, u[..., 0], np.where(front_ok, hi[rows][..., -1], 0.0)))
             f = front_f[:, :, None] * q
             par = np.broadcast_to(front_idx[:, :, None], (r, fcount, k))
             parents_l.append(par.reshape(r, -1))
@@ -377,8 +384,51 @@ class Simulator:
                 front_f = np.take_along_axis(flat_f, top, axis=1)
                 front_ok = front_f > 0
         parent = np.concatenate(parents_l, axis=1)
+        m = parent.shape[1]
+        draw = np.full((r, m + 1), np.nan)  # column m: the root
+        mass = np.zeros((r, m + 1))
+        rows_r = np.arange(r)[:, None]
+        for idx, u, hi_last in picks_l:
+            col = np.where(idx < 0, m, idx)
+            draw[rows_r, col], mass[rows_r, col] = u, hi_last
         return (parent, np.concatenate(f_l, axis=1), np.concatenate(valid_l, axis=1),
-                np.concatenate(chosen_l, axis=1), level_tokens)
+                np.concatenate(chosen_l, axis=1), level_tokens, (draw, mass))
+
+    def _add_lookup(self, parent, f, valid, chosen, picks):
+        """Append a prompt-lookup chain to each request's tree, as the merged drafter would: with the trace's
+        frequency, one of its recorded primary chains (q per depth); under the model's likeliest level-1 node
+        when the recorded chain's first node was the model's too (the chain then continues below it), else
+        under the root. Lookup chains do not shrink with the adaptive depth and cost no draft time. The target
+        picks one child per node: the chain's first node takes the interval after the model's children at its
+        anchor (same uniform draw, so at most one of them is accepted); deeper nodes use the trace's lookup
+        acceptance by q."""
+        draw, mass = picks
+        acc, rng = self.acc, self.rng
+        r, m = parent.shape
+        rows = np.arange(r)
+        has = rng.random(r) < acc.lookup_share
+        idx = rng.integers(0, acc.lookup_chains.shape[0], r)
+        q = acc.lookup_chains[idx].astype(np.float64) * has[:, None]  # [r, D]
+        level1 = (parent < 0) & valid
+        top = np.argmax(np.where(level1, f, -1.0), axis=1)
+        under = acc.lookup_shared_first[idx] & has & level1[rows, top]
+        q = np.where(under[:, None], np.concatenate([q[:, 1:], np.zeros((r, 1))], axis=1), q)
+        anchor = np.where(under, top, -1)
+        cf = np.where(under, f[rows, top], 1.0)[:, None] * np.cumprod(q, axis=1)
+        cvalid = np.cumprod(q > 0, axis=1).astype(bool)
+        depth = q.shape[1]
+        cparent = np.empty((r, depth), np.int64)
+        cparent[:, 0] = anchor
+        cparent[:, 1:] = m + np.arange(depth - 1)
+        g = acc.lookup_accept(q) * cvalid
+        col = np.where(under, top, m)
+        u, lo = draw[rows, col], mass[rows, col]
+        fresh = np.isnan(u)  # the anchor was not expanded by the model: nothing competes there
+        u, lo = np.where(fresh, rng.random(r), u), np.where(fresh, 0.0, lo)
+        first = (u >= lo) & (u < lo + g[:, 0])
+        cchosen = np.concatenate([first[:, None], rng.random((r, depth - 1)) < g[:, 1:]], axis=1) & cvalid
+        return (np.concatenate([parent, cparent], axis=1), np.concatenate([f, cf], axis=1),
+                np.concatenate([valid, cvalid], axis=1), np.concatenate([chosen, cchosen], axis=1))
 
 
 def simulate(reqs: list[SimRequest], profile: Profile, acceptance: AcceptanceModel, config: SimConfig):

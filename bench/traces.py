@@ -45,16 +45,24 @@ class TraceRecorder:
         if spec is None:
             raise ValueError("the engine has no draft: nothing to trace")
         self._orig = spec.observe
+        names = list(getattr(spec.drafter, "names", []))
+        lookup_bit = names.index("ngram") if "ngram" in names and len(names) > 1 else None
 
         def observe(request_id, candidates, tree, path_idx):
             slots = tree.slots
-            self.lines.append({
+            line = {
                 "policy": self._policy_of(request_id),
                 "parent": candidates.parent.tolist(),
                 "q": [round(float(x), 5) for x in candidates.draft_prob],
                 "sel": [int(s) for s in slots[1:]],
                 "acc": [int(slots[i]) for i in path_idx[1:]],
-            })
+            }
+            source = getattr(candidates, "source", None)
+            if lookup_bit is not None and source is not None:  # 0 model draft, 1 lookup only, 2 both
+                by_lookup = (source >> lookup_bit) & 1 == 1
+                by_model = (source & ~np.uint8(1 << lookup_bit)) != 0
+                line["lookup"] = np.where(by_lookup, np.where(by_model, 2, 1), 0).tolist()
+            self.lines.append(line)
             self._orig(request_id, candidates, tree, path_idx)
 
         spec.observe = observe
@@ -95,22 +103,32 @@ class AcceptanceModel:
     f_rate: np.ndarray  # [B] P(accepted | f in bin), unconditional, for the report
     f_count: np.ndarray  # [B]
     mean_accepted_per_tree: float
+    # Prompt lookup, from traces of merged drafts (empty otherwise); the tables above then cover the model's
+    # nodes (those it proposed, alone or with the lookup):
+    lookup_chains: np.ndarray | None = None  # [C, D] q along each tree's primary lookup chain, 0-padded
+    lookup_shared_first: np.ndarray | None = None  # [C] bool: the chain's first node was the model's too
+    lookup_share: float = 0.0  # fraction of trees that had a lookup chain
+    lookup_cond_rate: np.ndarray | None = None  # [B] P(accepted | parent accepted, q in bin), lookup nodes
 
     @classmethod
-    def from_trace(cls, lines: list[dict], k: int = 4) -> "AcceptanceModel":
+    def from_trace(cls, lines: list[dict], k: int = 4, max_chain: int = 16) -> "AcceptanceModel":
         fan, cq, ca, fq, fa, acc_len = [], [], [], [], [], []
+        lq, la, chains, shared_first = [], [], [], []
+        has_lookup = any("lookup" in ln for ln in lines)
         for ln in lines:
             parent = np.asarray(ln["parent"], dtype=np.int64)
             q = np.asarray(ln["q"], dtype=np.float64)
             m = parent.size
             if m == 0:
                 continue
+            src = np.asarray(ln.get("lookup", [0] * m), dtype=np.int64)
             f = np.ones(m)
             for i in range(m):  # parents-first
                 f[i] = q[i] * (f[parent[i]] if parent[i] >= 0 else 1.0)
             kids: dict[int, list[float]] = {}
             for i in range(m):
-                kids.setdefault(int(parent[i]), []).append(q[i])
+                if src[i] != 1:  # the model's tree: its nodes, alone or shared with the lookup
+                    kids.setdefault(int(parent[i]), []).append(q[i])
             for ch in kids.values():
                 row = sorted(ch, reverse=True)[:k]
                 fan.append(row + [0.0] * (k - len(row)))
@@ -119,20 +137,48 @@ class AcceptanceModel:
             for s in sel:
                 p = int(parent[s])
                 if p < 0 or p in acc:
-                    cq.append(q[s])
-                    ca.append(s in acc)
+                    if src[s] != 1:
+                        cq.append(q[s])
+                        ca.append(s in acc)
+                    if src[s] != 0:
+                        lq.append(q[s])
+                        la.append(s in acc)
                 fq.append(f[s])
                 fa.append(s in acc)
+            if has_lookup:
+                chain, node = [], -1  # the primary lookup chain: from the root, the likeliest lookup child
+                while len(chain) < max_chain:
+                    nxt = [i for i in range(m) if parent[i] == node and src[i] != 0]
+                    if not nxt:
+                        break
+                    node = max(nxt, key=lambda i: q[i])
+                    if not chain:
+                        shared_first.append(src[node] == 2)
+                    chain.append(q[node])
+                if chain:
+                    chains.append(chain + [0.0] * (max_chain - len(chain)))
         if not fan:
             raise ValueError("empty trace")
         edges = Q_BINS
-        cond_rate, cond_count = _binned(np.asarray(cq), np.asarray(ca, dtype=float), edges)
-        f_rate, f_count = _binned(np.asarray(fq), np.asarray(fa, dtype=float), edges)
-        # fill empty bins with the bin centre's calibrated guess (q itself): rare, keeps sampling defined
         centre = 0.5 * (edges[:-1] + edges[1:])
-        cond_rate = np.where(cond_count > 0, cond_rate, np.minimum(centre, 1.0))
+
+        def rate(x, y, min_count=1):  # thin bins get the bin centre's calibrated guess (q itself)
+            r, n = _binned(np.asarray(x), np.asarray(y, dtype=float), edges)
+            return np.where(n >= min_count, r, np.minimum(centre, 1.0)), n
+
+        cond_rate, cond_count = rate(cq, ca)
+        f_rate, f_count = _binned(np.asarray(fq), np.asarray(fa, dtype=float), edges)
+        lookup = {}
+        if chains:
+            lookup = {"lookup_chains": np.asarray(chains, np.float32), "lookup_shared_first": np.asarray(shared_first),
+                      "lookup_share": len(chains) / len(acc_len), "lookup_cond_rate": rate(lq, la, min_count=5)[0]}
         return cls(np.asarray(fan, dtype=np.float32), edges, cond_rate, cond_count, f_rate, f_count,
-                   float(np.mean(acc_len)) if acc_len else 0.0)
+                   float(np.mean(acc_len)) if acc_len else 0.0, **lookup)
+
+    def lookup_accept(self, q: np.ndarray) -> np.ndarray:
+        """P(a lookup node is accepted | its parent was), by q bin."""
+        idx = np.clip(np.searchsorted(self.bin_edges, q, side="right") - 1, 0, self.lookup_cond_rate.size - 1)
+        return self.lookup_cond_rate[idx]
 
     def cond_accept(self, q: np.ndarray) -> np.ndarray:
         idx = np.clip(np.searchsorted(self.bin_edges, q, side="right") - 1, 0, self.cond_rate.size - 1)
@@ -143,7 +189,8 @@ class AcceptanceModel:
                 "cond_count": self.cond_count.tolist(), "f_rate": self.f_rate.tolist(),
                 "f_count": self.f_count.tolist(), "mean_accepted_per_tree": self.mean_accepted_per_tree,
                 "num_fanout_rows": int(self.fanout.shape[0]),
-                "mean_top1_q": float(self.fanout[:, 0].mean())}
+                "mean_top1_q": float(self.fanout[:, 0].mean()), "lookup_share": self.lookup_share,
+                "lookup_cond_rate": None if self.lookup_cond_rate is None else self.lookup_cond_rate.tolist()}
 
     def scaled(self, factor: float) -> "AcceptanceModel":
         """What-if 'a draft ``factor`` x as confident and as calibrated': every draft probability x factor
@@ -155,7 +202,9 @@ class AcceptanceModel:
         edges = self.bin_edges * factor
         edges[-1] = max(edges[-1], 1.0 + 1e-9)
         return AcceptanceModel(fan.astype(np.float32), edges, np.minimum(self.cond_rate * factor, 1.0),
-                               self.cond_count, self.f_rate, self.f_count, self.mean_accepted_per_tree * factor)
+                               self.cond_count, self.f_rate, self.f_count, self.mean_accepted_per_tree * factor,
+                               self.lookup_chains, self.lookup_shared_first, self.lookup_share,
+                               self.lookup_cond_rate)  # the lookup stays as measured
 
 
 def _binned(x: np.ndarray, y: np.ndarray, edges: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -171,10 +220,17 @@ def print_summary(model: AcceptanceModel) -> None:
     e = model.bin_edges
     print(f"mean accepted draft tokens per verified tree: {model.mean_accepted_per_tree:.3f}; "
           f"mean top-1 draft prob {model.fanout[:, 0].mean():.3f}; {model.fanout.shape[0]} fan-out rows")
-    print(f"{'bin':>12} {'P(acc|parent acc, q)':>22} {'n':>7} {'P(acc | f)':>12} {'n':>7}")
+    lk = model.lookup_cond_rate is not None
+    if lk:
+        print(f"lookup chains in {100 * model.lookup_share:.0f}% of trees (first node shared with the model in "
+              f"{100 * model.lookup_shared_first.mean():.0f}%), mean length "
+              f"{(model.lookup_chains > 0).sum(axis=1).mean():.1f}")
+    print(f"{'bin':>12} {'P(acc|parent acc, q)':>22} {'n':>7} {'P(acc | f)':>12} {'n':>7}"
+          + (f" {'lookup P(acc|parent acc, q)':>28}" if lk else ""))
     for i in range(e.size - 1):
         print(f"[{e[i]:.2f},{min(e[i + 1], 1):.2f}) {model.cond_rate[i]:22.3f} {int(model.cond_count[i]):7d} "
-              f"{model.f_rate[i]:12.3f} {int(model.f_count[i]):7d}")
+              f"{model.f_rate[i]:12.3f} {int(model.f_count[i]):7d}"
+              + (f" {model.lookup_cond_rate[i]:28.3f}" if lk else ""))
 
 
 def record(out: Path, num_requests: int, max_tokens: int, token_budget: int, policy: str, seed: int,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -86,3 +88,30 @@ def test_prototype_variants_parse():
         simulate(workload(3, 1.0), roofline_70b(), acceptance(), SimConfig(policy="adaserve+bogus"))
     recs, _ = simulate(workload(40, 5.0), roofline_70b(), acceptance(), SimConfig(policy="adaserve+cut+pd"))
     assert all(r["error"] is None for r in recs)
+
+
+def _with_lookup(acc: AcceptanceModel, share: float) -> AcceptanceModel:
+    chains = np.tile(np.array([0.9] * 8 + [0.0] * 8, np.float32), (50, 1))
+    return dataclasses.replace(acc, lookup_chains=chains, lookup_shared_first=np.arange(50) % 2 == 0,
+                               lookup_share=share, lookup_cond_rate=np.full(Q_BINS.size - 1, 0.8))
+
+
+def test_lookup_chains_add_tokens_and_one_child_per_node_is_picked():
+    from bench.simulate import Simulator
+
+    sim = Simulator(roofline_70b(), _with_lookup(acceptance(), 1.0), SimConfig(policy="dynamic-tree"))
+    parent, f, valid, chosen, _, picks = sim._draft(400, 2, 2, 2, None)
+    m = parent.shape[1]
+    parent, f, valid, chosen = sim._add_lookup(parent, f, valid, chosen, picks)
+    assert parent.shape[1] == m + 16
+    kids = np.zeros((400, parent.shape[1] + 1), np.int64)  # column -1: the root
+    np.add.at(kids, (np.arange(400)[:, None].repeat(parent.shape[1], 1), parent), chosen & valid)
+    assert kids.max() <= 1  # the target's one token per node: never two picked siblings
+    assert (f[:, m + 1:] <= f[:, m:-1] + 1e-12)[valid[:, m + 1:]].all()  # f falls along the chain
+    reqs = workload(200, 6.0)
+    cfg = SimConfig(policy="dynamic-tree", max_num_seqs=64)
+    acc_steps = []
+    for share in (0.0, 1.0):
+        recs, _ = simulate(reqs, roofline_70b(), _with_lookup(acceptance(), share), cfg)
+        acc_steps.append(summarize(recs)["overall"]["accepted_tokens_per_step"])
+    assert acc_steps[1] > acc_steps[0] + 0.5  # deep, likely chains are accepted far beyond the model's depth

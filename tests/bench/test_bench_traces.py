@@ -33,3 +33,22 @@ def test_gzip_roundtrip(tmp_path):
     gz = gzip_file(p)
     assert not p.exists() and gz.exists()
     assert load_trace(p) == load_trace(gz) == [{"parent": [-1], "q": [0.5], "sel": [0], "acc": [0]}]
+
+
+def test_from_trace_separates_lookup_chains():
+    # root -> 0 (model, q .6) -> 2 (model, q .5); root -> 1 (lookup only, q .4) -> 3 (lookup, q .9) -> 4 (q .8).
+    # Second tree: the lookup's first node is the model's too (code 2), then lookup only.
+    a = {"parent": [-1, -1, 0, 1, 3], "q": [0.6, 0.4, 0.5, 0.9, 0.8], "sel": [0, 1, 3], "acc": [1, 3],
+         "lookup": [0, 1, 0, 1, 1]}
+    b = {"parent": [-1, 0], "q": [0.7, 0.95], "sel": [0, 1], "acc": [0, 1], "lookup": [2, 1]}
+    c = {"parent": [-1], "q": [0.3], "sel": [0], "acc": [], "lookup": [0]}  # no lookup chain
+    m = AcceptanceModel.from_trace([a, b, c])
+    assert m.lookup_share == 2 / 3
+    np.testing.assert_allclose(m.lookup_chains[:, :3], [[0.4, 0.9, 0.8], [0.7, 0.95, 0.0]], rtol=1e-6)
+    assert m.lookup_shared_first.tolist() == [False, True]
+    # the model's fan-out leaves lookup-only nodes out: root rows [0.6], [0.7], [0.3]; node 0 of tree a: [0.5]
+    np.testing.assert_allclose(sorted(m.fanout[:, 0].tolist()), [0.3, 0.5, 0.6, 0.7], rtol=1e-6)
+    # bins with fewer than 5 lookup observations fall back to the bin centre
+    assert m.lookup_accept(np.array([0.95]))[0] == np.float64(0.5 * (0.9 + 1.0 + 1e-9))
+    plain = AcceptanceModel.from_trace([{k: v for k, v in a.items() if k != "lookup"}])
+    assert plain.lookup_chains is None and plain.lookup_share == 0.0
