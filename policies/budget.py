@@ -103,3 +103,31 @@ def min_worthwhile_path_prob(model: LatencyModel, step_tokens: int, context_toke
     if t <= 0 or s <= 0:
         return 0.0
     return float(expected_tokens) * s / t
+
+
+def throughput_cut_path_prob(path_probs: np.ndarray, model: LatencyModel, step_tokens: int,
+                             context_tokens: float, expected_tokens: float) -> float:
+    """The f below which this step's candidates are not worth verifying, chosen from the candidates themselves.
+
+    Verifying the k most probable candidates yields ``expected_tokens`` (the roots' sure tokens) plus the sum
+    of their f in ``model.predict(step_tokens + k)`` seconds; k* maximises that rate over k = 0 .. n. Pricing
+    the whole curve matters where the cost is not smooth: on a CPU's bf16 matrix unit a step is flat up to a
+    16-row tile and then jumps, so the slope at the step's base (``min_worthwhile_path_prob``) is ~0 and lets
+    a tail of unlikely nodes buy the next tile. Returns the k*-th largest f (``inf`` when k* = 0: no candidate
+    pays for itself). A threshold keeps or drops equal f together, so where k* splits a run of equal values
+    the better of all or none of the run is taken.
+    """
+    f = np.sort(np.asarray(path_probs, dtype=np.float64).ravel())[::-1]
+    if f.size == 0:
+        return 0.0
+    k = np.arange(f.size + 1)
+    gain = float(expected_tokens) + np.concatenate([[0.0], np.cumsum(f)])
+    rate = gain / np.maximum(np.asarray(model.predict(step_tokens + k, context_tokens), dtype=np.float64), 1e-12)
+    best = int(np.argmax(rate))  # the first maximum: the smaller k among ties
+    if best == 0:
+        return float("inf")
+    v = f[best - 1]
+    k_lo, k_hi = int(np.count_nonzero(f > v)), int(np.count_nonzero(f >= v))
+    if rate[k_lo] >= rate[k_hi]:
+        return float(f[k_lo - 1]) if k_lo else float("inf")
+    return float(v)

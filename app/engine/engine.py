@@ -24,7 +24,8 @@ from app.engine.spec.tree import VerifyTree
 from app.engine.weights import load_checkpoint, load_tokenizer
 import numpy as np
 
-from policies.budget import choose_token_budget, min_worthwhile_path_prob, required_nodes, spare_budget
+from policies.budget import (choose_token_budget, min_worthwhile_path_prob, required_nodes, spare_budget,
+                             throughput_cut_path_prob)
 from policies.latency_model import LatencyModel
 from policies.tree_selection import SLOState, parse_policy, required_acceptance
 
@@ -276,14 +277,19 @@ class LLMEngine:
         context = sum(r.num_computed_tokens for r in decodes)
         t_step_s = self.predicted_step_s(len(decodes) + prefill_tokens + max(node_budget, 0), context)
         min_f = tokens_per_s = 0.0
+        node_cut = None
         if self.latency_model is not None:  # priced cut-offs need the profile (profile_latency=False: none)
             mean_gain = 1.0 + (self.totals["accepted"] / self.totals["tree_requests"]
                                if self.totals["tree_requests"] else 0.0)
-            min_f = min_worthwhile_path_prob(self.latency_model, len(decodes) + prefill_tokens, context,
-                                             len(decodes) * mean_gain)
+            base_tokens = len(decodes) + prefill_tokens
+            min_f = min_worthwhile_path_prob(self.latency_model, base_tokens, context, len(decodes) * mean_gain)
             tokens_per_s = len(decodes) * mean_gain / max(t_step_s, 1e-6)
+            model, roots = self.latency_model, float(len(decodes))
+
+            def node_cut(path_probs):
+                return throughput_cut_path_prob(path_probs, model, base_tokens, context, roots)
         return self.speculator.propose(decodes, node_budget, t_step_s, t_start, min_path_prob=min_f,
-                                       tokens_per_s=tokens_per_s)
+                                       tokens_per_s=tokens_per_s, node_cut=node_cut)
 
     def _fit_trees(self, decodes: list[Request], trees: dict[str, VerifyTree]) -> dict[str, VerifyTree]:
         """Trees need KV room (and context window) for their nodes; without it a request decodes plainly."""

@@ -25,7 +25,7 @@ def _cache_key(model_name: str, runner: ModelRunner, shapes: list) -> str:
 
 def profile_target(runner: ModelRunner, model_name: str, cache_dir: Path | None,
                    num_requests: tuple[int, ...] = (1, 4, 16), tokens_per_request: tuple[int, ...] = (1, 4, 16),
-                   context_lens: tuple[int, ...] = (32, 512), single_request_tokens: tuple[int, ...] = (2, 8, 32),
+                   context_lens: tuple[int, ...] = (32, 512), single_request_tokens: tuple[int, ...] = (2, 8, 24, 32),
                    repeats: int = 3) -> LatencyModel:
     """Time verify-shaped steps (num_requests trees of tokens_per_request tokens after a context) and fit."""
     shapes = [(n, t, c) for n in num_requests for t in tokens_per_request for c in context_lens]

@@ -69,3 +69,53 @@ def test_min_worthwhile_path_prob_is_throughput_break_even():
     assert abs((12.0 + f_min) / 0.072 - 12.0 / 0.070) < 1e-3
     flat = LatencyModel.fit([(n, 0, 0.03) for n in (1, 8, 64)])
     assert min_worthwhile_path_prob(flat, 10, 0, 12.0) == 0.0
+
+
+def _rate(f_desc, k, model, base, roots):
+    return (roots + f_desc[:k].sum()) / float(model.predict(base + k, 0))
+
+
+def test_throughput_cut_maximises_the_step_token_rate():
+    from policies.budget import throughput_cut_path_prob
+
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        # random monotone step cost with a jump (a matrix unit's next tile) somewhere
+        knee = int(rng.integers(2, 40))
+        jump = float(rng.uniform(0.0, 0.03))
+        knots = (1.0, float(knee), float(knee + 1), 200.0)
+        values = (0.05, 0.05 + 1e-4 * knee, 0.05 + 1e-4 * knee + jump, 0.05 + 1e-4 * knee + jump + 0.01)
+        model = LatencyModel(PiecewiseLinear(knots, values, tail_slope=1e-4), 0.0)
+        f = rng.random(int(rng.integers(0, 60))) ** 4
+        roots = int(rng.integers(1, 8))
+        cut = throughput_cut_path_prob(f, model, roots, 0, roots)
+        f_desc = np.sort(f)[::-1]
+        k = int((f >= cut).sum()) if np.isfinite(cut) else 0
+        best = max(_rate(f_desc, j, model, roots, roots) for j in range(f.size + 1))
+        assert _rate(f_desc, k, model, roots, roots) == pytest.approx(best, rel=1e-9)
+        # and with ties (f rounded to 2 digits) the threshold's all-or-none choice is the better of the two
+        fr = np.round(f, 2)
+        cut = throughput_cut_path_prob(fr, model, roots, 0, roots)
+        k = int((fr >= cut).sum()) if np.isfinite(cut) else 0
+        fr_desc = np.sort(fr)[::-1]
+        reachable = [0] + [int((fr >= v).sum()) for v in np.unique(fr)]
+        best = max(_rate(fr_desc, j, model, roots, roots) for j in reachable)
+        assert _rate(fr_desc, k, model, roots, roots) == pytest.approx(best, rel=1e-9)
+
+
+def test_throughput_cut_skips_a_tail_that_buys_the_next_tile():
+    from policies.budget import min_worthwhile_path_prob, throughput_cut_path_prob
+
+    # flat to 16 tokens, +20 ms for the 17th (the next 16-row tile), flat again to 32
+    tile = LatencyModel(PiecewiseLinear((1.0, 16.0, 17.0, 32.0), (0.060, 0.060, 0.080, 0.080)), 0.0)
+    f = np.array([0.6, 0.4, 0.3] + [0.02 - 1e-4 * i for i in range(25)])
+    assert min_worthwhile_path_prob(tile, 1, 0, 2.0) == 0.0  # the slope at the base sees nothing to pay
+    cut = throughput_cut_path_prob(f, tile, 1, 0, 1.0)
+    assert (f >= cut).sum() == 15  # the 1-token root + 15 nodes fill the first tile; the tail stops there
+    ties = np.array([0.6, 0.4, 0.3] + [0.02] * 25)  # a threshold cannot split equal f: all or none of them
+    assert (ties >= throughput_cut_path_prob(ties, tile, 1, 0, 1.0)).sum() == 3
+    flat = LatencyModel(PiecewiseLinear((1.0, 64.0), (0.06, 0.06)), 0.0)
+    assert throughput_cut_path_prob(ties, flat, 1, 0, 1.0) == pytest.approx(0.02)  # free nodes: take them all
+    steep = LatencyModel(PiecewiseLinear((1.0, 2.0), (0.06, 0.12), tail_slope=0.06), 0.0)
+    assert throughput_cut_path_prob(f, steep, 1, 0, 1.0) == float("inf")  # nothing pays for a doubled step
+    assert throughput_cut_path_prob(np.zeros(0), tile, 1, 0, 1.0) == 0.0

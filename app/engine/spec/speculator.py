@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -56,11 +57,14 @@ class Speculator:
         return parse_policy(req.policy) if req.policy else self.default_policy
 
     def propose(self, reqs: list[Request], node_budget: int, t_step_s: float, now: float,
-                min_path_prob: float = 0.0, tokens_per_s: float = 0.0) -> ProposeResult:
+                min_path_prob: float = 0.0, tokens_per_s: float = 0.0,
+                node_cut: Callable[[np.ndarray], float] | None = None) -> ProposeResult:
         """Verify trees for decoding requests. node_budget: tree nodes (roots excluded) the step may verify;
         min_path_prob: nodes less likely than this cost more than they yield (budgeted policies skip them);
         tokens_per_s: the step's expected output rate, which prices a draft level (budgeted policies draft
-        the next level only if its frontiers' path probability could pay for the forward's time)."""
+        the next level only if its frontiers' path probability could pay for the forward's time);
+        node_cut: given the drafted candidates' f, the f below which verifying them lowers the step's token
+        rate (budgeted policies' selection skips them too)."""
         result = ProposeResult()
         groups: dict[PolicySpec, list[Request]] = {}
         for r in reqs:
@@ -95,8 +99,11 @@ class Speculator:
                 decode_time_s=np.array([r.decode_time_s(now) for r in group]),
                 decoded_tokens=np.array([max(r.num_output_tokens - 1, 0) for r in group]),
                 tpot_slo_s=np.array([r.tpot_slo_ms / 1e3 if r.tpot_slo_ms else np.inf for r in group]))
+            min_f = min_path_prob
+            if spec.budgeted and node_cut is not None:
+                min_f = max(min_f, node_cut(padded.path_prob[padded.valid]))
             selected = select(spec, padded.path_prob, padded.parent, padded.valid, slo, budget, t_step_s,
-                              depth, self.n_max, min_path_prob=min_path_prob)
+                              depth, self.n_max, min_path_prob=min_f)
             selected = _cap_tree_size(selected, self.n_max)
             trees = build_verify_trees([r.token_ids[-1] for r in group], padded, selected)
             result.select_s += time.perf_counter() - t1
