@@ -82,3 +82,41 @@ def test_acceptance_rate_counts_only_walks_stopped_by_a_rejection():
     spec.observe("c", None, chain, [0, 1])  # node 2 rejected
     assert (spec.num_accepted, spec.num_rejections) == (3, 2)
     assert abs(spec.acceptance_rate() - 3 / 5) < 1e-12
+
+
+class _Fixed:
+    """A drafter that proposes the same 3-level tree (8 nodes, f halving per level) for every request."""
+
+    def propose(self, reqs, depth, beam_width, topk, widths=None, **kw):
+        parent = np.array([-1, -1, 0, 0, 1, 2, 2, 3])
+        f = np.array([0.8, 0.6, 0.4, 0.3, 0.3, 0.2, 0.15, 0.1], np.float32)
+        q = f / np.where(parent >= 0, f[np.maximum(parent, 0)], 1.0)
+        return [CandidateTree(np.arange(8) + 100, parent, q.astype(np.float32), f) for _ in reqs]
+
+
+def test_throughput_cut_bounds_every_budgeted_policy_and_the_slo_phase():
+    from app.engine.request import Request
+    from app.engine.spec.speculator import Speculator
+
+    def requests(slo_ms):
+        out = []
+        for i in range(3):
+            r = Request(f"r{i}", [1, 2, 3], SamplingParams(max_tokens=50), frozenset(), tpot_slo_ms=slo_ms)
+            r.output_token_ids.extend([5] * 20)
+            r.first_token_time = 0.0
+            out.append(r)
+        return out
+
+    cut_at = 0.3  # nodes with f >= 0.3: 5 per request, 15 in all
+    for policy, slo_ms in [("dynamic-tree", None), ("adaserve", None), ("adaserve", 1.0)]:
+        spec = Speculator(_Fixed(), policy, max_tree_nodes=32, max_depth=3, max_width=4)
+        free = spec.propose(requests(slo_ms), node_budget=24, t_step_s=0.05, now=10.0)
+        cut = spec.propose(requests(slo_ms), node_budget=24, t_step_s=0.05, now=10.0, node_cut=lambda f: cut_at)
+        n_free = sum(t.num_nodes for t in free.trees.values())
+        n_cut = sum(t.num_nodes for t in cut.trees.values())
+        assert n_free == 24  # the budget alone
+        assert n_cut == 15  # the cut bounds the step's size, even when every request is far behind its SLO
+        below = [p for t in cut.trees.values() for p in t.path_prob[1:] if p < cut_at]
+        # without SLOs only nodes above the cut; an urgent request's SLO phase may take a less likely node
+        # of its own, within the same size
+        assert (not below) if slo_ms is None else below
