@@ -41,7 +41,7 @@ import numpy as np
 from bench.traces import AcceptanceModel, load_trace
 from bench.workloads import SLO_CLASSES, WorkloadRequest
 from policies import routing, token_tree
-from policies.budget import choose_token_budget
+from policies.budget import choose_token_budget, throughput_cut_path_prob
 from policies.latency_model import LatencyModel, PiecewiseLinear
 from policies.tree_selection import SLO_CAP_FACTOR, SLOState, draft_shape, parse_policy, required_acceptance, select
 
@@ -141,9 +141,10 @@ class Simulator:
         if unknown:
             raise ValueError(f"unknown simulator policy variants {sorted(unknown)} (nocut, cut, deep, pd, nocap)")
         self.spec = parse_policy(base)
-        # Budgeted policies price their nodes as the engine does (since it profiles its latency): they skip
-        # nodes whose f is below the marginal cost of verifying them, and stop drafting deeper once a level's
-        # summed frontier f cannot pay for the draft forward. '+nocut' turns that off ('+cut', the prototype's
+        # Budgeted policies price their nodes as the engine does (since it profiles its latency): the selection
+        # keeps the candidates that maximise the step's token rate (policies.budget.throughput_cut_path_prob,
+        # which also bounds the SLO phase's size), and drafting stops once a level's summed frontier f cannot
+        # pay for the draft forward. '+nocut' turns that off ('+cut', the prototype's
         # name, is the default now).
         # Prototypes of engine/policy changes (not in policies/), as '+' suffixes of the policy name:
         # '+deep': draft depth/width from the number of requests that need more than the root this step
@@ -268,7 +269,8 @@ class Simulator:
             node_budget = min(budget, self.token_budget - dec.size - prefill_tokens)
             t_step = float(self.p.target.predict(dec.size + prefill_tokens + max(node_budget, 0), ctx_dec.sum()))
             if not (self.spec.budgeted and node_budget <= 0):
-                acc, nodes, draft_s, spec_mask, sel_s = self._speculate(dec, max(node_budget, 0), t_step, now)
+                acc, nodes, draft_s, spec_mask, sel_s = self._speculate(dec, max(node_budget, 0), t_step, now,
+                                                                        dec.size + prefill_tokens, ctx_dec.sum())
                 gained += acc
                 rep.select_s += sel_s
         ctx_all = int(ctx_dec.sum() + sum(self.computed[i] for i, _ in prefills))
@@ -298,7 +300,8 @@ class Simulator:
             ds = set(done)
             rep.running = [i for i in rep.running if i not in ds]
 
-    def _speculate(self, dec: np.ndarray, node_budget: int, t_step: float, now: float):
+    def _speculate(self, dec: np.ndarray, node_budget: int, t_step: float, now: float, step_tokens: int,
+                   context_tokens: float):
         cfg, spec = self.cfg, self.spec
         r = dec.size
         slo = SLOState(decode_time_s=now - self.first_t[dec], decoded_tokens=np.maximum(self.out[dec] - 1, 0),
@@ -321,15 +324,15 @@ class Simulator:
         if self.acc.lookup_chains is not None:
             parent, f, valid, chosen = self._add_lookup(parent, f, valid, chosen, picks)
         draft_s = sum(self.p.draft_level_s + self.p.draft_token_s * t for t in level_tokens)
-        if self.cut:
-            base_tokens = r + max(node_budget // 4, 1)
-            slope = (float(self.p.target.predict(base_tokens + 32, 0)) - float(self.p.target.predict(base_tokens, 0))) / 32
-            valid = valid & (f >= rate * slope)
+        min_f, sel_budget = 0.0, node_budget
+        if self.cut:  # the engine's throughput cut: it bounds the selection's f and its size
+            min_f = throughput_cut_path_prob(f[valid], self.p.target, step_tokens, context_tokens, r)
+            sel_budget = min(node_budget, int(np.count_nonzero(f[valid] >= min_f)))
         if self.predict_draft:
             t_step += draft_s + self.p.overhead_s
         t0 = time.perf_counter()
-        sel = select(spec, f.astype(np.float32), parent, valid, slo, node_budget, t_step, depth, self.n_max,
-                     slo_cap_factor=self.slo_cap_factor)
+        sel = select(spec, f.astype(np.float32), parent, valid, slo, sel_budget, t_step, depth, self.n_max,
+                     min_path_prob=min_f, slo_cap_factor=self.slo_cap_factor)
         if sel.size and int(sel.sum(axis=1).max()) > self.n_max:  # the speculator's _cap_tree_size
             sel &= np.cumsum(sel, axis=1) <= self.n_max
         sel_s = time.perf_counter() - t0
