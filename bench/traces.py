@@ -175,14 +175,15 @@ class AcceptanceModel:
         return cls(np.asarray(fan, dtype=np.float32), edges, cond_rate, cond_count, f_rate, f_count,
                    float(np.mean(acc_len)) if acc_len else 0.0, **lookup)
 
+    def _bin(self, q: np.ndarray) -> np.ndarray:
+        return np.clip(np.searchsorted(self.bin_edges, q, side="right") - 1, 0, self.bin_edges.size - 2)
+
     def lookup_accept(self, q: np.ndarray) -> np.ndarray:
         """P(a lookup node is accepted | its parent was), by q bin."""
-        idx = np.clip(np.searchsorted(self.bin_edges, q, side="right") - 1, 0, self.lookup_cond_rate.size - 1)
-        return self.lookup_cond_rate[idx]
+        return self.lookup_cond_rate[self._bin(q)]
 
     def cond_accept(self, q: np.ndarray) -> np.ndarray:
-        idx = np.clip(np.searchsorted(self.bin_edges, q, side="right") - 1, 0, self.cond_rate.size - 1)
-        return self.cond_rate[idx]
+        return self.cond_rate[self._bin(q)]
 
     def to_dict(self) -> dict:
         return {"bin_edges": self.bin_edges.tolist(), "cond_rate": self.cond_rate.tolist(),
