@@ -2,10 +2,13 @@
 of the multi-SLO benchmark (bench/workloads.py: summarization, coding, chat); the calibration tables; and the
 lookup's cost at 64 requests with 8k-token prompts as a fraction of a measured target step.
 
-    OMP_NUM_THREADS=1 python -m bench.ngram [--requests 4] [--new-tokens 40]
+    OMP_NUM_THREADS=1 python -m bench.ngram [--requests 4] [--new-tokens 40] [--budget-per-request 16 32]
 
-Each class's requests run together (one batch, greedy, a token budget of 16 per request, policy adaserve
-without SLOs). Accepted tokens per step = tokens decoded / decode steps, over every decode step of every request
+Each class's requests run together (one batch, greedy, a token budget of 16 per request by default, policy
+adaserve without SLOs). The batch's prompts are prefilled in one step: with the serving default (a step of at
+most 512 tokens, prefill before speculation) the first requests would decode for several steps with no budget
+left for a tree while the others prefill (a third of the decode steps at 16 summarization requests), which
+measures the scheduler, not the draft, and pulls every source towards 1. Accepted tokens per step = tokens decoded / decode steps, over every decode step of every request
 (a step where a source had nothing to propose counts with its one token). The engine's own
 accepted_tokens_per_step counts only steps that verified a tree, which flatters a source that often proposes
 nothing (lookup alone); it is printed too ("per tree"). One engine per draft configuration serves the classes
@@ -205,50 +208,16 @@ def target_step_s(engine: LLMEngine, batch: int, context: int, repeats: int = 2)
     return best
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model-draft", default="feature", help="the model draft source (feature, distilled, ...)")
-    ap.add_argument("--requests", type=int, default=4, help="requests per class")
-    ap.add_argument("--new-tokens", type=int, default=40)
-    ap.add_argument("--prompt-char-cap", type=int, default=1200, help="as bench.workloads' default")
-    ap.add_argument("--long-summary-chars", type=int, default=4000,
-                    help="also summarise texts of this many characters (0: skip)")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--budget-per-request", type=int, default=16,
-                    help="token budget per step = this x requests (the CPU profile's budget is a few tokens: too "
-                         "small to compare drafts, and a fixed budget would compare them at a load-dependent size)")
-    ap.add_argument("--token-budget", type=int, default=None, help="a fixed budget instead")
-    ap.add_argument("--cost-requests", type=int, default=64)
-    ap.add_argument("--cost-prompt-tokens", type=int, default=8192)
-    ap.add_argument("--cost-steps", type=int, default=20)
-    args = ap.parse_args()
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    import torch
-
-    md = args.model_draft
-    configs = draft_configs(md)
-    print(f"torch threads {torch.get_num_threads()} (OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')})")
-    prompts = class_prompts(args.requests, args.seed, args.prompt_char_cap, args.long_summary_chars)
-    classes = tuple(prompts)
-    results: dict[str, dict[str, dict]] = {}
-    engines = {}
-    budget = args.token_budget or args.budget_per_request * args.requests
-    t_start = time.perf_counter()
-    for cfg, draft in configs.items():
-        engine = LLMEngine(EngineConfig(draft=draft, policy="adaserve" if draft else "none",
-                                        max_num_batched_tokens=512, prefill_chunk_tokens=512, num_kv_blocks=1024,
-                                        token_budget=budget, profile_latency=False,
-                                        dtype="float32"))  # exact losslessness check below (bf16 near-ties)
-        results[cfg] = {c: run_class(engine, prompts[c], args.new_tokens) for c in classes}
-        engines[cfg] = engine
-        print(f"  {cfg}: {time.perf_counter() - t_start:.0f} s", flush=True)
+def print_tokens_per_step(results: dict, engines: dict, configs: dict, classes: tuple, md: str, requests: int,
+                          new_tokens: int, per_request: int) -> None:
     for c in classes:  # losslessness, as a check on the whole run
         for cfg in configs:
             if results[cfg][c]["token_ids"] != results["none"][c]["token_ids"]:
                 print(f"WARNING: {cfg} output differs from plain decoding on {c}")
 
-    print(f"\n## Accepted tokens per step and TPOT ({args.requests} requests per class, greedy, "
-          f"<= {args.new_tokens} new tokens, adaserve, token budget {engines['merged'].token_budget})")
+    print(f"\n## Accepted tokens per step and TPOT ({requests} requests per class, greedy, "
+          f"<= {new_tokens} new tokens, adaserve, token budget {engines['merged'].token_budget} = {per_request} "
+          f"per request)")
     print(f"{'class':14s} {'prompt tok':>10s} | " + " | ".join(f"{cfg:>28s}" for cfg in configs))
     print(f"{'':14s} {'':>10s} | " + " | ".join(f"{'acc/step':>8s} {'per tree':>8s} {'TPOT ms':>10s}"
                                                   for _ in configs))
@@ -276,6 +245,59 @@ def main() -> None:
         f"{c} {results['merged, anchored'][c]['acc_per_step']:.2f} vs {results['merged'][c]['acc_per_step']:.2f}"
         for c in classes))
 
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model-draft", default="feature", help="the model draft source (feature, distilled, ...)")
+    ap.add_argument("--requests", type=int, default=4, help="requests per class")
+    ap.add_argument("--new-tokens", type=int, default=40)
+    ap.add_argument("--prompt-char-cap", type=int, default=1200, help="as bench.workloads' default")
+    ap.add_argument("--long-summary-chars", type=int, default=4000,
+                    help="also summarise texts of this many characters (0: skip)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--budget-per-request", type=int, nargs="+", default=[16],
+                    help="token budget per step = this x requests, one table per value (the CPU profile's budget "
+                         "is a few tokens: too small to compare drafts, and a fixed budget would compare them at a "
+                         "load-dependent size). Calibration and lookup tables are from the first value's run.")
+    ap.add_argument("--cost-requests", type=int, default=64)
+    ap.add_argument("--cost-prompt-tokens", type=int, default=8192)
+    ap.add_argument("--cost-steps", type=int, default=20)
+    args = ap.parse_args()
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    import torch
+
+    md = args.model_draft
+    configs = draft_configs(md)
+    print(f"torch threads {torch.get_num_threads()} (OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')})")
+    prompts = class_prompts(args.requests, args.seed, args.prompt_char_cap, args.long_summary_chars)
+    classes = tuple(prompts)
+    probe = LLMEngine(EngineConfig(num_kv_blocks=16, profile_latency=False))
+    prompt_tokens = max(sum(len(probe.encode_prompt(p, chat=True)) for p in prompts[c]) for c in classes)
+    del probe
+    t_start = time.perf_counter()
+    first: tuple[dict, dict] | None = None
+    plain: dict | None = None
+    for per_request in args.budget_per_request:
+        budget = per_request * args.requests
+        results: dict[str, dict[str, dict]] = {}
+        engines = {}
+        for cfg, draft in configs.items():
+            if draft is None and plain is not None:  # plain decoding does not depend on the budget
+                results[cfg], engines[cfg] = plain
+                continue
+            engine = LLMEngine(EngineConfig(
+                draft=draft, policy="adaserve" if draft else "none", token_budget=budget, profile_latency=False,
+                max_num_batched_tokens=prompt_tokens + budget + 512, prefill_chunk_tokens=prompt_tokens,
+                num_kv_blocks=2 * (prompt_tokens + args.requests * (args.new_tokens + 64)) // 16 + 64,
+                dtype="float32"))  # exact losslessness check below (bf16 near-ties)
+            results[cfg] = {c: run_class(engine, prompts[c], args.new_tokens) for c in classes}
+            engines[cfg] = engine
+            if draft is None:
+                plain = results[cfg], engine
+            print(f"  budget {per_request}/request, {cfg}: {time.perf_counter() - t_start:.0f} s", flush=True)
+        first = first or (results, engines)
+        print_tokens_per_step(results, engines, configs, classes, md, args.requests, args.new_tokens, per_request)
+    results, engines = first
     print("\n## Merged: accepted draft tokens per verified tree by source (shared = proposed by both)")
     print(f"{'class':14s} {md:>10s} {'ngram':>10s} | "
           f"{'only ' + md:>14s} {'only ngram':>10s} {'shared':>8s}")
@@ -297,6 +319,12 @@ def main() -> None:
     for row in sorted(st["lookup_stats"]["ngram"], key=lambda x: (-x["observations"]))[:24]:
         print(f"  {row['match_len']:>8d}+ {row['depth']:5d} {'alt' if row['branch'] else 'main':>6s} "
               f"{row['observations']:6.0f} {row['mean']:6.3f}")
+    print("\n## Agreement (merged engine): P(accept | parent accepted) of tokens the lookup and the model draft both "
+          "proposed")
+    print(f"  {'depth':>5s} {'model q':>11s} {'obs':>6s} {'mean':>6s}")
+    for row in st["agreement"]:
+        print(f"  {row['depth']:>4d}{'+' if row['depth'] == 3 else ' '} {row['model_q_min']:.2f}-{row['model_q_max']:.2f}"
+              f"  {row['observations']:6.0f} {row['mean']:6.3f}")
 
     if args.cost_requests <= 0:
         return

@@ -137,9 +137,9 @@ class Simulator:
     def __init__(self, profile: Profile, acceptance: AcceptanceModel, config: SimConfig):
         self.p, self.acc, self.cfg = profile, acceptance, config
         base, *variants = config.policy.split("+")
-        unknown = set(variants) - {"cut", "nocut", "deep", "pd", "nocap"}
+        unknown = set(variants) - {"cut", "nocut", "deep", "pd", "nocap", "notriage"}
         if unknown:
-            raise ValueError(f"unknown simulator policy variants {sorted(unknown)} (nocut, cut, deep, pd, nocap)")
+            raise ValueError(f"unknown simulator policy variants {sorted(unknown)} (nocut, cut, deep, pd, nocap, notriage)")
         self.spec = parse_policy(base)
         # Budgeted policies price their nodes as the engine does (since it profiles its latency): the selection
         # keeps the candidates that maximise the step's token rate (policies.budget.throughput_cut_path_prob,
@@ -150,7 +150,10 @@ class Simulator:
         # '+deep': draft depth/width from the number of requests that need more than the root this step
         #         (A(r) > 1) instead of all decoding requests, so tight requests can get deep trees under load;
         # '+pd': the t_step in A(r) includes the draft and host time (the engine predicts the target only);
-        # '+nocap': no per-request cap (flexflow's 1.2 x budget / n) on SLO-phase nodes.
+        # '+nocap': no per-request cap (flexflow's 1.2 x budget / n) on SLO-phase nodes;
+        # '+notriage': the SLO phase also gives requests it cannot bring onto their SLO this step their best nodes
+        #         up to the cap, as flexflow does (the engine's default, EngineConfig.slo_triage, skips them).
+        self.serve_unreachable = "notriage" in variants
         self.slo_cap_factor = 1e9 if "nocap" in variants else SLO_CAP_FACTOR
         self.cut, self.deep = self.spec.budgeted and "nocut" not in variants, "deep" in variants
         self.predict_draft = config.predict_draft_in_t_step or "pd" in variants
@@ -332,7 +335,8 @@ class Simulator:
             t_step += draft_s + self.p.overhead_s
         t0 = time.perf_counter()
         sel = select(spec, f.astype(np.float32), parent, valid, slo, sel_budget, t_step, depth, self.n_max,
-                     min_path_prob=min_f, slo_cap_factor=self.slo_cap_factor)
+                     min_path_prob=min_f, slo_cap_factor=self.slo_cap_factor,
+                     serve_unreachable=self.serve_unreachable)
         if sel.size and int(sel.sum(axis=1).max()) > self.n_max:  # the speculator's _cap_tree_size
             sel &= np.cumsum(sel, axis=1) <= self.n_max
         sel_s = time.perf_counter() - t0

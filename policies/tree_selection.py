@@ -175,6 +175,7 @@ def _slo_phase(
     n_cap: int,
     latency_correction: float,
     slo_cap_factor: float,
+    serve_unreachable: bool = True,
 ) -> np.ndarray:
     """Nodes each request gets in the SLO phase ([R] int64): a prefix of its ranking, sum <= budget.
 
@@ -196,7 +197,7 @@ def _slo_phase(
     goal = need * (1.0 - REACH_RTOL)
     # nodes needed = prefixes (the empty one included) still short of the goal; slo_cap + 1 = unreachable
     cost = np.count_nonzero(prefix < goal[:, None], axis=1) + (goal > 0)
-    grant = np.where(cost <= slo_cap, cost, np.count_nonzero(top_f, axis=1))
+    grant = np.where(cost <= slo_cap, cost, np.count_nonzero(top_f, axis=1) if serve_unreachable else 0)
     order = np.argsort(cost * (max_depth + 2.0) - need, kind="stable")
     g = grant[order]
     given = np.empty_like(grant)
@@ -292,6 +293,7 @@ def select(
     latency_correction: float = LATENCY_CORRECTION,
     slo_cap_factor: float = SLO_CAP_FACTOR,
     min_path_prob: float = 0.0,
+    serve_unreachable: bool = True,
 ) -> np.ndarray:
     """Nodes to verify this step: boolean [R, M], a valid tree per request (root implicit, always verified).
 
@@ -330,7 +332,8 @@ def select(
         base = np.zeros(r, dtype=np.int64)
     else:
         base = _slo_phase(
-            sorted_desc, b, slo, budget, t_step_s, max_depth, n_cap, latency_correction, slo_cap_factor
+            sorted_desc, b, slo, budget, t_step_s, max_depth, n_cap, latency_correction, slo_cap_factor,
+            serve_unreachable,
         )
     low = (1 << b) - 1
     if min_path_prob > 0:  # keys below f = min_path_prob count as unusable for the throughput phase

@@ -121,7 +121,8 @@ class LLMEngine:
                                    target_dir=ckpt_dir, num_blocks=self.kv.allocator.num_blocks,
                                    block_size=config.block_size)
             self.speculator = Speculator(drafter, config.policy, max_tree_nodes=config.max_tree_nodes,
-                                         max_depth=config.max_draft_depth, max_width=config.max_draft_width)
+                                         max_depth=config.max_draft_depth, max_width=config.max_draft_width,
+                                         root_topk=config.root_topk, slo_triage=config.slo_triage)
         elif parse_policy(config.policy).kind != "none":
             raise ValueError(f"policy {config.policy!r} needs a draft (--draft)")
         if self.speculator is not None and config.profile_latency:

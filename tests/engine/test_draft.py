@@ -115,6 +115,22 @@ def test_distilled_beam_trees(distilled, target, prompt_ids):
     distilled.release("b")
 
 
+def test_root_topk_widens_the_root_only(distilled, target, prompt_ids):
+    req = [DraftRequest("w", prompt_ids)]
+    base = distilled.propose(req, depth=3, beam_width=2, topk=3)[0]
+    wide = distilled.propose(req, depth=3, beam_width=2, topk=3, root_topk=10)[0]
+    assert_valid_tree(wide, target.config.vocab_size)
+    d_base, d_wide = base.depths(), wide.depths()
+    assert np.bincount(d_wide)[1:].tolist() == [10, 6, 6]  # root children, then beam 2 x top-3 as before
+    # the root's top 3 are the narrow tree's; the deeper levels (same beam) are the same tokens and f
+    np.testing.assert_array_equal(wide.tokens[d_wide == 1][:3], base.tokens[d_base == 1])
+    assert (np.diff(wide.path_prob[d_wide == 1]) <= 0).all()
+    for lvl in (2, 3):
+        np.testing.assert_array_equal(wide.tokens[d_wide == lvl], base.tokens[d_base == lvl])
+        np.testing.assert_allclose(wide.path_prob[d_wide == lvl], base.path_prob[d_base == lvl], rtol=1e-3)
+    distilled.release("w")
+
+
 def test_cut_offs_stop_drafting_what_selection_could_not_use(distilled, target, prompt_ids):
     req = [DraftRequest("c", prompt_ids)]
     full = distilled.propose(req, depth=4, beam_width=3, topk=4)[0]

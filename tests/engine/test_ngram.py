@@ -12,7 +12,7 @@ import pytest
 from app.engine.config import SamplingParams
 from app.engine.draft.calibration import BetaCounts, CalibrationTable
 from app.engine.draft.drafter import CandidateTree, DraftRequest
-from app.engine.draft.multi import MultiSourceDrafter, load_sources, parse_sources
+from app.engine.draft.multi import MultiSourceDrafter, agreement_cell, load_sources, parse_sources
 from app.engine.draft.ngram import NgramConfig, NgramIndex, NgramSource, cell_features, cell_index
 from app.engine.engine import LLMEngine
 from app.engine.spec.tree import VerifyTree
@@ -194,7 +194,7 @@ class _FixedSource:
     def __init__(self, name, trees):
         self.name, self.trees, self.released = name, trees, []
 
-    def propose(self, reqs, depth, beam_width, topk, widths=None, min_path_prob=0.0, min_level_mass=0.0):
+    def propose(self, reqs, depth, beam_width, topk, widths=None, min_path_prob=0.0, min_level_mass=0.0, root_topk=0):
         return [self.trees[r.request_id] for r in reqs]
 
     def release(self, request_id):
@@ -267,10 +267,41 @@ def test_lookup_resumes_under_a_model_draft_node():
     assert token_tree.is_valid_tree(out.parent[None], np.ones((1, out.num_nodes), bool))
     # a and z are the model's alone; b is also the first node of the chain under a (bits: 1 model, 2 lookup)
     assert out.tokens[:3].tolist() == [a, z, b] and out.source[:3].tolist() == [1, 1, 3]
-    assert out.path_prob[:3].tolist() == pytest.approx([0.6, 0.3, 0.5])
+    # b: the draft and the lookup agree, so its q is the agreement table's (depth 2, model q 0.5 / 0.6)
+    q_agree = drafter.agreement.means_array()[agreement_cell(np.array([2]), np.array([0.5 / 0.6]))[0]]
+    assert q_agree > 0.5 / 0.6
+    assert out.path_prob[:3].tolist() == pytest.approx([0.6, 0.3, 0.6 * q_agree], rel=1e-5)
     # both chains fold into one: a -> b -> c -> d -> e -> 8, the part below b from lookup only
     assert out.tokens[3:].tolist() == [c, d, e, 8] and out.parent[3:].tolist() == [2, 3, 4, 5]
     assert out.source[3:].tolist() == [2, 2, 2, 2]
+
+
+def test_agreement_sets_q_of_shared_lookup_nodes_and_learns_apart_from_the_lookup_cells():
+    # prompt ... 5 6 7 8 ... 5: the lookup proposes 6 7 8 under the root; the model guesses 6 (q 0.1) and 9
+    tokens = [1, 5, 6, 7, 8, 2, 5]
+    src = NgramSource(NgramConfig(min_depth=3))
+    model = _tree([6, 9], [-1, -1], [0.1, 0.05])
+    drafter = MultiSourceDrafter([_FixedSource("model", {"r": model}), src])
+    out = drafter.propose([DraftRequest("r", tokens)], depth=3, beam_width=2, topk=2)[0]
+    assert out.tokens.tolist() == [6, 9, 7, 8] and out.source.tolist() == [3, 1, 2, 2]
+    look = src.propose([DraftRequest("r2", tokens)], depth=3)[0]  # the lookup's own tree: 6 7 8
+    q_look = look.path_prob / np.concatenate([[1.0], look.path_prob[:-1]])
+    cell = int(agreement_cell(np.array([1]), np.array([0.1]))[0])
+    q6 = drafter.agreement.means_array()[cell]
+    assert q6 > max(0.1, q_look[0])  # agreement beats either source alone
+    # the chain below the shared node inherits its f: f = q6 x the lookup's own conditionals
+    assert out.path_prob.tolist() == pytest.approx([q6, 0.05, q6 * q_look[1], q6 * q_look[1] * q_look[2]], rel=1e-5)
+    assert out.draft_prob[[0, 2, 3]].tolist() == pytest.approx([q6, q_look[1], q_look[2]], rel=1e-5)
+    # feedback: 6 rejected (9 accepted instead). The agreement cell learns it, the lookup's cells do not.
+    before = src.stats.counts().copy()
+    tree = VerifyTree(tokens=[5, 6, 9, 7], parents=[-1, 0, 0, 1], path_prob=[1.0, *out.path_prob[[0, 1, 2]]],
+                      slots=[-1, 0, 1, 2])
+    for _ in range(20):
+        drafter.propose([DraftRequest("r", tokens)], depth=3, beam_width=2, topk=2)
+        drafter.observe("r", drafter._proposals["r"].tree, tree, [0, 2])
+    drafter._flush()
+    assert drafter.agreement.means_array()[cell] < 0.2 < q6
+    assert (src.stats.counts() == before).all()  # 7 was verified but its parent 6 was rejected: no observation
 
 
 def test_merge_caps_candidates_to_a_valid_tree():

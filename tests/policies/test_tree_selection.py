@@ -239,6 +239,17 @@ def test_slo_phase_cap_then_throughput_phase():
     np.testing.assert_array_equal(sel.sum(axis=1), [3, 1])
     sel = select("adaserve", f, parent, valid, slo, 4, 0.1, 4, 2)  # n_max caps the SLO phase too
     np.testing.assert_array_equal(sel.sum(axis=1), [2, 2])
+    # triage: the hopeless request gets nothing in the SLO phase; the throughput phase goes by f alone
+    sel = select("adaserve", f, parent, valid, slo, 4, 0.1, 4, 5, serve_unreachable=False)
+    np.testing.assert_array_equal(sel, select("dynamic-tree", f, parent, valid, slo, 4, 0.1, 4, 5))
+    np.testing.assert_array_equal(sel.sum(axis=1), [0, 4])
+    # ... while a request it can bring onto its SLO is still served first: A(0) = 1.105 / 0.01 - 109 = 1.5
+    # needs 0.3 + 0.2; request 1 (A = 0.105 / 0.01 -> d + 1 = 5, needs 4 > 3.5) is hopeless and gets only
+    # the throughput phase's 2 nodes, though its draft is much better
+    slo = SLOState(np.array([1.0, 0.0]), np.array([109.0, 0.0]), np.array([0.01, 0.01]))
+    sel = select("adaserve", f, parent, valid, slo, 4, 0.1, 4, 5, serve_unreachable=False)
+    np.testing.assert_array_equal(sel.sum(axis=1), [2, 2])
+    np.testing.assert_array_equal(select("dynamic-tree", f, parent, valid, slo, 4, 0.1, 4, 5).sum(axis=1), [0, 4])
 
 
 def test_ties_and_zero_probabilities_keep_parents_first():

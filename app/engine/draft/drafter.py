@@ -131,11 +131,13 @@ class Drafter:
     @torch.inference_mode()
     def propose(self, reqs: list[DraftRequest], depth: int, beam_width: int, topk: int,
                 widths: tuple[int, ...] | None = None, min_path_prob: float = 0.0,
-                min_level_mass: float = 0.0) -> list[CandidateTree]:
+                min_level_mass: float = 0.0, root_topk: int = 0) -> list[CandidateTree]:
         """Candidate trees, one draft forward per level. Budgeted callers pass two cut-offs that stop work
         whose result could not be used: a frontier node with path probability below `min_path_prob` is not
         expanded (its children's f are lower still), and the next level is not drafted when the frontiers'
-        total path probability, an upper bound on what the level can add, is below `min_level_mass`."""
+        total path probability, an upper bound on what the level can add, is below `min_level_mass`.
+        `root_topk` > topk proposes that many children of the root (free: the same forward's logits; only the
+        beam's best are expanded), so a merged lookup can see how likely the draft finds its first token."""
         if widths is not None:
             widths = tuple(int(w) for w in widths)
             if not widths or min(widths) < 1:
@@ -174,7 +176,8 @@ class Drafter:
                 self._committed(self.seqs[reqs[b.index].request_id], reqs[b.index])
                 if self.uses_features:
                     b.hidden[-1] = out.hidden[rows[-1]]
-            self._expand(builds, out.logits, [None] * len(builds), 1, depth, beam_width, topk, widths)
+            self._expand(builds, out.logits, [None] * len(builds), 1, depth, beam_width,
+                         max(topk, root_topk) if widths is None else topk, widths)
 
             # 2. One tree forward per further level.
             for level in range(2, depth + 1):

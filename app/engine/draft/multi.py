@@ -5,14 +5,20 @@ Speculator and every selection policy run unchanged. Per step it asks every sour
 draft: beam search; prompt lookup: n-gram continuations) and merges them per request:
 
 - nodes are matched from the root down by (merged parent, token): identical tokens under the same parent become
-  one node that keeps the larger f (the better-supported estimate) and records every source that proposed it;
+  one node that records every source that proposed it;
+- each merged node gets a conditional acceptance q (accepted given its parent was): the larger of its sources'
+  own conditionals (f / f of the parent in that source's tree), except where a prompt lookup and a model draft
+  propose the same token: that agreement is strong evidence (measured on summarization: 59% accepted at depth
+  1, where the draft said 20% and the lookup alone gets 20%), so such nodes take q from `agreement`, running
+  Beta counts by (depth, the model's q bin). f = the product of q along the merged path, so a lookup chain
+  under a node the draft agrees with inherits that node's higher f instead of the lookup's own lower one;
 - the result stays parents-first without a sort (a source's nodes are parents-first and each maps onto an
-  existing node or is appended after its parent), f(child) <= f(parent) holds (max of monotone sources; repaired
-  with token_tree.monotone_path_probs all the same), and the tree is capped at `max_candidates` nodes, keeping
-  the top of the (f desc, slot asc) ranking, which is a valid tree.
+  existing node or is appended after its parent), f(child) <= f(parent) holds (q <= 1), and the tree is capped
+  at `max_candidates` nodes, keeping the top of the (f desc, slot asc) ranking, which is a valid tree.
 
 `observe` (called by the engine after acceptance) feeds every verified node back: lookup statistics for nodes
-whose parent was accepted, the per-source calibration tables (predicted f vs on the accepted path), and the
+whose parent was accepted (agreement counts for nodes the model draft also proposed, the lookup's own cells for
+the rest), the per-source calibration tables (predicted f vs on the accepted path), and the
 accepted-tokens-by-source counters. `stats()` returns them for metrics.
 """
 
@@ -23,12 +29,30 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from app.engine.draft.calibration import CalibrationTable
+from app.engine.draft.calibration import BetaCounts, CalibrationTable
 from app.engine.draft.drafter import CandidateTree, DraftRequest, load_drafter
 from app.engine.draft.ngram import LEN_EDGES, NgramConfig, NgramSource, cell_features
 from policies import token_tree
 
 DEFAULT_MAX_CANDIDATES = 192
+# Agreement cells: depth (1, 2, 3+) x the model draft's own q for the node, binned by these edges.
+AGREE_DEPTHS = 3
+AGREE_Q_EDGES = (0.05, 0.15, 0.3, 0.5)
+_AGREE_LOOKUP_PRIOR = 0.4  # prior: noisy-OR of the model's q (bin middle) and a lookup q of this
+
+
+def default_agreement() -> BetaCounts:
+    """Counts for P(accepted | parent accepted) of nodes a model draft and a prompt lookup both proposed."""
+    mids = np.diff(np.concatenate([[0.0], AGREE_Q_EDGES, [1.0]])) / 2 + np.concatenate([[0.0], AGREE_Q_EDGES])
+    prior = 1.0 - (1.0 - mids) * (1.0 - _AGREE_LOOKUP_PRIOR)
+    nb = len(mids)
+    return BetaCounts(np.tile(prior, AGREE_DEPTHS), np.repeat(np.arange(AGREE_DEPTHS), nb))
+
+
+def agreement_cell(depth: np.ndarray, model_q: np.ndarray) -> np.ndarray:
+    """Flat agreement cell of nodes at `depth` (1..) whose model-draft conditional is `model_q`."""
+    d = np.minimum(np.asarray(depth, np.int64), AGREE_DEPTHS) - 1
+    return d * (len(AGREE_Q_EDGES) + 1) + np.searchsorted(AGREE_Q_EDGES, model_q, side="right")
 
 
 @dataclass
@@ -45,6 +69,7 @@ class _Proposal:
     tree: MergedTree
     source_f: list[np.ndarray | None]  # [S] each source's own f per node, [M] float32 (NaN: not by it); None: none
     cells: list[np.ndarray | None]  # [S] statistics cell per node, [M] int64 (-1: none), for sources that learn
+    agree_cell: np.ndarray | None = None  # [M] int64 agreement cell of nodes a lookup and a model both proposed
 
     def source_f_or_nan(self, s: int) -> np.ndarray:
         f = self.source_f[s]
@@ -75,6 +100,8 @@ class MultiSourceDrafter:
         s = len(self.sources)
         self.calibration = [CalibrationTable() for _ in range(s)]  # per source, on its own f
         self.calibration_merged = CalibrationTable()  # on the f the selection saw
+        self.is_lookup = [isinstance(src, NgramSource) for src in self.sources]
+        self.agreement = default_agreement()
         self.num_steps = 0  # verified trees
         self.num_accepted = 0  # accepted draft nodes (bonus tokens excluded)
         self.verified_by = np.zeros(s, np.int64)  # verified nodes proposed by source s (shared nodes count for each)
@@ -115,7 +142,9 @@ class MultiSourceDrafter:
 
     def propose(self, reqs: list[DraftRequest], depth: int, beam_width: int, topk: int,
                 widths: tuple[int, ...] | None = None, min_path_prob: float = 0.0,
-                min_level_mass: float = 0.0) -> list[CandidateTree]:
+                min_level_mass: float = 0.0, root_topk: int = 0) -> list[CandidateTree]:
+        """Every source's trees merged per request. `root_topk` goes to the model sources: their wider root
+        also tells how likely the draft finds a lookup's first token (agreement)."""
         self._flush()
         kw = dict(depth=depth, beam_width=beam_width, topk=topk, widths=widths, min_path_prob=min_path_prob,
                   min_level_mass=min_level_mass)
@@ -123,7 +152,7 @@ class MultiSourceDrafter:
         anchors = None  # the first model source's trees: lookups also hang under their best nodes
         for s, src in enumerate(self.sources):
             if not isinstance(src, NgramSource):
-                per_source[s] = src.propose(reqs, **kw)
+                per_source[s] = src.propose(reqs, root_topk=root_topk, **kw)
                 anchors = per_source[s] if anchors is None else anchors
         for s, src in enumerate(self.sources):
             if isinstance(src, NgramSource):
@@ -162,6 +191,10 @@ class MultiSourceDrafter:
         self._fb_props, self._fb_size, self._fb_slots, self._fb_acc, self._fb_parent_acc = [], 0, [], [], []
         self.calibration_merged.update(np.concatenate([p.tree.path_prob for p in props])[slots], acc)
         bits = np.concatenate([p.tree.source for p in props])[slots]
+        agree = np.concatenate([p.agree_cell if p.agree_cell is not None else np.full(p.tree.num_nodes, -1, np.int64)
+                                for p in props])[slots]
+        learn_agree = (agree >= 0) & parent_acc
+        self.agreement.update(agree[learn_agree], acc[learn_agree])
         for s, src in enumerate(self.sources):
             mine = (bits >> s) & 1 == 1
             if not mine.any():
@@ -173,7 +206,7 @@ class MultiSourceDrafter:
             self.accepted_only[s] += int((acc & (bits == (1 << s))).sum())
             if hasattr(src, "update_stats"):
                 cells = np.concatenate([p.cells_or_none(s) for p in props])[slots]
-                learn = (cells >= 0) & parent_acc
+                learn = (cells >= 0) & parent_acc & (agree < 0)
                 src.update_stats(cells[learn], acc[learn])
         self.accepted_shared += int((acc & ((bits & (bits - 1)) != 0)).sum())  # more than one bit set
 
@@ -220,27 +253,39 @@ class MultiSourceDrafter:
         source_f = [None] * num_src
         cells = [None] * num_src
         bits = np.zeros(m, np.uint8)
-        f = np.zeros(m, np.float64)
+        q_model = np.zeros(m, np.float64)  # the largest conditional of the model sources (0: none proposed it)
+        q_lookup = np.zeros(m, np.float64)
         for s, mp in zip(nonempty, maps):
             t = trees[s]
+            pf = t.path_prob.astype(np.float64)
+            denom = np.where(t.parent >= 0, pf[np.maximum(t.parent, 0)], 1.0)
+            q = np.minimum(np.divide(pf, denom, out=np.zeros_like(pf), where=denom > 0), 1.0)  # its conditional
             own = getattr(t, "anchor_copy", None)  # copies of another source's nodes are not this source's
-            pf, cell = t.path_prob, getattr(t, "cell", None)
+            cell = getattr(t, "cell", None)
             if own is not None:
                 own = ~own
-                mp, pf, cell = mp[own], pf[own], cell[own] if cell is not None else None
+                mp, pf, q, cell = mp[own], pf[own], q[own], cell[own] if cell is not None else None
             source_f[s] = np.full(m, np.nan, np.float32)
-            np.fmax.at(source_f[s], mp, pf)  # fmax: a source's own duplicates keep their larger f
+            np.fmax.at(source_f[s], mp, pf.astype(np.float32))  # fmax: a source's own duplicates keep their larger f
             if cell is not None:
                 cells[s] = np.full(m, -1, np.int64)
                 cells[s][mp] = cell
             bits[mp] |= np.uint8(1 << s)
-            np.maximum.at(f, mp, pf.astype(np.float64))
+            np.fmax.at(q_lookup if self.is_lookup[s] else q_model, mp, q)  # fmax: a NaN f counts as 0
         parent = np.asarray(par, np.int64)
-        f = token_tree.monotone_path_probs(parent[None], f[None], np.ones((1, m), bool))[0].astype(np.float32)
-        draft = f / np.where(parent >= 0, f[parent], np.float32(1.0))
-        merged = MergedTree(tokens=np.asarray(tok, np.int64), parent=parent, draft_prob=draft, path_prob=f,
+        lookup_bits = sum(1 << s for s in range(num_src) if self.is_lookup[s])
+        both = ((bits & lookup_bits) != 0) & ((bits & ~np.uint8(lookup_bits)) != 0)
+        q_merged = np.maximum(q_model, q_lookup)
+        agree_cell = None
+        if both.any():
+            depth = token_tree.depths(parent[None], np.ones((1, m), bool))[0]
+            agree_cell = np.where(both, agreement_cell(depth, q_model), -1)
+            q_merged[both] = np.maximum(self.agreement.means_array()[agree_cell[both]], q_merged[both])
+        q_merged = q_merged.astype(np.float32)
+        f = token_tree.path_probs(parent[None], q_merged[None], np.ones((1, m), bool))[0]
+        merged = MergedTree(tokens=np.asarray(tok, np.int64), parent=parent, draft_prob=q_merged, path_prob=f,
                             source=bits)
-        return self._cap(_Proposal(merged, source_f, cells))
+        return self._cap(_Proposal(merged, source_f, cells, agree_cell))
 
     def _cap(self, prop: _Proposal) -> _Proposal:
         """Keep the best max_candidates nodes by (f desc, slot asc): a prefix of that ranking is a valid tree."""
@@ -256,7 +301,8 @@ class MultiSourceDrafter:
         tree = MergedTree(tokens=t.tokens[keep], parent=parent, draft_prob=t.draft_prob[keep],
                           path_prob=t.path_prob[keep], source=t.source[keep])
         return _Proposal(tree, [f[keep] if f is not None else None for f in prop.source_f],
-                         [c[keep] if c is not None else None for c in prop.cells])
+                         [c[keep] if c is not None else None for c in prop.cells],
+                         prop.agree_cell[keep] if prop.agree_cell is not None else None)
 
     # ---- metrics ------------------------------------------------------------------------------------------
     def stats(self) -> dict:
@@ -267,6 +313,7 @@ class MultiSourceDrafter:
         accepted_per_step_only[name]: accepted nodes only that source proposed; ["shared"]: by several.
         calibration[name]: that source's own f vs acceptance by bin; ["merged"]: the f the selection used.
         lookup_stats[name]: per (match length, depth, branch) cell with data: observations and mean q.
+        agreement: per (depth, model q bin) cell with data, for nodes a lookup and a model draft both proposed.
         """
         self._flush()
         steps = max(self.num_steps, 1)
@@ -281,7 +328,14 @@ class MultiSourceDrafter:
             "calibration": {**{n: self.calibration[s].summary() for s, n in enumerate(self.names)},
                             "merged": self.calibration_merged.summary()},
             "lookup_stats": {},
+            "agreement": [],
         }
+        counts, means = self.agreement.counts(), self.agreement.means_array()
+        edges = (0.0, *AGREE_Q_EDGES, 1.0)
+        for c in np.flatnonzero(counts > 0):
+            d, b = divmod(int(c), len(AGREE_Q_EDGES) + 1)
+            out["agreement"].append({"depth": d + 1, "model_q_min": edges[b], "model_q_max": edges[b + 1],
+                                     "observations": float(counts[c]), "mean": float(means[c])})
         for name, src in zip(self.names, self.sources):
             table = getattr(src, "stats", None)
             if table is None or not hasattr(table, "counts"):

@@ -28,11 +28,14 @@ class ProposeResult:
 class Speculator:
     """Owns the drafter and the selection policy; the engine owns verify and accept."""
 
-    def __init__(self, drafter, default_policy: str, *, max_tree_nodes: int, max_depth: int, max_width: int):
+    def __init__(self, drafter, default_policy: str, *, max_tree_nodes: int, max_depth: int, max_width: int,
+                 root_topk: int = 0, slo_triage: bool = False):
         self.drafter = drafter
         self.default_policy = parse_policy(default_policy)
         self.n_max = min(max_tree_nodes, MAX_TREE_TOKENS - 1)  # the root takes one of the 64 mask bits
         self.max_depth, self.max_width = max_depth, max_width
+        self.root_topk = root_topk  # root children budgeted policies draft (the selection prices them)
+        self.slo_triage = slo_triage  # adaserve: no SLO-phase nodes for requests that cannot make their SLO this step
         # Verify outcomes, for the depth gate: accepted draft tokens, and walks stopped by a rejection (the last
         # accepted node had children in the tree); a walk that reached a leaf tells nothing of the next level.
         self.num_trees, self.num_accepted, self.num_rejections = 0, 0, 0
@@ -84,7 +87,8 @@ class Speculator:
             cut = {}
             if spec.budgeted:
                 level_s = self.draft_forward_s or 0.0
-                cut = {"min_path_prob": min_path_prob, "min_level_mass": tokens_per_s * level_s}
+                cut = {"min_path_prob": min_path_prob, "min_level_mass": tokens_per_s * level_s,
+                       "root_topk": self.root_topk}
             forwards = getattr(self.drafter, "num_forwards", None)
             t0 = time.perf_counter()
             cands = self.drafter.propose(
@@ -110,7 +114,7 @@ class Speculator:
                 min_f = max(min_f, cut)
                 sel_budget = min(budget, int(np.count_nonzero(f_valid >= cut)))
             selected = select(spec, padded.path_prob, padded.parent, padded.valid, slo, sel_budget, t_step_s,
-                              depth, self.n_max, min_path_prob=min_f)
+                              depth, self.n_max, min_path_prob=min_f, serve_unreachable=not self.slo_triage)
             selected = _cap_tree_size(selected, self.n_max)
             trees = build_verify_trees([r.token_ids[-1] for r in group], padded, selected)
             result.select_s += time.perf_counter() - t1
