@@ -17,8 +17,8 @@ draft: beam search; prompt lookup: n-gram continuations) and merges them per req
   at `max_candidates` nodes, keeping the top of the (f desc, slot asc) ranking, which is a valid tree.
 
 `observe` (called by the engine after acceptance) feeds every verified node back: lookup statistics for nodes
-whose parent was accepted (agreement counts for nodes the model draft also proposed, the lookup's own cells for
-the rest), the per-source calibration tables (predicted f vs on the accepted path), and the
+whose parent was accepted (the lookup's own cells for every node it proposed, agreement counts also for the
+nodes a model draft proposed too), the per-source calibration tables (predicted f vs on the accepted path), and the
 accepted-tokens-by-source counters. `stats()` returns them for metrics.
 """
 
@@ -206,7 +206,7 @@ class MultiSourceDrafter:
             self.accepted_only[s] += int((acc & (bits == (1 << s))).sum())
             if hasattr(src, "update_stats"):
                 cells = np.concatenate([p.cells_or_none(s) for p in props])[slots]
-                learn = (cells >= 0) & parent_acc & (agree < 0)
+                learn = (cells >= 0) & parent_acc
                 src.update_stats(cells[learn], acc[learn])
         self.accepted_shared += int((acc & ((bits & (bits - 1)) != 0)).sum())  # more than one bit set
 
