@@ -151,11 +151,11 @@ class MultiSourceDrafter:
         per_source: list = [None] * len(self.sources)
         anchors = None  # the first model source's trees: lookups also hang under their best nodes
         for s, src in enumerate(self.sources):
-            if not isinstance(src, NgramSource):
+            if not self.is_lookup[s]:
                 per_source[s] = src.propose(reqs, root_topk=root_topk, **kw)
                 anchors = per_source[s] if anchors is None else anchors
         for s, src in enumerate(self.sources):
-            if isinstance(src, NgramSource):
+            if self.is_lookup[s]:
                 per_source[s] = src.propose(reqs, anchors=anchors, **kw)
         out = []
         for i, r in enumerate(reqs):
@@ -257,16 +257,15 @@ class MultiSourceDrafter:
         q_lookup = np.zeros(m, np.float64)
         for s, mp in zip(nonempty, maps):
             t = trees[s]
-            pf = t.path_prob.astype(np.float64)
-            denom = np.where(t.parent >= 0, pf[np.maximum(t.parent, 0)], 1.0)
-            q = np.minimum(np.divide(pf, denom, out=np.zeros_like(pf), where=denom > 0), 1.0)  # its conditional
+            pf = t.path_prob
+            q = np.minimum(t.draft_prob.astype(np.float64), 1.0)  # this source's conditional (f / parent's f)
             own = getattr(t, "anchor_copy", None)  # copies of another source's nodes are not this source's
             cell = getattr(t, "cell", None)
             if own is not None:
                 own = ~own
                 mp, pf, q, cell = mp[own], pf[own], q[own], cell[own] if cell is not None else None
             source_f[s] = np.full(m, np.nan, np.float32)
-            np.fmax.at(source_f[s], mp, pf.astype(np.float32))  # fmax: a source's own duplicates keep their larger f
+            np.fmax.at(source_f[s], mp, pf)  # fmax: a source's own duplicates keep their larger f
             if cell is not None:
                 cells[s] = np.full(m, -1, np.int64)
                 cells[s][mp] = cell
