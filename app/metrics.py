@@ -32,6 +32,7 @@ _REPLICA_GAUGES = (
     ("accepted_tokens_per_step", "accepted_tokens_per_step", "Tokens a request gains per engine step (EWMA)"),
     ("measured_tpot_seconds", "measured_tpot_s", "Recent mean TPOT measured on the replica"),
     ("unloaded_tpot_seconds", "unloaded_tpot_s", "TPOT of one request on the idle replica (SLO baseline)"),
+    ("prefill_held_steps", "prefill_held_steps", "Engine steps whose prompts waited for the running TPOT SLOs"),
 )
 
 

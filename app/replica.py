@@ -284,6 +284,7 @@ class LLMReplica:
             "unloaded_tpot_s": self.loop.unloaded_tpot_s,
             "accepted_tokens_per_step": s.get("accepted_tokens_per_step"),
             "num_steps": int(s.get("num_steps", 0)),
+            "prefill_held_steps": int(s.get("prefill_held_steps", 0)),
             "accepted_per_step_by_source": dict((s.get("draft_sources") or {}).get("accepted_per_step_by_source") or {}),
             "calibration_ece_by_source": {
                 name: table.get("ece") for name, table in

@@ -41,7 +41,7 @@ import numpy as np
 from bench.traces import AcceptanceModel, load_trace
 from bench.workloads import SLO_CLASSES, WorkloadRequest
 from policies import routing, token_tree
-from policies.budget import choose_token_budget, throughput_cut_path_prob
+from policies.budget import choose_token_budget, slo_prefill_tokens, throughput_cut_path_prob
 from policies.latency_model import LatencyModel, PiecewiseLinear
 from policies.tree_selection import SLO_CAP_FACTOR, SLOState, draft_shape, parse_policy, required_acceptance, select
 
@@ -103,6 +103,8 @@ class SimConfig:
     seed: int = 0
     predict_draft_in_t_step: bool = False  # prototype: A(r) sees the draft + host time too (the engine doesn't)
     max_sim_s: float = 3600.0
+    max_prefill_wait_s: float | None = None  # EngineConfig.max_prefill_wait_s
+    slo_prefill_recovery_steps: int = 1  # EngineConfig.slo_prefill_recovery_steps
 
 
 @dataclass
@@ -131,15 +133,17 @@ class _Replica:
     steps: int = 0
     busy_s: float = 0.0
     select_s: float = 0.0
+    last_nodes: int = 0  # tree nodes of the replica's previous step
 
 
 class Simulator:
     def __init__(self, profile: Profile, acceptance: AcceptanceModel, config: SimConfig):
         self.p, self.acc, self.cfg = profile, acceptance, config
         base, *variants = config.policy.split("+")
-        unknown = set(variants) - {"cut", "nocut", "deep", "pd", "nocap", "notriage"}
+        known = ("cut", "nocut", "deep", "pd", "nocap", "notriage", "slochunk", "noslochunk")
+        unknown = set(variants) - set(known)
         if unknown:
-            raise ValueError(f"unknown simulator policy variants {sorted(unknown)} (nocut, cut, deep, pd, nocap, notriage)")
+            raise ValueError(f"unknown simulator policy variants {sorted(unknown)} ({', '.join(known)})")
         self.spec = parse_policy(base)
         # Budgeted policies price their nodes as the engine does (since it profiles its latency): the selection
         # keeps the candidates that maximise the step's token rate (policies.budget.throughput_cut_path_prob,
@@ -153,7 +157,10 @@ class Simulator:
         # '+nocap': no per-request cap (flexflow's 1.2 x budget / n) on SLO-phase nodes;
         # '+notriage': the SLO phase also gives requests it cannot bring onto their SLO this step their best nodes
         #         up to the cap, as flexflow does (the engine's default, EngineConfig.slo_triage, skips them).
+        # '+noslochunk' / '+slochunk': prefill chunks not bounded / bounded by the decoding requests' SLO slack
+        #         (policies.budget.slo_prefill_tokens; the engine's default for adaserve only, EngineConfig.slo_prefill).
         self.serve_unreachable = "notriage" in variants
+        self.slo_prefill = ("slochunk" in variants or self.spec.kind == "adaserve") and "noslochunk" not in variants
         self.slo_cap_factor = 1e9 if "nocap" in variants else SLO_CAP_FACTOR
         self.cut, self.deep = self.spec.budgeted and "nocut" not in variants, "deep" in variants
         self.predict_draft = config.predict_draft_in_t_step or "pd" in variants
@@ -246,6 +253,9 @@ class Simulator:
         decodes = [i for i in rep.running if self.out[i] > 0]
         decodes = decodes[:budget]
         budget -= len(decodes)
+        budget_before_prefill = budget
+        if self.slo_prefill and decodes:
+            budget = min(budget, self._prefill_cap(rep, np.asarray(decodes, dtype=np.int64), now, budget))
         prefills: list[tuple[int, int]] = []
         for i in rep.running:
             if budget == 0:
@@ -262,6 +272,7 @@ class Simulator:
             prefills.append((i, k))
             budget -= k
         prefill_tokens = sum(k for _, k in prefills)
+        budget = budget_before_prefill - prefill_tokens
         dec = np.asarray(decodes, dtype=np.int64)
         ctx_dec = self.prompt[dec] + self.out[dec]
         gained = np.ones(dec.size, dtype=np.int64)
@@ -280,10 +291,24 @@ class Simulator:
         num_tokens = dec.size + prefill_tokens + nodes
         dt = (float(self.p.target.predict(num_tokens, ctx_all)) + draft_s + self.p.overhead_s
               + (self.p.spec_overhead_s if nodes else 0.0))
-        rep.busy, rep.steps, rep.busy_s = True, rep.steps + 1, rep.busy_s + dt
+        rep.busy, rep.steps, rep.busy_s, rep.last_nodes = True, rep.steps + 1, rep.busy_s + dt, nodes
         pending[rep.rid] = (dec, gained, spec_mask, prefills)
         heapq.heappush(events, (now + dt, seq, rep.rid))
         return seq + 1
+
+    def _prefill_cap(self, rep: _Replica, dec: np.ndarray, now: float, max_tokens: int) -> int:
+        """Prefill tokens the decoding requests' SLO slack leaves this step (the engine's rule)."""
+        if self.cfg.max_prefill_wait_s is not None:
+            queued = list(rep.waiting) + [i for i in rep.running if self.out[i] == 0]
+            if queued and now - float(self.arrival[queued].min()) >= self.cfg.max_prefill_wait_s:
+                return max_tokens
+        spec_steps = int(self.spec_steps.sum())
+        gain = 1.0 + (float(self.accepted.sum()) / spec_steps if spec_steps else 0.0)
+        return slo_prefill_tokens(
+            self.p.target, base_tokens=dec.size + rep.last_nodes, context_tokens=float((self.prompt[dec] + self.out[dec]).sum()),
+            decode_time_s=now - self.first_t[dec], decoded_tokens=np.maximum(self.out[dec] - 1, 0),
+            tpot_slo_s=self.slo_s[dec], remaining_tokens=self.maxtok[dec] - self.out[dec],
+            tokens_per_step=gain, max_tokens=max_tokens, recovery_steps=self.cfg.slo_prefill_recovery_steps)
 
     def _commit(self, rep: _Replica, now: float, plan) -> None:
         dec, gained, spec_mask, prefills = plan

@@ -131,3 +131,55 @@ def throughput_cut_path_prob(path_probs: np.ndarray, model: LatencyModel, step_t
     if rate[k_lo] >= rate[k_hi]:
         return float(f[k_lo - 1]) if k_lo else float("inf")
     return float(v)
+
+
+def slo_prefill_tokens(
+    model: LatencyModel,
+    *,
+    base_tokens: int,
+    context_tokens: float,
+    decode_time_s: np.ndarray,
+    decoded_tokens: np.ndarray,
+    tpot_slo_s: np.ndarray,
+    remaining_tokens: np.ndarray,
+    tokens_per_step: np.ndarray | float,
+    max_tokens: int,
+    min_tokens: int = 0,
+    recovery_steps: int = 1,
+) -> int:
+    """Prefill tokens this step may carry without pushing a decoding request off its TPOT SLO.
+
+    Sarathi-Serve bounds every step by one fixed time-between-tokens target; here the bound is set per step by
+    the running requests' own SLOs and the slack they have banked. Request r (``l`` s decoding, ``o`` tokens,
+    ``g`` expected tokens this step) is on its SLO after a step of ``t`` seconds iff ``l + t <= (o + g) * slo``;
+    the step's prefill may grow ``t`` up to the smallest such limit. A request already past its limit even
+    without prefill only lets the step carry ``min_tokens`` (so waiting prompts still progress) if it can
+    still finish on its SLO at decode-only steps; one that cannot is not protected. No limit: ``max_tokens``.
+    Arrays are [R] over decoding requests; ``base_tokens`` is the step's size without prefill.
+    ``recovery_steps`` = h > 1 only asks r to be back on its SLO after this step and h - 1 decode-only ones:
+    ``l + t + (k - 1) t_base <= (o + min(k g, m)) * slo`` with k = min(h, steps r has left).
+    """
+    if max_tokens <= 0:
+        return 0
+    slo = np.asarray(tpot_slo_s, dtype=np.float64)
+    slo = np.where(np.isfinite(slo) & (slo > 0), slo, np.inf)
+    l_s = np.asarray(decode_time_s, dtype=np.float64)
+    o = np.asarray(decoded_tokens, dtype=np.float64)
+    g = np.maximum(np.broadcast_to(np.asarray(tokens_per_step, dtype=np.float64), o.shape), 1.0)
+    m = np.maximum(np.asarray(remaining_tokens, dtype=np.float64), 0.0)
+    tight = np.isfinite(slo) & (m > 0)
+    if not tight.any():
+        return int(max_tokens)
+    t_base = float(model.predict(base_tokens, context_tokens))
+    with np.errstate(invalid="ignore"):
+        k = np.clip(np.minimum(float(recovery_steps), np.ceil(m / g)), 1.0, None)
+        limit_s = (o + np.minimum(k * g, np.maximum(m, 1.0))) * slo - l_s - (k - 1.0) * t_base
+        recoverable = l_s + np.ceil(m / g) * t_base <= (o + m) * slo
+    protect = tight & recoverable
+    if not protect.any():
+        return int(max_tokens)
+    limit = float(limit_s[protect].min())
+    sizes = np.arange(0, int(max_tokens) + 1)
+    ok = np.asarray(model.predict(base_tokens + sizes, context_tokens)) <= limit * (1.0 + 1e-9)
+    fit = int(sizes[ok][-1]) if ok.any() else 0  # non-decreasing model: ``ok`` is a prefix
+    return int(min(max(fit, min_tokens), max_tokens))

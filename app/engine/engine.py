@@ -24,8 +24,8 @@ from app.engine.spec.tree import VerifyTree
 from app.engine.weights import load_checkpoint, load_tokenizer
 import numpy as np
 
-from policies.budget import (choose_token_budget, min_worthwhile_path_prob, required_nodes, spare_budget,
-                             throughput_cut_path_prob)
+from policies.budget import (choose_token_budget, min_worthwhile_path_prob, required_nodes, slo_prefill_tokens,
+                             spare_budget, throughput_cut_path_prob)
 from policies.latency_model import LatencyModel
 from policies.tree_selection import SLOState, parse_policy, required_acceptance
 
@@ -108,7 +108,7 @@ class LLMEngine:
         self.num_steps = 0
         self.step_history: deque[StepStats] = deque(maxlen=1024)
         self.totals = {"tree_nodes": 0, "accepted": 0, "spec_steps": 0, "tree_requests": 0, "draft_s": 0.0, "select_s": 0.0,
-                       "step_s": 0.0, "verify_s": 0.0, "accept_s": 0.0}
+                       "step_s": 0.0, "verify_s": 0.0, "accept_s": 0.0, "prefill_held_steps": 0}
         self._step_ema_s: float | None = None
         parse_policy(config.policy)  # a bad name fails at start, not at the first step
         self.speculator: Speculator | None = None
@@ -133,6 +133,8 @@ class LLMEngine:
                 self.token_budget = choose_token_budget(
                     self.latency_model, context_tokens=256, tolerance=config.budget_tolerance,
                     max_tokens=config.max_num_batched_tokens)
+
+        self._last_tree_nodes = 0
 
     def _num_kv_blocks(self) -> int:
         cfg = self.config
@@ -199,7 +201,10 @@ class LLMEngine:
     # ---- the step -------------------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         t_start = time.perf_counter()
-        plan = self.scheduler.schedule()
+        # pricing a chunk needs the latency profile; without it (profile_latency=False) prefill is not bounded
+        slo_prefill = self.config.slo_prefill is not False and self.latency_model is not None
+        plan = self.scheduler.schedule(self._slo_prefill_cap if slo_prefill else None)
+        self.totals["prefill_held_steps"] += plan.prefill_held
         if self.speculator is not None:
             for req in plan.preempted:
                 self.speculator.release(req.request_id)
@@ -211,6 +216,33 @@ class LLMEngine:
         stats.step_s = time.perf_counter() - t_start
         self._record(stats)
         return outputs
+
+    def _slo_prefill_cap(self, decodes: list[Request]) -> int:
+        """Prefill tokens the decoding requests' TPOT SLOs leave this step; a queued prompt whose TTFT SLO (or
+        ``max_prefill_wait_s``) is due lifts the bound. ``slo_prefill=None`` bounds only steps where a decoding
+        request runs adaserve (the engine's policy or its own)."""
+        now = time.perf_counter()
+        limit = self.config.max_num_batched_tokens
+        if self.config.slo_prefill is None and (self.speculator is None or not any(
+                self.speculator.policy_of(r).kind == "adaserve" for r in decodes)):
+            return limit
+        queued = list(self.scheduler.waiting) + [r for r in self.scheduler.running if r.num_output_tokens == 0]
+        for r in queued:
+            waited_s = now - r.arrival_time
+            if self.config.max_prefill_wait_s is not None and waited_s >= self.config.max_prefill_wait_s:
+                return limit
+            if r.ttft_slo_ms is not None and (waited_s + self.predicted_step_s(r.num_uncomputed_tokens, 0)
+                                              >= r.ttft_slo_ms / 1e3):
+                return limit
+        gain = 1.0 + (self.totals["accepted"] / self.totals["tree_requests"] if self.totals["tree_requests"] else 0.0)
+        return slo_prefill_tokens(
+            self.latency_model, base_tokens=len(decodes) + self._last_tree_nodes,
+            context_tokens=sum(r.num_computed_tokens for r in decodes),
+            decode_time_s=np.array([r.decode_time_s(now) for r in decodes]),
+            decoded_tokens=np.array([max(r.num_output_tokens - 1, 0) for r in decodes]),
+            tpot_slo_s=np.array([r.tpot_slo_ms / 1e3 if r.tpot_slo_ms else np.inf for r in decodes]),
+            remaining_tokens=np.array([r.sampling.max_tokens - r.num_output_tokens for r in decodes]),
+            tokens_per_step=gain, max_tokens=limit, recovery_steps=self.config.slo_prefill_recovery_steps)
 
     def predicted_step_s(self, num_tokens: int, context_tokens: int) -> float:
         if self.latency_model is not None:
@@ -337,6 +369,7 @@ class LLMEngine:
         self.step_history.append(stats)
         t = self.totals
         t["tree_nodes"] += stats.num_tree_nodes
+        self._last_tree_nodes = stats.num_tree_nodes
         t["accepted"] += stats.num_accepted
         t["spec_steps"] += 1 if stats.num_tree_nodes else 0
         t["tree_requests"] += stats.num_trees
@@ -464,6 +497,7 @@ class LLMEngine:
             "selection_time_fraction": self.totals["select_s"] / self.totals["step_s"] if self.totals["step_s"] else 0.0,
             "tree_nodes_verified": self.totals["tree_nodes"],
             "draft_tokens_accepted": self.totals["accepted"],
+            "prefill_held_steps": self.totals["prefill_held_steps"],  # steps the TPOT SLOs kept prompts waiting
             # where the engine's time went, over all steps so far
             "step_time_split_s": {k: self.totals[k] for k in ("draft_s", "select_s", "verify_s", "accept_s", "step_s")},
         }

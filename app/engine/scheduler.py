@@ -2,13 +2,15 @@
 
 Order within a step's token budget: every decoding request gets its one token first (decodes never stall),
 then prefill chunks (running partial prefills, then FIFO admission), and whatever budget is left goes to
-speculative tree tokens. Prefill thus comes before speculation, as in AdaServe. Running out of KV blocks
+speculative tree tokens. Prefill thus comes before speculation, as in AdaServe. An optional ``prefill_cap``
+(the engine's SLO-aware prefill) bounds the step's prefill tokens given the step's decoding requests. Running out of KV blocks
 preempts the newest running request (its KV is dropped and recomputed later), so the oldest keep progressing.
 """
 
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from app.engine.config import EngineConfig
@@ -33,6 +35,7 @@ class StepPlan:
     prefills: list[ScheduledChunk] = field(default_factory=list)
     preempted: list[Request] = field(default_factory=list)
     spec_token_budget: int = 0  # tokens left in the step for speculative tree nodes
+    prefill_held: bool = False  # the prefill cap, not the step's budget, kept prompt tokens out of this step
 
     @property
     def chunks(self) -> list[ScheduledChunk]:
@@ -63,7 +66,8 @@ class Scheduler:
     def num_running(self) -> int:
         return len(self.running)
 
-    def schedule(self) -> StepPlan:
+    def schedule(self, prefill_cap: Callable[[list[Request]], int] | None = None) -> StepPlan:
+        """``prefill_cap(decoding requests)``: most prefill tokens this step may carry (None: no bound)."""
         plan = StepPlan()
         budget = self.config.max_num_batched_tokens
         scheduled: set[str] = set()
@@ -78,31 +82,40 @@ class Scheduler:
             scheduled.add(req.request_id)
             budget -= 1
 
+        prefill_budget = budget
+        if prefill_cap is not None and plan.decodes:
+            prefill_budget = max(0, min(budget, int(prefill_cap([c.request for c in plan.decodes]))))
+        capped = prefill_budget < budget
+
         # 2. Running requests still in prefill (chunked, or recomputing after a preemption).
         for req in list(self.running):
-            if budget == 0:
+            if prefill_budget == 0:
                 break
             if req.status is not RequestStatus.RUNNING or req.request_id in scheduled:
                 continue
-            n = min(req.num_uncomputed_tokens, self.config.prefill_chunk_tokens, budget)
+            n = min(req.num_uncomputed_tokens, self.config.prefill_chunk_tokens, prefill_budget)
             if n > 0 and self._grow(req, req.num_computed_tokens + n, plan):
                 plan.prefills.append(ScheduledChunk(req, n))
                 scheduled.add(req.request_id)
-                budget -= n
+                prefill_budget -= n
 
         # 3. Admit waiting requests in FIFO order while budget, sequence slots and blocks allow.
-        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+        while self.waiting and prefill_budget > 0 and len(self.running) < self.config.max_num_seqs:
             req = self.waiting[0]
-            n = min(req.num_uncomputed_tokens, self.config.prefill_chunk_tokens, budget)
+            n = min(req.num_uncomputed_tokens, self.config.prefill_chunk_tokens, prefill_budget)
             if not self.kv.ensure_capacity(req.block_ids, req.num_computed_tokens + n):
                 break
             self.waiting.popleft()
             req.status = RequestStatus.RUNNING
             self.running.append(req)
             plan.prefills.append(ScheduledChunk(req, n))
-            budget -= n
+            prefill_budget -= n
 
-        plan.spec_token_budget = budget
+        plan.spec_token_budget = budget - sum(c.num_tokens for c in plan.prefills)
+        if capped and prefill_budget == 0:
+            planned = {c.request.request_id: c.num_tokens for c in plan.chunks}
+            plan.prefill_held = bool(self.waiting) or any(
+                not r.is_decoding and r.num_uncomputed_tokens > planned.get(r.request_id, 0) for r in self.running)
         return plan
 
     def _grow(self, req: Request, num_tokens: int, plan: StepPlan) -> bool:

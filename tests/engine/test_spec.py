@@ -3,6 +3,7 @@ the target's sampling distribution preserved."""
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 
 import numpy as np
@@ -11,6 +12,7 @@ import torch
 
 from app.engine.config import EngineConfig, SamplingParams
 from app.engine.engine import LLMEngine
+from policies.latency_model import LatencyModel, PiecewiseLinear
 
 POLICIES = ["chain:4", "static-tree", "dynamic-tree", "adaserve"]
 PROMPTS = ["def fibonacci(n):", "Write a poem about the sea.", "List the planets of the solar system:",
@@ -89,6 +91,78 @@ def test_greedy_speculation_is_lossless(draft, policy, random_draft_dir, plain_o
 def test_mixed_policies_in_one_batch(random_draft_dir, plain_outputs):
     engine = _spec_engine(str(random_draft_dir))
     assert _run_staggered(engine, POLICIES + ["none"], [None, 20.0]) == plain_outputs
+
+
+# free up to 40 step tokens, then 100 s a token: the cap an SLO-aware prefill leaves is exactly 40 - base tokens
+CLIFF = LatencyModel(PiecewiseLinear((0.0, 40.0, 41.0), (0.0, 0.0, 100.0), tail_slope=100.0), 0.0)
+
+
+def _slo_prefill_engine(draft, **kw) -> LLMEngine:
+    """adaserve with SLO-aware prefill (the default), priced by CLIFF instead of a profile."""
+    engine = _spec_engine(draft, **kw)
+    engine.latency_model = CLIFF
+    return engine
+
+
+def test_slo_prefill_holds_prompts_to_the_slack_and_stays_lossless(random_draft_dir):
+    long_prompt = "Summarize: " + " ".join(PROMPTS) * 2  # arrives while the others decode, takes several chunks
+    prompts = PROMPTS[:2] + [long_prompt] + PROMPTS[2:]
+    engine = _slo_prefill_engine(str(random_draft_dir))
+    steps = []
+    schedule = engine.scheduler.schedule
+
+    def recording_schedule(prefill_cap=None):
+        caps = []
+        def cap(decodes):
+            base = len(decodes) + engine._last_tree_nodes
+            slack_bound = any(r.tpot_slo_ms for r in decodes)  # only SLO'd requests bound it (1 s: never behind)
+            caps.append((prefill_cap(decodes), max(0, 40 - base) if slack_bound else 96))
+            return caps[-1][0]
+
+        plan = schedule(cap)
+        queued = bool(engine.scheduler.waiting) or any(not r.is_decoding for r in engine.scheduler.running)
+        steps.append((caps[0] if caps else None, sum(c.num_tokens for c in plan.prefills), queued))
+        return plan
+
+    engine.scheduler.schedule = recording_schedule
+    sampling = SamplingParams(max_tokens=NEW_TOKENS, ignore_eos=True)
+    for i, p in enumerate(prompts):
+        if i == 2:  # the rest arrive once the first two decode with full trees
+            for _ in range(3):
+                engine.step()
+        engine.add_request(p, sampling, request_id=p, tpot_slo_ms=[1000.0, None][i % 2])
+    outs = {}
+    while engine.has_unfinished():
+        outs.update((o.request_id, o.token_ids) for o in engine.step() if o.finished)
+    assert outs == plain_greedy(prompts)
+    capped = [(cap, expected, n, queued) for (cap, expected), n, queued in (s for s in steps if s[0] is not None)]
+    assert capped and all(cap == expected and n <= cap for cap, expected, n, _ in capped)
+    assert any(cap < 16 and queued for cap, _, _, queued in capped)  # it held a prompt back
+    assert engine.stats()["prefill_held_steps"] > 0
+    assert steps[0][0] is None  # nothing decoding yet: the cap is not asked
+
+
+def test_slo_prefill_lets_a_due_ttft_slo_or_long_wait_through(random_draft_dir):
+    engine = _slo_prefill_engine(str(random_draft_dir))
+    engine.add_request(PROMPTS[0], SamplingParams(max_tokens=8, ignore_eos=True), request_id="a", tpot_slo_ms=1000.0)
+    while not engine.requests["a"].is_decoding:
+        engine.step()
+    engine.step()
+    decodes, base = [engine.requests["a"]], 1 + engine._last_tree_nodes
+    engine.add_request(PROMPTS[1], SamplingParams(max_tokens=4), request_id="b")
+    assert engine._slo_prefill_cap(decodes) == 40 - base
+    engine.add_request(PROMPTS[2], SamplingParams(max_tokens=4), request_id="c", ttft_slo_ms=1e6)
+    assert engine._slo_prefill_cap(decodes) == 40 - base  # its TTFT SLO is far off
+    engine.add_request(PROMPTS[3], SamplingParams(max_tokens=4), request_id="d", ttft_slo_ms=0.001)
+    assert engine._slo_prefill_cap(decodes) == engine.config.max_num_batched_tokens  # due now
+    engine.abort("d")
+    assert engine._slo_prefill_cap(decodes) == 40 - base
+    decodes[0].policy = "dynamic-tree"  # slo_prefill=None: only adaserve steps are bounded
+    assert engine._slo_prefill_cap(decodes) == engine.config.max_num_batched_tokens
+    engine.config = dataclasses.replace(engine.config, slo_prefill=True)  # on for every policy
+    assert engine._slo_prefill_cap(decodes) == 40 - base
+    engine.config = dataclasses.replace(engine.config, max_prefill_wait_s=0.0)
+    assert engine._slo_prefill_cap(decodes) == engine.config.max_num_batched_tokens
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from policies.budget import adaptive_shape, choose_token_budget, required_nodes, spare_budget
+from policies.budget import adaptive_shape, choose_token_budget, required_nodes, slo_prefill_tokens, spare_budget
 from policies.latency_model import LatencyModel, PiecewiseLinear
 
 # 20 ms floor up to 64 tokens, then 1 ms per token; 1 us per context token
@@ -119,3 +119,72 @@ def test_throughput_cut_skips_a_tail_that_buys_the_next_tile():
     steep = LatencyModel(PiecewiseLinear((1.0, 2.0), (0.06, 0.12), tail_slope=0.06), 0.0)
     assert throughput_cut_path_prob(f, steep, 1, 0, 1.0) == float("inf")  # nothing pays for a doubled step
     assert throughput_cut_path_prob(np.zeros(0), tile, 1, 0, 1.0) == 0.0
+
+
+# 10 ms + 1 ms per token: a step of n tokens takes 10 + n ms
+LINEAR = LatencyModel(PiecewiseLinear((0.0, 1000.0), (0.010, 1.010)), 0.0)
+
+
+def _prefill(decode_time_s, decoded, slo_s, remaining, gain=1.0, max_tokens=256, base=4, min_tokens=0,
+             recovery_steps=1):
+    return slo_prefill_tokens(LINEAR, base_tokens=base, context_tokens=0.0, decode_time_s=np.array(decode_time_s),
+                              decoded_tokens=np.array(decoded), tpot_slo_s=np.array(slo_s),
+                              remaining_tokens=np.array(remaining), tokens_per_step=gain, max_tokens=max_tokens,
+                              min_tokens=min_tokens, recovery_steps=recovery_steps)
+
+
+def test_slo_prefill_fills_exactly_the_tightest_requests_slack():
+    # on SLO after the step iff l + t <= (o + g) slo; base step = 14 ms
+    # request 0: 1.0 s for 20 tokens at 60 ms -> limit (21 * 0.06) - 1.0 = 260 ms -> 246 prefill tokens;
+    # request 1: 0.5 s for 10 tokens at 55 ms -> limit 0.105 s -> 91 tokens: the tighter one decides
+    assert _prefill([1.0, 0.5], [20, 10], [0.060, 0.055], [10, 10]) == 91
+    assert _prefill([1.0], [20], [0.060], [10]) == 246
+    # two tokens expected per step double the time the step may take (0.5 s, 10 tok, 55 ms, g = 2: 0.16 s)
+    assert _prefill([0.5], [10], [0.055], [10], gain=2.0) == 146
+    assert _prefill([1.0], [20], [0.060], [10], max_tokens=64) == 64
+
+
+def test_slo_prefill_recovery_steps_lend_the_next_steps_slack():
+    # back on the SLO within 3 steps: (20 + 3) * 0.06 - 1.0 - 2 * 0.014 = 0.352 s -> 338 tokens
+    assert _prefill([1.0], [20], [0.060], [10], max_tokens=512, recovery_steps=3) == 338
+    # a request with 2 tokens left has 2 steps to recover: (20 + 2) * 0.06 - 1.0 - 0.014 = 0.306 s
+    assert _prefill([1.0], [20], [0.060], [2], max_tokens=512, recovery_steps=3) == 292
+    assert _prefill([1.0], [20], [0.060], [10], max_tokens=512, recovery_steps=1) == 246
+
+
+def test_slo_prefill_without_tight_requests_is_unbounded():
+    assert _prefill([1.0, 2.0], [10, 10], [np.inf, np.nan], [5, 5]) == 256
+    assert _prefill([], [], [], []) == 256
+    assert _prefill([1.0], [20], [0.060], [0]) == 256  # done decoding: nothing to protect
+
+
+def test_slo_prefill_protects_a_recoverable_request_that_is_behind_but_not_a_hopeless_one():
+    # 1.3 s for 20 tokens at 60 ms: behind (limit 1.26 - 1.3 < 0), but 30 more tokens at 14 ms steps end at
+    # 1.72 s <= 50 * 0.06 = 3.0 s: recoverable, so only min_tokens pass
+    assert _prefill([1.3], [20], [0.060], [30]) == 0
+    assert _prefill([1.3], [20], [0.060], [30], min_tokens=8) == 8
+    # 2 more tokens can't recover it (1.3 + 2 * 0.014 > 22 * 0.06): it does not hold prefill back
+    assert _prefill([1.3], [20], [0.060], [2]) == 256
+    assert _prefill([1.3, 1.0], [20, 20], [0.060, 0.060], [2, 10]) == 246  # the other one still counts
+
+
+def test_slo_prefill_result_fits_every_protected_limit_and_is_the_largest_that_does():
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        n = int(rng.integers(1, 6))
+        o = rng.integers(1, 40, n).astype(float)
+        slo = rng.uniform(0.02, 0.2, n)
+        l_s = o * slo * rng.uniform(0.5, 1.2, n)
+        m = rng.integers(1, 40, n)
+        g = float(rng.uniform(1, 3))
+        p = _prefill(l_s, o, slo, m, gain=g)
+        t_base = LINEAR.predict(4)
+        protect = l_s + np.ceil(m / g) * t_base <= (o + m) * slo
+        if not protect.any():
+            assert p == 256
+            continue
+        limit = ((o + np.minimum(g, m)) * slo - l_s)[protect].min()  # a request ending this step counts what it gets
+        if p > 0:
+            assert LINEAR.predict(4 + p) <= limit + 1e-9
+        if p < 256:
+            assert LINEAR.predict(4 + p + 1) > limit
