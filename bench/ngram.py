@@ -241,6 +241,8 @@ def print_tokens_per_step(results: dict, engines: dict, configs: dict, classes: 
         s_m, s_d = results["merged"][c]["acc_per_step"], results[md][c]["acc_per_step"]
         print(f"  {c} merged / model draft alone: {s_m / s_d:.2f}x (target >= 2x): "
               f"{'ok' if s_m >= 2 * s_d else 'MISSED'}")
+    if "merged, anchored" not in results:
+        return
     print("  anchored lookups (merged, anchored vs merged): " + ", ".join(
         f"{c} {results['merged, anchored'][c]['acc_per_step']:.2f} vs {results['merged'][c]['acc_per_step']:.2f}"
         for c in classes))
@@ -259,6 +261,8 @@ def main() -> None:
                     help="token budget per step = this x requests, one table per value (the CPU profile's budget "
                          "is a few tokens: too small to compare drafts, and a fixed budget would compare them at a "
                          "load-dependent size). Calibration and lookup tables are from the first value's run.")
+    ap.add_argument("--classes", nargs="+", default=None, help="only these classes (default: all)")
+    ap.add_argument("--no-anchored", action="store_true", help="skip the 'merged, anchored' configuration")
     ap.add_argument("--cost-requests", type=int, default=64)
     ap.add_argument("--cost-prompt-tokens", type=int, default=8192)
     ap.add_argument("--cost-steps", type=int, default=20)
@@ -268,8 +272,15 @@ def main() -> None:
 
     md = args.model_draft
     configs = draft_configs(md)
+    if args.no_anchored:
+        del configs["merged, anchored"]
     print(f"torch threads {torch.get_num_threads()} (OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')})")
     prompts = class_prompts(args.requests, args.seed, args.prompt_char_cap, args.long_summary_chars)
+    if args.classes:
+        unknown = set(args.classes) - set(prompts)
+        if unknown:
+            ap.error(f"unknown classes {sorted(unknown)}; choose from {sorted(prompts)}")
+        prompts = {c: prompts[c] for c in args.classes}
     classes = tuple(prompts)
     probe = LLMEngine(EngineConfig(num_kv_blocks=16, profile_latency=False))
     prompt_tokens = max(sum(len(probe.encode_prompt(p, chat=True)) for p in prompts[c]) for c in classes)
