@@ -3,8 +3,9 @@
 Order within a step's token budget: every decoding request gets its one token first (decodes never stall),
 then prefill chunks (running partial prefills, then FIFO admission), and whatever budget is left goes to
 speculative tree tokens. Prefill thus comes before speculation, as in AdaServe. An optional ``prefill_cap``
-(the engine's SLO-aware prefill) bounds the step's prefill tokens given the step's decoding requests. Running out of KV blocks
-preempts the newest running request (its KV is dropped and recomputed later), so the oldest keep progressing.
+(the engine's SLO-aware prefill) bounds the step's prefill tokens given the step's decoding requests. Running
+out of KV blocks preempts the newest running request (its KV is dropped and recomputed later), so the oldest
+keep progressing.
 """
 
 from __future__ import annotations
