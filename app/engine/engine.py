@@ -134,8 +134,6 @@ class LLMEngine:
                     self.latency_model, context_tokens=256, tolerance=config.budget_tolerance,
                     max_tokens=config.max_num_batched_tokens)
 
-        self._last_tree_nodes = 0
-
     def _num_kv_blocks(self) -> int:
         cfg = self.config
         if cfg.num_kv_blocks is not None:
@@ -234,7 +232,6 @@ class LLMEngine:
             if r.ttft_slo_ms is not None and (waited_s + self.predicted_step_s(r.num_uncomputed_tokens, 0)
                                               >= r.ttft_slo_ms / 1e3):
                 return limit
-        gain = 1.0 + (self.totals["accepted"] / self.totals["tree_requests"] if self.totals["tree_requests"] else 0.0)
         return slo_prefill_tokens(
             self.latency_model, base_tokens=len(decodes) + self._last_tree_nodes,
             context_tokens=sum(r.num_computed_tokens for r in decodes),
@@ -242,7 +239,18 @@ class LLMEngine:
             decoded_tokens=np.array([max(r.num_output_tokens - 1, 0) for r in decodes]),
             tpot_slo_s=np.array([r.tpot_slo_ms / 1e3 if r.tpot_slo_ms else np.inf for r in decodes]),
             remaining_tokens=np.array([r.sampling.max_tokens - r.num_output_tokens for r in decodes]),
-            tokens_per_step=gain, max_tokens=limit, recovery_steps=self.config.slo_prefill_recovery_steps)
+            tokens_per_step=self.tokens_per_tree_step, max_tokens=limit,
+            recovery_steps=self.config.slo_prefill_recovery_steps)
+
+    @property
+    def tokens_per_tree_step(self) -> float:
+        """Tokens a speculating request gains per step so far (accepted draft tokens + the bonus token)."""
+        t = self.totals
+        return 1.0 + (t["accepted"] / t["tree_requests"] if t["tree_requests"] else 0.0)
+
+    @property
+    def _last_tree_nodes(self) -> int:
+        return self.step_history[-1].num_tree_nodes if self.step_history else 0
 
     def predicted_step_s(self, num_tokens: int, context_tokens: int) -> float:
         if self.latency_model is not None:
@@ -312,8 +320,7 @@ class LLMEngine:
         min_f = tokens_per_s = 0.0
         node_cut = None
         if self.latency_model is not None:  # priced cut-offs need the profile (profile_latency=False: none)
-            mean_gain = 1.0 + (self.totals["accepted"] / self.totals["tree_requests"]
-                               if self.totals["tree_requests"] else 0.0)
+            mean_gain = self.tokens_per_tree_step
             base_tokens = len(decodes) + prefill_tokens
             min_f = min_worthwhile_path_prob(self.latency_model, base_tokens, context, len(decodes) * mean_gain)
             tokens_per_s = len(decodes) * mean_gain / max(t_step_s, 1e-6)
@@ -369,7 +376,6 @@ class LLMEngine:
         self.step_history.append(stats)
         t = self.totals
         t["tree_nodes"] += stats.num_tree_nodes
-        self._last_tree_nodes = stats.num_tree_nodes
         t["accepted"] += stats.num_accepted
         t["spec_steps"] += 1 if stats.num_tree_nodes else 0
         t["tree_requests"] += stats.num_trees
@@ -464,7 +470,7 @@ class LLMEngine:
         running = self.scheduler.running
         now = time.perf_counter()
         decoding = [r for r in running if r.first_token_time is not None]
-        expected = self.totals["accepted"] / self.totals["tree_requests"] if self.totals["tree_requests"] else 0.0
+        expected = self.tokens_per_tree_step - 1.0
         need = np.zeros(0, dtype=np.int64)
         if decoding and self.speculator is not None:
             slo = SLOState(
@@ -491,9 +497,7 @@ class LLMEngine:
             "num_steps": self.num_steps,
             "token_budget": self.token_budget,
             "spare_token_budget": self.spare_token_budget(),
-            # tokens a speculating request gains per step (accepted draft tokens + the bonus token)
-            "accepted_tokens_per_step": (self.totals["accepted"] / self.totals["tree_requests"] + 1.0)
-            if self.totals["tree_requests"] else 1.0,
+            "accepted_tokens_per_step": self.tokens_per_tree_step,
             "selection_time_fraction": self.totals["select_s"] / self.totals["step_s"] if self.totals["step_s"] else 0.0,
             "tree_nodes_verified": self.totals["tree_nodes"],
             "draft_tokens_accepted": self.totals["accepted"],
