@@ -31,7 +31,8 @@ from app.engine.engine import LLMEngine
 from app.engine.runner import SeqInput
 
 CLASSES = ("chat", "coding", "summarization")
-LONG = "summ-long"  # summarization of longer texts (--long-summary-chars), not a workload class of its own
+LONG = "summ-long"
+SELF_REPEAT_MAX = 0.25  # answers whose output 4-grams repeat their own earlier text more than this are "looping"  # summarization of longer texts (--long-summary-chars), not a workload class of its own
 
 
 def draft_configs(model_draft: str) -> dict[str, str | None]:
@@ -86,7 +87,12 @@ def run_class(engine: LLMEngine, prompts: list[str], new_tokens: int) -> dict:
            "acc_per_spec_step": (acc + spec_steps) / spec_steps if spec_steps else 1.0,
            "spec_step_share": spec_steps / decode_steps if decode_steps else 0.0,
            "tpot_ms": 1e3 * float(np.mean([m.tpot_s for m in ms if m.num_output_tokens > 1])),
-           "token_ids": [o.token_ids for o in outs]}
+           "token_ids": [o.token_ids for o in outs],
+           # per request, for the summary without self-repeating answers (same requests in every configuration:
+           # the outputs are identical)
+           "decoded": [m.num_output_tokens - 1 for m in ms],
+           "decode_steps": [steps_with_tokens[i] - 1 for i in ids],
+           "self_repeat": [self_repeat_share(o.token_ids) for o in outs]}
     if before is not None:
         d = _counters(drafter) - before
         s = len(drafter.sources)
@@ -95,6 +101,18 @@ def run_class(engine: LLMEngine, prompts: list[str], new_tokens: int) -> dict:
         row["only"] = {name: d[2 + s + i] / n for i, name in enumerate(drafter.names)}
         row["shared"] = d[1] / n
     return row
+
+
+def self_repeat_share(token_ids: list[int], n: int = 4) -> float:
+    """Share of an output's n-grams that already occurred earlier in the same output: a looping answer (a small
+    model's greedy failure mode) is easy for prompt lookup and says little about copying from the prompt."""
+    seen, repeats, total = set(), 0, 0
+    for i in range(len(token_ids) - n + 1):
+        g = tuple(token_ids[i:i + n])
+        repeats += g in seen
+        total += 1
+        seen.add(g)
+    return repeats / total if total else 0.0
 
 
 def print_calibration(name: str, summary: dict) -> None:
@@ -241,6 +259,15 @@ def print_tokens_per_step(results: dict, engines: dict, configs: dict, classes: 
         s_m, s_d = results["merged"][c]["acc_per_step"], results[md][c]["acc_per_step"]
         print(f"  {c} merged / model draft alone: {s_m / s_d:.2f}x (target >= 2x): "
               f"{'ok' if s_m >= 2 * s_d else 'MISSED'}")
+        keep = [i for i, x in enumerate(results["none"][c]["self_repeat"]) if x <= SELF_REPEAT_MAX]
+        if keep and len(keep) < len(results["none"][c]["self_repeat"]):
+            def per_step(cfg: str) -> float:
+                r = results[cfg][c]
+                return sum(r["decoded"][i] for i in keep) / max(sum(r["decode_steps"][i] for i in keep), 1)
+            print(f"  {c} without the {len(results['none'][c]['self_repeat']) - len(keep)} self-repeating answers "
+                  f"(> {SELF_REPEAT_MAX:.0%} of output 4-grams repeat the answer's own text): "
+                  f"{md} {per_step(md):.2f}, ngram {per_step('ngram'):.2f}, merged {per_step('merged'):.2f} "
+                  f"= {per_step('merged') / per_step(md):.2f}x the model draft alone")
     if "merged, anchored" not in results:
         return
     print("  anchored lookups (merged, anchored vs merged): " + ", ".join(

@@ -2,7 +2,8 @@
 
 Per replica it mirrors the engine step by step (app/engine/scheduler.py + engine._execute):
 1. schedule: every decoding request gets its root token, then running prefills, then FIFO admission, within
-   ``max_num_batched_tokens`` and ``max_num_seqs``; node budget = min(left, token_budget - decodes - prefill);
+   ``max_num_batched_tokens`` and ``max_num_seqs``, prefill bounded by the SLO pace where the engine bounds it
+   (``slo_step_plan``); node budget = min(left, max(token_budget - decodes - prefill, the plan's SLO nodes));
 2. draft: ``tree_selection.draft_shape`` (-> ``budget.adaptive_shape``) picks depth/beam/topk exactly as the
    speculator does; candidate trees are built level by level like the drafter's beam search (static widths
    for static-tree, one chain for chain:k), each node's children's draft probabilities drawn from the
@@ -41,7 +42,7 @@ import numpy as np
 from bench.traces import AcceptanceModel, load_trace
 from bench.workloads import SLO_CLASSES, WorkloadRequest
 from policies import routing, token_tree
-from policies.budget import choose_token_budget, slo_prefill_tokens, throughput_cut_path_prob
+from policies.budget import choose_token_budget, slo_step_plan, throughput_cut_path_prob
 from policies.latency_model import LatencyModel, PiecewiseLinear
 from policies.tree_selection import SLO_CAP_FACTOR, SLOState, draft_shape, parse_policy, required_acceptance, select
 
@@ -104,7 +105,8 @@ class SimConfig:
     predict_draft_in_t_step: bool = False  # prototype: A(r) sees the draft + host time too (the engine doesn't)
     max_sim_s: float = 3600.0
     max_prefill_wait_s: float | None = None  # EngineConfig.max_prefill_wait_s
-    slo_prefill_recovery_steps: int = 1  # EngineConfig.slo_prefill_recovery_steps
+    slo_prefill_horizon_steps: int = 2  # EngineConfig.slo_prefill_horizon_steps
+    slo_prefill_margin: float = 0.8  # EngineConfig.slo_prefill_margin
 
 
 @dataclass
@@ -157,8 +159,9 @@ class Simulator:
         # '+nocap': no per-request cap (flexflow's 1.2 x budget / n) on SLO-phase nodes;
         # '+notriage': the SLO phase also gives requests it cannot bring onto their SLO this step their best nodes
         #         up to the cap, as flexflow does (the engine's default, EngineConfig.slo_triage, skips them).
-        # '+noslochunk' / '+slochunk': prefill chunks not bounded / bounded by the decoding requests' SLO slack
-        #         (policies.budget.slo_prefill_tokens; the engine's default for adaserve only, EngineConfig.slo_prefill).
+        # '+noslochunk' / '+slochunk': prefill not bounded / bounded by the decoding requests' SLO pace, with their
+        #         SLO nodes reserved (policies.budget.slo_step_plan; the engine's default for adaserve only,
+        #         EngineConfig.slo_prefill).
         self.serve_unreachable = "notriage" in variants
         self.slo_prefill = ("slochunk" in variants or self.spec.kind == "adaserve") and "noslochunk" not in variants
         self.slo_cap_factor = 1e9 if "nocap" in variants else SLO_CAP_FACTOR
@@ -169,6 +172,7 @@ class Simulator:
             profile.target, context_tokens=256, tolerance=config.budget_tolerance,
             max_tokens=config.max_num_batched_tokens)
         self.rng = np.random.default_rng(config.seed)
+        self.step_overhead_s = profile.overhead_s
         self.fan = acceptance.fanout.astype(np.float64)
         # per top-k: the pool's child probs, their pick probabilities (normalised where they sum past 1) and
         # the cumulative pick intervals, precomputed once (the per-step work is then gathers)
@@ -254,8 +258,10 @@ class Simulator:
         decodes = decodes[:budget]
         budget -= len(decodes)
         budget_before_prefill = budget
+        slo_nodes = 0
         if self.slo_prefill and decodes:
-            budget = min(budget, self._prefill_cap(rep, np.asarray(decodes, dtype=np.int64), now, budget))
+            cap, slo_nodes = self._prefill_plan(rep, np.asarray(decodes, dtype=np.int64), now, budget)
+            budget = min(budget, cap)
         prefills: list[tuple[int, int]] = []
         for i in rep.running:
             if budget == 0:
@@ -280,7 +286,7 @@ class Simulator:
         draft_s = 0.0
         spec_mask = np.zeros(dec.size, dtype=bool)
         if self.spec.kind != "none" and dec.size:
-            node_budget = min(budget, self.token_budget - dec.size - prefill_tokens)
+            node_budget = min(budget, max(self.token_budget - dec.size - prefill_tokens, slo_nodes))
             t_step = float(self.p.target.predict(dec.size + prefill_tokens + max(node_budget, 0), ctx_dec.sum()))
             if not (self.spec.budgeted and node_budget <= 0):
                 acc, nodes, draft_s, spec_mask, sel_s = self._speculate(dec, max(node_budget, 0), t_step, now,
@@ -292,26 +298,31 @@ class Simulator:
         dt = (float(self.p.target.predict(num_tokens, ctx_all)) + draft_s + self.p.overhead_s
               + (self.p.spec_overhead_s if nodes else 0.0))
         rep.busy, rep.steps, rep.busy_s, rep.last_nodes = True, rep.steps + 1, rep.busy_s + dt, nodes
-        pending[rep.rid] = (dec, gained, spec_mask, prefills)
+        pending[rep.rid] = (dec, gained, spec_mask, prefills, dt - float(self.p.target.predict(num_tokens, ctx_all)))
         heapq.heappush(events, (now + dt, seq, rep.rid))
         return seq + 1
 
-    def _prefill_cap(self, rep: _Replica, dec: np.ndarray, now: float, max_tokens: int) -> int:
-        """Prefill tokens the decoding requests' SLO slack leaves this step (the engine's rule)."""
+    def _prefill_plan(self, rep: _Replica, dec: np.ndarray, now: float, max_tokens: int) -> tuple[int, int]:
+        """(prefill tokens, SLO nodes) the decoding requests' SLO pace leaves this step (the engine's rule)."""
         if self.cfg.max_prefill_wait_s is not None:
             queued = list(rep.waiting) + [i for i in rep.running if self.out[i] == 0]
             if queued and now - float(self.arrival[queued].min()) >= self.cfg.max_prefill_wait_s:
-                return max_tokens
+                return max_tokens, 0
         spec_steps = int(self.spec_steps.sum())
-        gain = 1.0 + (float(self.accepted.sum()) / spec_steps if spec_steps else 0.0)
-        return slo_prefill_tokens(
-            self.p.target, base_tokens=dec.size + rep.last_nodes, context_tokens=float((self.prompt[dec] + self.out[dec]).sum()),
+        e = float(self.accepted.sum()) / spec_steps if spec_steps else 0.0
+        return slo_step_plan(
+            self.p.target, root_tokens=dec.size, context_tokens=float((self.prompt[dec] + self.out[dec]).sum()),
             decode_time_s=now - self.first_t[dec], decoded_tokens=np.maximum(self.out[dec] - 1, 0),
             tpot_slo_s=self.slo_s[dec], remaining_tokens=self.maxtok[dec] - self.out[dec],
-            tokens_per_step=gain, max_tokens=max_tokens, recovery_steps=self.cfg.slo_prefill_recovery_steps)
+            acceptance_rate=e / (1.0 + e), tokens_per_step=1.0 + e, max_nodes_per_request=self.n_max,
+            max_tokens=self.cfg.max_num_batched_tokens, max_prefill_tokens=max_tokens,
+            overhead_s=self.step_overhead_s, horizon_steps=self.cfg.slo_prefill_horizon_steps,
+            margin=self.cfg.slo_prefill_margin)
 
     def _commit(self, rep: _Replica, now: float, plan) -> None:
-        dec, gained, spec_mask, prefills = plan
+        dec, gained, spec_mask, prefills = plan[:4]
+        if dec.size:  # EMA of a decoding step's time beyond the target's (draft, host), as the engine keeps it
+            self.step_overhead_s = 0.9 * self.step_overhead_s + 0.1 * plan[4]
         if dec.size:
             g = np.minimum(gained, self.maxtok[dec] - self.out[dec])
             self.out[dec] += g
@@ -483,7 +494,8 @@ def synthetic_requests(n: int, rate: float, profile: Profile, *, seed: int = 0, 
 def sim_sweep(profile: Profile, acc: AcceptanceModel, policies: list[str], rates: list[float], n: int, *,
               replicas: int = 1, max_tokens: int = 128, max_num_seqs: int = 128, max_batched_tokens: int = 2048,
               token_budget: int | None = None, seed: int = 0, predict_draft: bool = False,
-              arrival: str = "poisson", cv: float = 1.0, verbose: bool = False) -> list[dict]:
+              arrival: str = "poisson", cv: float = 1.0, verbose: bool = False,
+              horizon_steps: int = 2, margin: float = 0.8, max_prefill_wait_s: float | None = None) -> list[dict]:
     from bench.loadgen import format_summary, summarize
 
     rows = []
@@ -492,7 +504,8 @@ def sim_sweep(profile: Profile, acc: AcceptanceModel, policies: list[str], rates
         for pol in policies:
             cfg = SimConfig(policy=pol, num_replicas=replicas, max_num_seqs=max_num_seqs,
                             max_num_batched_tokens=max_batched_tokens, token_budget=token_budget, seed=seed,
-                            predict_draft_in_t_step=predict_draft)
+                            predict_draft_in_t_step=predict_draft, slo_prefill_horizon_steps=horizon_steps,
+                            slo_prefill_margin=margin, max_prefill_wait_s=max_prefill_wait_s)
             recs, info = simulate(reqs, profile, acc, cfg)
             s = summarize(recs)
             o = s["overall"]
@@ -685,6 +698,9 @@ def main() -> None:
     ap.add_argument("--token-budget", type=int, default=None)
     ap.add_argument("--accept-scale", type=float, default=1.0, help="what-if: conditional acceptance x this")
     ap.add_argument("--predict-draft", action="store_true", help="prototype: t_step for A(r) includes draft+host")
+    ap.add_argument("--horizon-steps", type=int, default=2, help="EngineConfig.slo_prefill_horizon_steps")
+    ap.add_argument("--margin", type=float, default=0.8, help="EngineConfig.slo_prefill_margin")
+    ap.add_argument("--max-prefill-wait-s", type=float, default=None, help="EngineConfig.max_prefill_wait_s")
     ap.add_argument("--arrival", choices=["poisson", "gamma"], default="poisson")
     ap.add_argument("--cv", type=float, default=1.0)
     ap.add_argument("--seed", type=int, default=0)
@@ -719,7 +735,8 @@ def main() -> None:
     rows = sim_sweep(profile, acc, args.policies, args.rates, args.num_requests, replicas=args.replicas,
                      max_tokens=args.max_tokens, max_num_seqs=args.max_num_seqs,
                      max_batched_tokens=args.max_batched_tokens, token_budget=args.token_budget, seed=args.seed,
-                     predict_draft=args.predict_draft, arrival=args.arrival, cv=args.cv, verbose=args.verbose)
+                     predict_draft=args.predict_draft, arrival=args.arrival, cv=args.cv, verbose=args.verbose,
+                     horizon_steps=args.horizon_steps, margin=args.margin, max_prefill_wait_s=args.max_prefill_wait_s)
     h = {f"{f} vs {'paper baselines' if ex else 'all baselines'}": headline(rows, f, ex)
          for f in sorted({r["policy"] for r in rows if r["policy"].startswith("adaserve")})
          for ex in ((), ("dynamic-tree",))}

@@ -34,13 +34,13 @@ class EngineConfig:
     # dynamic-tree (70B simulation, 10 req/s: 34.9% vs 37.8% attainment; with triage 38.4%)
     root_topk: int = 16  # root children a budgeted policy's draft proposes: free (the catch-up forward's logits), and
     # the selection keeps only those worth their verify time (bench.ngram: +8% tokens per step at 16 per request)
-    slo_prefill: bool | None = None  # prefill chunks take only the time the decoding requests' TPOT SLOs leave them
-    # (policies.budget.slo_prefill_tokens; needs the latency profile). None: in steps running adaserve. Trades TTFT for TPOT
-    # attainment: under overload prompts wait instead of slowing every running request (70B simulation, 7 req/s:
-    # 88% vs 69% attainment, TTFT p50 17 s vs 0.1 s); bound the wait with ttft_slo_ms or max_prefill_wait_s
-    max_prefill_wait_s: float | None = None  # a prompt queued this long is prefilled whatever the SLO slack
-    slo_prefill_recovery_steps: int = 1  # a prefill may push a request off its SLO if it is back on it this many
-    # decode steps later (1: on it after this step)
+    slo_prefill: bool | None = None  # prefill takes only what the decoding requests' TPOT SLO pace leaves each step,
+    # with their SLO nodes reserved (policies.budget.slo_step_plan; needs the latency profile). None: in steps running
+    # adaserve. Trades TTFT for TPOT attainment under overload (70B simulation, 10 req/s: 89% vs 38% attainment,
+    # 1.30x goodput, TTFT p50 26 s vs 0.2 s); bound the wait with ttft_slo_ms or max_prefill_wait_s
+    max_prefill_wait_s: float | None = None  # a prompt queued this long is prefilled whatever the SLO pace
+    slo_prefill_horizon_steps: int = 2  # a request behind its SLO is planned to catch up over this many steps
+    slo_prefill_margin: float = 0.8  # plan each step for margin x the TPOT SLO: headroom for unlucky acceptance
     profile_latency: bool = True  # profile the target's step latency at start-up (cached per model+device)
 
     def __post_init__(self) -> None:
@@ -49,8 +49,10 @@ class EngineConfig:
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "prefill_chunk_tokens"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")
-        if self.slo_prefill_recovery_steps < 1:
-            raise ValueError(f"slo_prefill_recovery_steps must be >= 1, got {self.slo_prefill_recovery_steps}")
+        if self.slo_prefill_horizon_steps < 1:
+            raise ValueError(f"slo_prefill_horizon_steps must be >= 1, got {self.slo_prefill_horizon_steps}")
+        if not 0 < self.slo_prefill_margin <= 1:
+            raise ValueError(f"slo_prefill_margin must be in (0, 1], got {self.slo_prefill_margin}")
         if self.max_prefill_wait_s is not None and not self.max_prefill_wait_s >= 0:
             raise ValueError(f"max_prefill_wait_s must be >= 0, got {self.max_prefill_wait_s}")
 

@@ -24,7 +24,7 @@ from app.engine.spec.tree import VerifyTree
 from app.engine.weights import load_checkpoint, load_tokenizer
 import numpy as np
 
-from policies.budget import (choose_token_budget, min_worthwhile_path_prob, required_nodes, slo_prefill_tokens,
+from policies.budget import (choose_token_budget, min_worthwhile_path_prob, required_nodes, slo_step_plan,
                              spare_budget, throughput_cut_path_prob)
 from policies.latency_model import LatencyModel
 from policies.tree_selection import SLOState, parse_policy, required_acceptance
@@ -110,6 +110,7 @@ class LLMEngine:
         self.totals = {"tree_nodes": 0, "accepted": 0, "spec_steps": 0, "tree_requests": 0, "draft_s": 0.0, "select_s": 0.0,
                        "step_s": 0.0, "verify_s": 0.0, "accept_s": 0.0, "prefill_held_steps": 0}
         self._step_ema_s: float | None = None
+        self._step_overhead_ema_s = 0.0  # a decoding step's time outside the target forward (draft, select, host)
         parse_policy(config.policy)  # a bad name fails at start, not at the first step
         self.speculator: Speculator | None = None
         self.latency_model: LatencyModel | None = None
@@ -215,42 +216,41 @@ class LLMEngine:
         self._record(stats)
         return outputs
 
-    def _slo_prefill_cap(self, decodes: list[Request]) -> int:
-        """Prefill tokens the decoding requests' TPOT SLOs leave this step; a queued prompt whose TTFT SLO (or
-        ``max_prefill_wait_s``) is due lifts the bound. ``slo_prefill=None`` bounds only steps where a decoding
-        request runs adaserve (the engine's policy or its own)."""
+    def _slo_prefill_cap(self, decodes: list[Request]) -> tuple[int, int]:
+        """(prefill tokens, reserved SLO nodes): what the decoding requests' TPOT SLO pace leaves this step
+        (policies.budget.slo_step_plan); a queued prompt whose TTFT SLO (or ``max_prefill_wait_s``) is due lifts
+        the bound. ``slo_prefill=None`` bounds only steps where a decoding request runs adaserve (the engine's
+        policy or its own)."""
         now = time.perf_counter()
         limit = self.config.max_num_batched_tokens
         if self.config.slo_prefill is None and (self.speculator is None or not any(
                 self.speculator.policy_of(r).kind == "adaserve" for r in decodes)):
-            return limit
+            return limit, 0
         queued = list(self.scheduler.waiting) + [r for r in self.scheduler.running if r.num_output_tokens == 0]
         for r in queued:
             waited_s = now - r.arrival_time
             if self.config.max_prefill_wait_s is not None and waited_s >= self.config.max_prefill_wait_s:
-                return limit
+                return limit, 0
             if r.ttft_slo_ms is not None and (waited_s + self.predicted_step_s(r.num_uncomputed_tokens, 0)
                                               >= r.ttft_slo_ms / 1e3):
-                return limit
-        return slo_prefill_tokens(
-            self.latency_model, base_tokens=len(decodes) + self._last_tree_nodes,
-            context_tokens=sum(r.num_computed_tokens for r in decodes),
+                return limit, 0
+        gain = self.tokens_per_tree_step
+        return slo_step_plan(
+            self.latency_model, root_tokens=len(decodes), context_tokens=sum(r.num_computed_tokens for r in decodes),
             decode_time_s=np.array([r.decode_time_s(now) for r in decodes]),
             decoded_tokens=np.array([max(r.num_output_tokens - 1, 0) for r in decodes]),
             tpot_slo_s=np.array([r.tpot_slo_ms / 1e3 if r.tpot_slo_ms else np.inf for r in decodes]),
             remaining_tokens=np.array([r.sampling.max_tokens - r.num_output_tokens for r in decodes]),
-            tokens_per_step=self.tokens_per_tree_step, max_tokens=limit,
-            recovery_steps=self.config.slo_prefill_recovery_steps)
+            acceptance_rate=(gain - 1.0) / gain, tokens_per_step=gain,
+            max_nodes_per_request=self.speculator.n_max if self.speculator else 0,
+            max_tokens=limit, max_prefill_tokens=limit, overhead_s=self._step_overhead_ema_s,
+            horizon_steps=self.config.slo_prefill_horizon_steps, margin=self.config.slo_prefill_margin)
 
     @property
     def tokens_per_tree_step(self) -> float:
         """Tokens a speculating request gains per step so far (accepted draft tokens + the bonus token)."""
         t = self.totals
         return 1.0 + (t["accepted"] / t["tree_requests"] if t["tree_requests"] else 0.0)
-
-    @property
-    def _last_tree_nodes(self) -> int:
-        return self.step_history[-1].num_tree_nodes if self.step_history else 0
 
     def predicted_step_s(self, num_tokens: int, context_tokens: int) -> float:
         if self.latency_model is not None:
@@ -314,7 +314,8 @@ class LLMEngine:
     def _propose(self, plan: StepPlan, decodes: list[Request], t_start: float) -> ProposeResult:
         """Draft and select under what the step's budget leaves after roots and prefill chunks."""
         prefill_tokens = sum(c.num_tokens for c in plan.prefills)
-        node_budget = min(plan.spec_token_budget, self.token_budget - len(decodes) - prefill_tokens)
+        node_budget = min(plan.spec_token_budget,
+                          max(self.token_budget - len(decodes) - prefill_tokens, plan.slo_node_budget))
         context = sum(r.num_computed_tokens for r in decodes)
         t_step_s = self.predicted_step_s(len(decodes) + prefill_tokens + max(node_budget, 0), context)
         min_f = tokens_per_s = 0.0
@@ -382,6 +383,8 @@ class LLMEngine:
         for k in ("draft_s", "select_s", "step_s", "verify_s", "accept_s"):
             t[k] += getattr(stats, k)
         self._step_ema_s = stats.step_s if self._step_ema_s is None else 0.8 * self._step_ema_s + 0.2 * stats.step_s
+        if stats.num_decodes:
+            self._step_overhead_ema_s = 0.9 * self._step_overhead_ema_s + 0.1 * max(stats.step_s - stats.verify_s, 0.0)
 
     def _postprocess(self, plan: StepPlan, new_tokens: dict[str, list[int]]) -> list[RequestOutput]:
         now = time.perf_counter()

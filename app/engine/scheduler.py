@@ -3,9 +3,9 @@
 Order within a step's token budget: every decoding request gets its one token first (decodes never stall),
 then prefill chunks (running partial prefills, then FIFO admission), and whatever budget is left goes to
 speculative tree tokens. Prefill thus comes before speculation, as in AdaServe. An optional ``prefill_cap``
-(the engine's SLO-aware prefill) bounds the step's prefill tokens given the step's decoding requests. Running
-out of KV blocks preempts the newest running request (its KV is dropped and recomputed later), so the oldest
-keep progressing.
+(the engine's SLO-aware prefill) bounds the step's prefill tokens given the step's decoding requests and
+reserves the tree nodes their SLOs need. Running out of KV blocks preempts the newest running request (its KV is
+dropped and recomputed later), so the oldest keep progressing.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ class StepPlan:
     prefills: list[ScheduledChunk] = field(default_factory=list)
     preempted: list[Request] = field(default_factory=list)
     spec_token_budget: int = 0  # tokens left in the step for speculative tree nodes
+    slo_node_budget: int = 0  # tree nodes the prefill cap reserved for the decoding requests' SLOs
     prefill_held: bool = False  # the prefill cap, not the step's budget, kept prompt tokens out of this step
 
     @property
@@ -67,8 +68,9 @@ class Scheduler:
     def num_running(self) -> int:
         return len(self.running)
 
-    def schedule(self, prefill_cap: Callable[[list[Request]], int] | None = None) -> StepPlan:
-        """``prefill_cap(decoding requests)``: most prefill tokens this step may carry (None: no bound)."""
+    def schedule(self, prefill_cap: Callable[[list[Request]], tuple[int, int]] | None = None) -> StepPlan:
+        """``prefill_cap(decoding requests)``: (most prefill tokens this step may carry, tree nodes to reserve for
+        the requests' SLOs); None: no bound."""
         plan = StepPlan()
         budget = self.config.max_num_batched_tokens
         scheduled: set[str] = set()
@@ -85,7 +87,9 @@ class Scheduler:
 
         prefill_budget = budget
         if prefill_cap is not None and plan.decodes:
-            prefill_budget = max(0, min(budget, int(prefill_cap([c.request for c in plan.decodes]))))
+            cap, slo_nodes = prefill_cap([c.request for c in plan.decodes])
+            prefill_budget = max(0, min(budget, int(cap)))
+            plan.slo_node_budget = max(0, int(slo_nodes))
         capped = prefill_budget < budget
 
         # 2. Running requests still in prefill (chunked, or recomputing after a preemption).

@@ -86,20 +86,21 @@ def test_prefill_cap_bounds_the_steps_prefill_and_leaves_the_rest_to_speculation
     long_ids = engine.encode_prompt(PROMPTS[4])
     engine.add_request(engine.encode_prompt("Hello there"), SamplingParams(max_tokens=30), request_id="short")
     seen = []
-    assert engine.scheduler.schedule(lambda d: seen.append(d) or 0).prefills  # no decodes yet: the cap is not asked
+    assert engine.scheduler.schedule(lambda d: seen.append(d) or (0, 0)).prefills  # no decodes yet: the cap is not asked
     assert not seen
     engine.scheduler.running[0].num_computed_tokens = len(engine.scheduler.running[0].token_ids)
     engine.scheduler.running[0].token_ids.append(0)  # as if its first token were sampled: now decoding
     engine.add_request(long_ids, SamplingParams(max_tokens=2), request_id="long")
-    plan = engine.scheduler.schedule(lambda d: seen.append([r.request_id for r in d]) or 0)
+    plan = engine.scheduler.schedule(lambda d: seen.append([r.request_id for r in d]) or (0, 0))
     assert seen == [["short"]] and [c.request.request_id for c in plan.decodes] == ["short"]
     assert not plan.prefills and plan.spec_token_budget == 40 - 1  # the prompt waits; the budget goes to trees
     assert plan.prefill_held
     assert [r.request_id for r in engine.scheduler.waiting] == ["long"]
-    plan = engine.scheduler.schedule(lambda d: 5)
+    plan = engine.scheduler.schedule(lambda d: (5, 7))
     assert [(c.request.request_id, c.num_tokens) for c in plan.prefills] == [("long", 5)]
     assert plan.spec_token_budget == 40 - 1 - 5 and plan.prefill_held  # the rest of its chunk waits
-    plan = engine.scheduler.schedule(lambda d: 10_000)  # never above the step's own limits
+    assert plan.slo_node_budget == 7  # the nodes the cap reserved for the decoding requests' SLOs
+    plan = engine.scheduler.schedule(lambda d: (10_000, 0))  # never above the step's own limits
     assert [(c.request.request_id, c.num_tokens) for c in plan.prefills] == [("long", 16)]
     assert not plan.prefill_held
     engine.abort("short")

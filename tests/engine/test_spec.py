@@ -93,7 +93,8 @@ def test_mixed_policies_in_one_batch(random_draft_dir, plain_outputs):
     assert _run_staggered(engine, POLICIES + ["none"], [None, 20.0]) == plain_outputs
 
 
-# free up to 40 step tokens, then 100 s a token: the cap an SLO-aware prefill leaves is exactly 40 - base tokens
+# free up to 40 step tokens, then 100 s a token: an SLO-aware prefill plans 40-token steps, so it leaves a step
+# exactly 40 - (decoding requests) prefill tokens (1 s SLOs: one token a step keeps pace, no nodes reserved)
 CLIFF = LatencyModel(PiecewiseLinear((0.0, 40.0, 41.0), (0.0, 0.0, 100.0), tail_slope=100.0), 0.0)
 
 
@@ -114,10 +115,11 @@ def test_slo_prefill_holds_prompts_to_the_slack_and_stays_lossless(random_draft_
     def recording_schedule(prefill_cap=None):
         caps = []
         def cap(decodes):
-            base = len(decodes) + engine._last_tree_nodes
-            slack_bound = any(r.tpot_slo_ms for r in decodes)  # only SLO'd requests bound it (1 s: never behind)
-            caps.append((prefill_cap(decodes), max(0, 40 - base) if slack_bound else 96))
-            return caps[-1][0]
+            slo_bound = any(r.tpot_slo_ms for r in decodes)  # only SLO'd requests bound it (1 s: never behind)
+            tokens, nodes = prefill_cap(decodes)
+            caps.append((tokens, (40 - len(decodes), 0) if slo_bound else (engine.config.max_num_batched_tokens, 0),
+                         nodes))
+            return tokens, nodes
 
         plan = schedule(cap)
         queued = bool(engine.scheduler.waiting) or any(not r.is_decoding for r in engine.scheduler.running)
@@ -135,9 +137,9 @@ def test_slo_prefill_holds_prompts_to_the_slack_and_stays_lossless(random_draft_
     while engine.has_unfinished():
         outs.update((o.request_id, o.token_ids) for o in engine.step() if o.finished)
     assert outs == plain_greedy(prompts)
-    capped = [(cap, expected, n, queued) for (cap, expected), n, queued in (s for s in steps if s[0] is not None)]
-    assert capped and all(cap == expected and n <= cap for cap, expected, n, _ in capped)
-    assert any(cap < 16 and queued for cap, _, _, queued in capped)  # it held a prompt back
+    capped = [(cap, expected, nodes, n, queued) for (cap, expected, nodes), n, queued in (s for s in steps if s[0])]
+    assert capped and all((cap, nodes) == expected and n <= cap for cap, expected, nodes, n, _ in capped)
+    assert any(n == cap < 40 and queued for cap, _, _, n, queued in capped)  # it held a prompt back
     assert engine.stats()["prefill_held_steps"] > 0
     assert steps[0][0] is None  # nothing decoding yet: the cap is not asked
 
@@ -148,21 +150,22 @@ def test_slo_prefill_lets_a_due_ttft_slo_or_long_wait_through(random_draft_dir):
     while not engine.requests["a"].is_decoding:
         engine.step()
     engine.step()
-    decodes, base = [engine.requests["a"]], 1 + engine._last_tree_nodes
+    decodes = [engine.requests["a"]]
+    bounded, unbounded = (40 - 1, 0), (engine.config.max_num_batched_tokens, 0)
     engine.add_request(PROMPTS[1], SamplingParams(max_tokens=4), request_id="b")
-    assert engine._slo_prefill_cap(decodes) == 40 - base
+    assert engine._slo_prefill_cap(decodes) == bounded
     engine.add_request(PROMPTS[2], SamplingParams(max_tokens=4), request_id="c", ttft_slo_ms=1e6)
-    assert engine._slo_prefill_cap(decodes) == 40 - base  # its TTFT SLO is far off
+    assert engine._slo_prefill_cap(decodes) == bounded  # its TTFT SLO is far off
     engine.add_request(PROMPTS[3], SamplingParams(max_tokens=4), request_id="d", ttft_slo_ms=0.001)
-    assert engine._slo_prefill_cap(decodes) == engine.config.max_num_batched_tokens  # due now
+    assert engine._slo_prefill_cap(decodes) == unbounded  # due now
     engine.abort("d")
-    assert engine._slo_prefill_cap(decodes) == 40 - base
+    assert engine._slo_prefill_cap(decodes) == bounded
     decodes[0].policy = "dynamic-tree"  # slo_prefill=None: only adaserve steps are bounded
-    assert engine._slo_prefill_cap(decodes) == engine.config.max_num_batched_tokens
+    assert engine._slo_prefill_cap(decodes) == unbounded
     engine.config = dataclasses.replace(engine.config, slo_prefill=True)  # on for every policy
-    assert engine._slo_prefill_cap(decodes) == 40 - base
+    assert engine._slo_prefill_cap(decodes) == bounded
     engine.config = dataclasses.replace(engine.config, max_prefill_wait_s=0.0)
-    assert engine._slo_prefill_cap(decodes) == engine.config.max_num_batched_tokens
+    assert engine._slo_prefill_cap(decodes) == unbounded
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from policies.budget import adaptive_shape, choose_token_budget, required_nodes, slo_prefill_tokens, spare_budget
+from policies.budget import adaptive_shape, choose_token_budget, required_nodes, slo_step_plan, spare_budget
 from policies.latency_model import LatencyModel, PiecewiseLinear
 
 # 20 ms floor up to 64 tokens, then 1 ms per token; 1 us per context token
@@ -125,66 +125,75 @@ def test_throughput_cut_skips_a_tail_that_buys_the_next_tile():
 LINEAR = LatencyModel(PiecewiseLinear((0.0, 1000.0), (0.010, 1.010)), 0.0)
 
 
-def _prefill(decode_time_s, decoded, slo_s, remaining, gain=1.0, max_tokens=256, base=4, min_tokens=0,
-             recovery_steps=1):
-    return slo_prefill_tokens(LINEAR, base_tokens=base, context_tokens=0.0, decode_time_s=np.array(decode_time_s),
-                              decoded_tokens=np.array(decoded), tpot_slo_s=np.array(slo_s),
-                              remaining_tokens=np.array(remaining), tokens_per_step=gain, max_tokens=max_tokens,
-                              min_tokens=min_tokens, recovery_steps=recovery_steps)
+def _plan(decode_time_s, decoded, slo_s, remaining, a=0.0, gain=1.0, max_tokens=256, max_prefill=252, roots=4,
+          horizon=2, margin=1.0, overhead_s=0.0):
+    return slo_step_plan(LINEAR, root_tokens=roots, context_tokens=0.0, decode_time_s=np.array(decode_time_s, float),
+                         decoded_tokens=np.array(decoded, float), tpot_slo_s=np.array(slo_s, float),
+                         remaining_tokens=np.array(remaining, float), acceptance_rate=a, tokens_per_step=gain,
+                         max_nodes_per_request=8, max_tokens=max_tokens, max_prefill_tokens=max_prefill,
+                         overhead_s=overhead_s, horizon_steps=horizon, margin=margin)
 
 
-def test_slo_prefill_fills_exactly_the_tightest_requests_slack():
-    # on SLO after the step iff l + t <= (o + g) slo; base step = 14 ms
-    # request 0: 1.0 s for 20 tokens at 60 ms -> limit (21 * 0.06) - 1.0 = 260 ms -> 246 prefill tokens;
-    # request 1: 0.5 s for 10 tokens at 55 ms -> limit 0.105 s -> 91 tokens: the tighter one decides
-    assert _prefill([1.0, 0.5], [20, 10], [0.060, 0.055], [10, 10]) == 91
-    assert _prefill([1.0], [20], [0.060], [10]) == 246
-    # two tokens expected per step double the time the step may take (0.5 s, 10 tok, 55 ms, g = 2: 0.16 s)
-    assert _prefill([0.5], [10], [0.055], [10], gain=2.0) == 146
-    assert _prefill([1.0], [20], [0.060], [10], max_tokens=64) == 64
+def test_slo_plan_paces_a_request_on_schedule():
+    # no acceptance (a = 0): the request gains 1 token a step, so the step may take its SLO, 200 ms = 190 tokens;
+    # prefill per second rises with the step here (10 ms fixed cost), so the plan takes all of it: 190 - 4 roots
+    assert _plan([2.0], [10], [0.2], [10]) == (186, 0)
+    assert _plan([2.0], [10], [0.2], [10], margin=0.8) == (146, 0)  # planned for 160 ms
+    assert _plan([2.0], [10], [0.2], [10], overhead_s=0.05) == (136, 0)  # 50 ms of draft and host time
+    # banked slack (0.5 s for 10 tokens at 200 ms) is kept as a cushion, not spent on a longer step
+    assert _plan([0.5], [10], [0.2], [10]) == (186, 0)
+    # a 15 ms SLO: the 14 ms smallest step keeps it only at the SLO itself, not at 0.8 x: it is planned at 15 ms
+    # (one prefill token) rather than dropped from the plan (which would let 252 through)
+    assert _plan([0.15], [10], [0.015], [10], margin=0.8) == (1, 0)
 
 
-def test_slo_prefill_recovery_steps_lend_the_next_steps_slack():
-    # back on the SLO within 3 steps: (20 + 3) * 0.06 - 1.0 - 2 * 0.014 = 0.352 s -> 338 tokens
-    assert _prefill([1.0], [20], [0.060], [10], max_tokens=512, recovery_steps=3) == 338
-    # a request with 2 tokens left has 2 steps to recover: (20 + 2) * 0.06 - 1.0 - 0.014 = 0.306 s
-    assert _prefill([1.0], [20], [0.060], [2], max_tokens=512, recovery_steps=3) == 292
-    assert _prefill([1.0], [20], [0.060], [10], max_tokens=512, recovery_steps=1) == 246
+def test_slo_plan_buys_nodes_when_they_pay_for_a_longer_step():
+    # a = 0.5: k chain nodes yield 1 + (1 - 0.5^k) tokens. At 100 ms SLO a step over 90 tokens needs nodes; the
+    # most prefill per second is at 177 tokens (187 ms, 1.87 tokens needed, 3 nodes): 177 - 4 - 3 = 170
+    assert _plan([1.0], [10], [0.1], [20], a=0.5, gain=1.5) == (170, 3)
+    # a request one token behind repays half of it per step (horizon 2), or all of it (horizon 1)
+    assert _plan([1.1], [10], [0.1], [20], a=0.5, gain=1.5) == (120, 3)
+    assert _plan([1.1], [10], [0.1], [20], a=0.5, gain=1.5, horizon=1) == (75, 4)
+    # without acceptance it can only be kept on pace by a short step: 1 - 0.5 of a token -> 50 ms
+    assert _plan([1.1], [10], [0.1], [20]) == (36, 0)
 
 
-def test_slo_prefill_without_tight_requests_is_unbounded():
-    assert _prefill([1.0, 2.0], [10, 10], [np.inf, np.nan], [5, 5]) == 256
-    assert _prefill([], [], [], []) == 256
-    assert _prefill([1.0], [20], [0.060], [0]) == 256  # done decoding: nothing to protect
+def test_slo_plan_takes_the_shortest_step_that_prefills_what_is_queued():
+    assert _plan([1.0], [10], [0.1], [20], a=0.5, gain=1.5, max_prefill=20) == (20, 0)
+    assert _plan([1.0], [10], [0.1], [20], a=0.5, gain=1.5, max_prefill=0) == (0, 0)
 
 
-def test_slo_prefill_protects_a_recoverable_request_that_is_behind_but_not_a_hopeless_one():
-    # 1.3 s for 20 tokens at 60 ms: behind (limit 1.26 - 1.3 < 0), but 30 more tokens at 14 ms steps end at
-    # 1.72 s <= 50 * 0.06 = 3.0 s: recoverable, so only min_tokens pass
-    assert _prefill([1.3], [20], [0.060], [30]) == 0
-    assert _prefill([1.3], [20], [0.060], [30], min_tokens=8) == 8
-    # 2 more tokens can't recover it (1.3 + 2 * 0.014 > 22 * 0.06): it does not hold prefill back
-    assert _prefill([1.3], [20], [0.060], [2]) == 256
-    assert _prefill([1.3, 1.0], [20, 20], [0.060, 0.060], [2, 10]) == 246  # the other one still counts
+def test_slo_plan_without_protected_requests_is_unbounded():
+    assert _plan([1.0, 2.0], [10, 10], [np.inf, np.nan], [5, 5]) == (252, 0)
+    assert _plan([], [], [], []) == (252, 0)
+    assert _plan([1.0], [10], [0.1], [0], a=0.5) == (252, 0)  # done decoding: nothing to protect
+    # hopeless: 5 s for 10 tokens at 100 ms cannot end on its SLO even at prefill-free steps
+    assert _plan([5.0], [10], [0.1], [5], a=0.5, gain=1.5) == (252, 0)
+    # 3 tokens behind with horizon 1 needs 4 tokens this step, more than 8 nodes can give: not protected, and
+    # it does not hold the other request's plan back
+    assert _plan([1.3, 2.0], [10, 10], [0.1, 0.2], [20, 10], a=0.5, gain=1.5, horizon=1) == _plan(
+        [2.0], [10], [0.2], [10], a=0.5, gain=1.5, horizon=1)
 
 
-def test_slo_prefill_result_fits_every_protected_limit_and_is_the_largest_that_does():
+def test_slo_plan_keeps_every_protected_request_on_pace_and_in_the_step():
     rng = np.random.default_rng(0)
     for _ in range(200):
         n = int(rng.integers(1, 6))
         o = rng.integers(1, 40, n).astype(float)
-        slo = rng.uniform(0.02, 0.2, n)
-        l_s = o * slo * rng.uniform(0.5, 1.2, n)
+        slo = rng.uniform(0.02, 0.3, n)
+        l_s = o * slo * rng.uniform(0.5, 1.1, n)
         m = rng.integers(1, 40, n)
-        g = float(rng.uniform(1, 3))
-        p = _prefill(l_s, o, slo, m, gain=g)
-        t_base = LINEAR.predict(4)
-        protect = l_s + np.ceil(m / g) * t_base <= (o + m) * slo
-        if not protect.any():
-            assert p == 256
-            continue
-        limit = ((o + np.minimum(g, m)) * slo - l_s)[protect].min()  # a request ending this step counts what it gets
-        if p > 0:
-            assert LINEAR.predict(4 + p) <= limit + 1e-9
-        if p < 256:
-            assert LINEAR.predict(4 + p + 1) > limit
+        a, margin, h = float(rng.uniform(0, 0.8)), float(rng.uniform(0.7, 1)), int(rng.integers(1, 4))
+        g = 1 + a / (1 - a) * 0.8
+        p, nodes = _plan(l_s, o, slo, m, a=a, gain=g, roots=n, horizon=h, margin=margin, max_prefill=256 - n)
+        assert 0 <= p <= 256 - n and nodes >= 0 and n + p + nodes <= 256
+        if p == 0 or (p == 256 - n and nodes == 0):
+            continue  # held (no step fits the nodes the pace needs) or nothing protected
+        t = LINEAR.predict(n + p + nodes)
+        g_max = 1 + a * (1 - a**8) / (1 - a)
+        need = t / (margin * slo) + np.maximum(l_s / slo - o, 0) / h
+        protected = (l_s + np.ceil(m / min(g, g_max)) * LINEAR.predict(n) <= (o + m) * slo) & (
+            LINEAR.predict(n) / (margin * slo) + np.maximum(l_s / slo - o, 0) / h <= g_max + 1e-9)
+        # the reserved nodes buy every protected request its pace in the planned step (chain model)
+        assert np.all(need[protected] <= g_max + 1e-9)
+        assert nodes == required_nodes(np.fmax(need[protected], 1.0), a, 8).sum()
