@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from bench.simulate import Profile, roofline_70b, synthetic_requests
+from policies.budget import chain_tokens
 
 
 @dataclass(frozen=True)
@@ -39,10 +40,6 @@ class FluidStep:
     step_tokens: int
     step_s: float
     decoding_requests: float
-
-
-def chain_tokens(k: int, a: float) -> float:
-    return 1.0 + a * (1.0 - a**k) / (1.0 - a)
 
 
 def best_step(profile: Profile, classes: dict[str, ClassLoad], acceptance: float, margin: float = 1.0,

@@ -135,7 +135,6 @@ class _Replica:
     steps: int = 0
     busy_s: float = 0.0
     select_s: float = 0.0
-    last_nodes: int = 0  # tree nodes of the replica's previous step
 
 
 class Simulator:
@@ -295,10 +294,10 @@ class Simulator:
                 rep.select_s += sel_s
         ctx_all = int(ctx_dec.sum() + sum(self.computed[i] for i, _ in prefills))
         num_tokens = dec.size + prefill_tokens + nodes
-        dt = (float(self.p.target.predict(num_tokens, ctx_all)) + draft_s + self.p.overhead_s
-              + (self.p.spec_overhead_s if nodes else 0.0))
-        rep.busy, rep.steps, rep.busy_s, rep.last_nodes = True, rep.steps + 1, rep.busy_s + dt, nodes
-        pending[rep.rid] = (dec, gained, spec_mask, prefills, dt - float(self.p.target.predict(num_tokens, ctx_all)))
+        t_target = float(self.p.target.predict(num_tokens, ctx_all))
+        dt = t_target + draft_s + self.p.overhead_s + (self.p.spec_overhead_s if nodes else 0.0)
+        rep.busy, rep.steps, rep.busy_s = True, rep.steps + 1, rep.busy_s + dt
+        pending[rep.rid] = (dec, gained, spec_mask, prefills, dt - t_target)
         heapq.heappush(events, (now + dt, seq, rep.rid))
         return seq + 1
 
@@ -320,10 +319,10 @@ class Simulator:
             margin=self.cfg.slo_prefill_margin)
 
     def _commit(self, rep: _Replica, now: float, plan) -> None:
-        dec, gained, spec_mask, prefills = plan[:4]
-        if dec.size:  # EMA of a decoding step's time beyond the target's (draft, host), as the engine keeps it
-            self.step_overhead_s = 0.9 * self.step_overhead_s + 0.1 * plan[4]
+        dec, gained, spec_mask, prefills, overhead_s = plan
         if dec.size:
+            # EMA of a decoding step's time beyond the target's (draft, host), as the engine keeps it
+            self.step_overhead_s = 0.9 * self.step_overhead_s + 0.1 * overhead_s
             g = np.minimum(gained, self.maxtok[dec] - self.out[dec])
             self.out[dec] += g
             self.last_t[dec] = now

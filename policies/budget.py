@@ -80,6 +80,13 @@ def required_nodes(required_accept: np.ndarray, acceptance_rate: float, max_node
     return np.minimum(k, max_nodes).astype(np.int64)
 
 
+def chain_tokens(num_nodes: int, acceptance_rate: float) -> float:
+    """Expected tokens of a step whose tree is a chain of ``num_nodes`` at per-token acceptance a (the root's token
+    included): ``1 + a (1 - a^k) / (1 - a)``, the model ``required_nodes`` inverts."""
+    a = float(np.clip(acceptance_rate, 0.0, 1.0 - 1e-9))
+    return 1.0 + a * (1.0 - a**num_nodes) / (1.0 - a)
+
+
 def spare_budget(token_budget: int, required_nodes_per_request: np.ndarray) -> int:
     """Node budget left after every running request's SLO need; negative means over-committed.
 
@@ -179,22 +186,16 @@ def slo_step_plan(
     m = np.maximum(np.asarray(remaining_tokens, dtype=np.float64), 0.0)
     a = float(np.clip(acceptance_rate, 0.0, 1.0 - 1e-9))
     n_max = max(int(max_nodes_per_request), 0)
-    g_max = 1.0 + a * (1.0 - a**n_max) / (1.0 - a)  # expected tokens of a step with n_max chain nodes
+    g_max = chain_tokens(n_max, a)  # the most a request can expect from one step
     g = min(max(float(tokens_per_step), 1.0), g_max)
     sizes = np.arange(root_tokens, int(max_tokens) + 1)
     t_s = np.asarray(model.predict(sizes, context_tokens), dtype=np.float64) + float(overhead_s)  # [S]
     with np.errstate(invalid="ignore"):
         keep = np.isfinite(slo) & (m > 0) & (l_s + np.ceil(m / g) * t_s[0] <= (o + m) * slo)
     debt = np.maximum(l_s / np.where(keep, slo, 1.0) - o, 0.0) / max(int(horizon_steps), 1)
-    need = np.zeros((sizes.size, 0))
-    for _ in range(2):  # second round without the requests that no step size keeps on pace
-        if not keep.any():
-            return max_prefill, 0
-        base = t_s[0] / slo[keep] + debt[keep]  # tokens the smallest step asks at the SLO itself
-        on_pace = base <= g_max * (1.0 + 1e-9)
-        if on_pace.all():
-            break
-        keep[np.flatnonzero(keep)[~on_pace]] = False
+    keep &= t_s[0] / slo + debt <= g_max * (1.0 + 1e-9)  # some step size keeps it at its SLO's pace
+    if not keep.any():
+        return max_prefill, 0
     # the margin is headroom for unlucky acceptance: a request the smallest step keeps at margin x SLO is planned at
     # that pace, one it keeps only at the SLO itself at the SLO's pace (a tighter target would drop it)
     pace = np.where(t_s[0] / (margin * slo[keep]) + debt[keep] <= g_max * (1.0 + 1e-9), margin, 1.0)

@@ -2,8 +2,9 @@ import math
 
 import pytest
 
-from bench.fluid import ClassLoad, best_step, chain_tokens
+from bench.fluid import ClassLoad, best_step
 from bench.simulate import roofline_70b
+from policies.budget import chain_tokens
 
 
 def test_chain_tokens_geometric():
