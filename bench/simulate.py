@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import heapq
 import json
+import math
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -105,8 +106,7 @@ class SimConfig:
     predict_draft_in_t_step: bool = False  # prototype: A(r) sees the draft + host time too (the engine doesn't)
     max_sim_s: float = 3600.0
     max_prefill_wait_s: float | None = None  # EngineConfig.max_prefill_wait_s
-    slo_prefill_horizon_steps: int = 2  # EngineConfig.slo_prefill_horizon_steps
-    slo_prefill_margin: float = 0.8  # EngineConfig.slo_prefill_margin
+    slo_prefill_confidence_z: float = 2.0  # EngineConfig.slo_prefill_confidence_z
 
 
 @dataclass
@@ -197,6 +197,7 @@ class Simulator:
         self.last_t = np.full(n, np.nan)
         self.spec_steps = np.zeros(n, dtype=np.int64)
         self.accepted = np.zeros(n, dtype=np.int64)
+        self.gain_sq = 0.0  # sum of squared per-step gains of speculating requests (the gain's spread)
         reps = [_Replica(i) for i in range(self.cfg.num_replicas)]
         base_tpot = self.p.unloaded_tpot_s()
         order = np.argsort(self.arrival, kind="stable")
@@ -309,14 +310,15 @@ class Simulator:
                 return max_tokens, 0
         spec_steps = int(self.spec_steps.sum())
         e = float(self.accepted.sum()) / spec_steps if spec_steps else 0.0
+        sd = math.sqrt(max(self.gain_sq / spec_steps - (1.0 + e) ** 2, 0.0)) if spec_steps else 0.0
         return slo_step_plan(
             self.p.target, root_tokens=dec.size, context_tokens=float((self.prompt[dec] + self.out[dec]).sum()),
             decode_time_s=now - self.first_t[dec], decoded_tokens=np.maximum(self.out[dec] - 1, 0),
             tpot_slo_s=self.slo_s[dec], remaining_tokens=self.maxtok[dec] - self.out[dec],
-            acceptance_rate=e / (1.0 + e), tokens_per_step=1.0 + e, max_nodes_per_request=self.n_max,
+            acceptance_rate=e / (1.0 + e), tokens_per_step=1.0 + e, tokens_per_step_sd=sd,
+            max_nodes_per_request=self.n_max,
             max_tokens=self.cfg.max_num_batched_tokens, max_prefill_tokens=max_tokens,
-            overhead_s=self.step_overhead_s, horizon_steps=self.cfg.slo_prefill_horizon_steps,
-            margin=self.cfg.slo_prefill_margin)
+            overhead_s=self.step_overhead_s, confidence_z=self.cfg.slo_prefill_confidence_z)
 
     def _commit(self, rep: _Replica, now: float, plan) -> None:
         dec, gained, spec_mask, prefills, overhead_s = plan
@@ -328,6 +330,7 @@ class Simulator:
             self.last_t[dec] = now
             self.spec_steps[dec] += spec_mask
             self.accepted[dec] += np.where(spec_mask, g - 1, 0)
+            self.gain_sq += float((g[spec_mask].astype(np.float64) ** 2).sum())
         for i, k in prefills:
             self.computed[i] += k
             if self.computed[i] >= self.prompt[i]:
@@ -494,7 +497,7 @@ def sim_sweep(profile: Profile, acc: AcceptanceModel, policies: list[str], rates
               replicas: int = 1, max_tokens: int = 128, max_num_seqs: int = 128, max_batched_tokens: int = 2048,
               token_budget: int | None = None, seed: int = 0, predict_draft: bool = False,
               arrival: str = "poisson", cv: float = 1.0, verbose: bool = False,
-              horizon_steps: int = 2, margin: float = 0.8, max_prefill_wait_s: float | None = None) -> list[dict]:
+              confidence_z: float = 2.0, max_prefill_wait_s: float | None = None) -> list[dict]:
     from bench.loadgen import format_summary, summarize
 
     rows = []
@@ -503,8 +506,8 @@ def sim_sweep(profile: Profile, acc: AcceptanceModel, policies: list[str], rates
         for pol in policies:
             cfg = SimConfig(policy=pol, num_replicas=replicas, max_num_seqs=max_num_seqs,
                             max_num_batched_tokens=max_batched_tokens, token_budget=token_budget, seed=seed,
-                            predict_draft_in_t_step=predict_draft, slo_prefill_horizon_steps=horizon_steps,
-                            slo_prefill_margin=margin, max_prefill_wait_s=max_prefill_wait_s)
+                            predict_draft_in_t_step=predict_draft, slo_prefill_confidence_z=confidence_z,
+                            max_prefill_wait_s=max_prefill_wait_s)
             recs, info = simulate(reqs, profile, acc, cfg)
             s = summarize(recs)
             o = s["overall"]
@@ -697,8 +700,7 @@ def main() -> None:
     ap.add_argument("--token-budget", type=int, default=None)
     ap.add_argument("--accept-scale", type=float, default=1.0, help="what-if: conditional acceptance x this")
     ap.add_argument("--predict-draft", action="store_true", help="prototype: t_step for A(r) includes draft+host")
-    ap.add_argument("--horizon-steps", type=int, default=2, help="EngineConfig.slo_prefill_horizon_steps")
-    ap.add_argument("--margin", type=float, default=0.8, help="EngineConfig.slo_prefill_margin")
+    ap.add_argument("--confidence-z", type=float, default=2.0, help="EngineConfig.slo_prefill_confidence_z")
     ap.add_argument("--max-prefill-wait-s", type=float, default=None, help="EngineConfig.max_prefill_wait_s")
     ap.add_argument("--arrival", choices=["poisson", "gamma"], default="poisson")
     ap.add_argument("--cv", type=float, default=1.0)
@@ -735,7 +737,7 @@ def main() -> None:
                      max_tokens=args.max_tokens, max_num_seqs=args.max_num_seqs,
                      max_batched_tokens=args.max_batched_tokens, token_budget=args.token_budget, seed=args.seed,
                      predict_draft=args.predict_draft, arrival=args.arrival, cv=args.cv, verbose=args.verbose,
-                     horizon_steps=args.horizon_steps, margin=args.margin, max_prefill_wait_s=args.max_prefill_wait_s)
+                     confidence_z=args.confidence_z, max_prefill_wait_s=args.max_prefill_wait_s)
     h = {f"{f} vs {'paper baselines' if ex else 'all baselines'}": headline(rows, f, ex)
          for f in sorted({r["policy"] for r in rows if r["policy"].startswith("adaserve")})
          for ex in ((), ("dynamic-tree",))}

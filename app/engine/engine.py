@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 import time
 import uuid
 from collections import deque
@@ -73,6 +74,7 @@ class StepStats:
     num_trees: int  # requests that verified a tree
     num_tree_nodes: int  # draft nodes verified
     num_accepted: int  # draft nodes accepted
+    tree_gain_sq: int  # sum over the trees of (tokens the request gained)^2, for the gain's spread
     draft_s: float
     select_s: float
     verify_s: float
@@ -107,7 +109,8 @@ class LLMEngine:
         self._seed_counter = itertools.count()
         self.num_steps = 0
         self.step_history: deque[StepStats] = deque(maxlen=1024)
-        self.totals = {"tree_nodes": 0, "accepted": 0, "spec_steps": 0, "tree_requests": 0, "draft_s": 0.0, "select_s": 0.0,
+        self.totals = {"tree_nodes": 0, "accepted": 0, "tree_gain_sq": 0, "spec_steps": 0, "tree_requests": 0,
+                       "draft_s": 0.0, "select_s": 0.0,
                        "step_s": 0.0, "verify_s": 0.0, "accept_s": 0.0, "prefill_held_steps": 0}
         self._step_ema_s: float | None = None
         self._step_overhead_ema_s = 0.0  # a decoding step's time outside the target forward (draft, select, host)
@@ -235,16 +238,18 @@ class LLMEngine:
                                               >= r.ttft_slo_ms / 1e3):
                 return limit, 0
         gain = self.tokens_per_tree_step
+        t = self.totals
+        gain_sd = math.sqrt(max(t["tree_gain_sq"] / t["tree_requests"] - gain**2, 0.0)) if t["tree_requests"] else 0.0
         return slo_step_plan(
             self.latency_model, root_tokens=len(decodes), context_tokens=sum(r.num_computed_tokens for r in decodes),
             decode_time_s=np.array([r.decode_time_s(now) for r in decodes]),
             decoded_tokens=np.array([max(r.num_output_tokens - 1, 0) for r in decodes]),
             tpot_slo_s=np.array([r.tpot_slo_ms / 1e3 if r.tpot_slo_ms else np.inf for r in decodes]),
             remaining_tokens=np.array([r.sampling.max_tokens - r.num_output_tokens for r in decodes]),
-            acceptance_rate=(gain - 1.0) / gain, tokens_per_step=gain,
+            acceptance_rate=(gain - 1.0) / gain, tokens_per_step=gain, tokens_per_step_sd=gain_sd,
             max_nodes_per_request=self.speculator.n_max if self.speculator else 0,
             max_tokens=limit, max_prefill_tokens=limit, overhead_s=self._step_overhead_ema_s,
-            horizon_steps=self.config.slo_prefill_horizon_steps, margin=self.config.slo_prefill_margin)
+            confidence_z=self.config.slo_prefill_confidence_z)
 
     @property
     def tokens_per_tree_step(self) -> float:
@@ -296,11 +301,12 @@ class LLMEngine:
         for c in chunks:
             if c.request.request_id not in trees:
                 c.request.num_computed_tokens += c.num_tokens
-        num_nodes = num_accepted = 0
+        num_nodes = num_accepted = gain_sq = 0
         if trees:
-            num_nodes, num_accepted = self._accept(chunks, trees, out, proposal, new_tokens)
+            num_nodes, num_accepted, gain_sq = self._accept(chunks, trees, out, proposal, new_tokens)
         stats = StepStats(num_tokens=sum(len(s.token_ids) for s in seqs), num_decodes=len(decodes),
                           num_trees=len(trees), num_tree_nodes=num_nodes, num_accepted=num_accepted,
+                          tree_gain_sq=gain_sq,
                           draft_s=proposal.draft_s if proposal else 0.0,
                           select_s=proposal.select_s if proposal else 0.0,
                           verify_s=t_accept - t_verify, accept_s=time.perf_counter() - t_accept, step_s=0.0)
@@ -345,11 +351,12 @@ class LLMEngine:
         return fitted
 
     def _accept(self, chunks, trees: dict[str, VerifyTree], out, proposal: ProposeResult,
-                new_tokens: dict[str, list[int]]) -> tuple[int, int]:
-        """Walk each verified tree, keep the accepted path's KV, release the rest; returns (nodes, accepted)."""
+                new_tokens: dict[str, list[int]]) -> tuple[int, int, int]:
+        """Walk each verified tree, keep the accepted path's KV, release the rest; returns (nodes, accepted, the sum
+        of squared gains)."""
         greedy = torch.argmax(out.logits, dim=-1).tolist()  # one vectorised argmax for every greedy walk
         moves = []
-        num_nodes = num_accepted = 0
+        num_nodes = num_accepted = gain_sq = 0
         tree_chunks = [(i, c.request) for i, c in enumerate(chunks) if c.request.request_id in trees]
         record = self._hidden_recorder()
         for i, req in tree_chunks:
@@ -367,17 +374,19 @@ class LLMEngine:
             req.num_accepted_draft_tokens += len(path) - 1
             num_nodes += tree.num_nodes
             num_accepted += len(path) - 1
+            gain_sq += len(path) ** 2
             new_tokens[req.request_id] = emitted
         self.kv.keep_accepted(moves)
         for _, req in tree_chunks:
             self.kv.trim(req.block_ids, req.num_computed_tokens)
-        return num_nodes, num_accepted
+        return num_nodes, num_accepted, gain_sq
 
     def _record(self, stats: StepStats) -> None:
         self.step_history.append(stats)
         t = self.totals
         t["tree_nodes"] += stats.num_tree_nodes
         t["accepted"] += stats.num_accepted
+        t["tree_gain_sq"] += stats.tree_gain_sq
         t["spec_steps"] += 1 if stats.num_tree_nodes else 0
         t["tree_requests"] += stats.num_trees
         for k in ("draft_s", "select_s", "step_s", "verify_s", "accept_s"):

@@ -281,3 +281,23 @@ def test_policy_without_draft_is_a_clear_error():
         LLMEngine(EngineConfig(num_kv_blocks=16, policy="adaserve"))
     with pytest.raises(ValueError, match="unknown speculation policy"):
         LLMEngine(EngineConfig(num_kv_blocks=16, policy="bogus"))
+
+
+def test_slo_prefill_plans_a_cushion_from_the_measured_gain_spread(random_draft_dir):
+    engine = _spec_engine(str(random_draft_dir))
+    engine.latency_model = LatencyModel(PiecewiseLinear((0.0, 100.0), (0.01, 5.01)), 0.0)  # 10 ms + 50 ms a token
+    engine.add_request(PROMPTS[0], SamplingParams(max_tokens=16, ignore_eos=True), request_id="a", tpot_slo_ms=1000.0)
+    while not engine.requests["a"].is_decoding:
+        engine.step()
+    decodes = [engine.requests["a"]]
+    engine._step_overhead_ema_s = 0.0
+    # every tree gained 1 token: no spread, so ~1 s steps of ~19 tokens keep the 1 s SLO for the 15 left
+    engine.totals.update(tree_requests=100, accepted=0, tree_gain_sq=100)
+    steady, nodes = engine._slo_prefill_cap(decodes)
+    assert nodes == 0 and 15 <= steady <= 19
+    # a spread of 0.5 tokens per step: a cushion of 2 x 0.5 x sqrt(15) tokens asks for ~0.8 s steps
+    engine.totals.update(tree_gain_sq=125)
+    cushioned, _ = engine._slo_prefill_cap(decodes)
+    assert cushioned <= steady - 3
+    engine.config = dataclasses.replace(engine.config, slo_prefill_confidence_z=0.0)
+    assert engine._slo_prefill_cap(decodes) == (steady, 0)

@@ -125,37 +125,50 @@ def test_throughput_cut_skips_a_tail_that_buys_the_next_tile():
 LINEAR = LatencyModel(PiecewiseLinear((0.0, 1000.0), (0.010, 1.010)), 0.0)
 
 
-def _plan(decode_time_s, decoded, slo_s, remaining, a=0.0, gain=1.0, max_tokens=256, max_prefill=252, roots=4,
-          horizon=2, margin=1.0, overhead_s=0.0):
+def _plan(decode_time_s, decoded, slo_s, remaining, a=0.0, gain=1.0, sd=0.0, z=2.0, max_tokens=256, max_prefill=252,
+          roots=4, overhead_s=0.0):
     return slo_step_plan(LINEAR, root_tokens=roots, context_tokens=0.0, decode_time_s=np.array(decode_time_s, float),
                          decoded_tokens=np.array(decoded, float), tpot_slo_s=np.array(slo_s, float),
                          remaining_tokens=np.array(remaining, float), acceptance_rate=a, tokens_per_step=gain,
-                         max_nodes_per_request=8, max_tokens=max_tokens, max_prefill_tokens=max_prefill,
-                         overhead_s=overhead_s, horizon_steps=horizon, margin=margin)
+                         tokens_per_step_sd=sd, max_nodes_per_request=8, max_tokens=max_tokens,
+                         max_prefill_tokens=max_prefill, overhead_s=overhead_s, confidence_z=z)
 
 
 def test_slo_plan_paces_a_request_on_schedule():
-    # no acceptance (a = 0): the request gains 1 token a step, so the step may take its SLO, 200 ms = 190 tokens;
-    # prefill per second rises with the step here (10 ms fixed cost), so the plan takes all of it: 190 - 4 roots
+    # no acceptance (a = 0): the request gains 1 token a step; 2 s spent on 10 tokens of a 200 ms SLO leaves 2 s for
+    # the 10 remaining, so a step may take 200 ms = 190 tokens; prefill per second rises with the step here (10 ms
+    # fixed cost), so the plan takes all of it: 190 - 4 roots
     assert _plan([2.0], [10], [0.2], [10]) == (186, 0)
-    assert _plan([2.0], [10], [0.2], [10], margin=0.8) == (146, 0)  # planned for 160 ms
+    # a spread of 0.5 tokens per step: a cushion of 2 x 0.5 x sqrt(10 steps) = 3.16 tokens, 13.16 tokens in 2 s,
+    # steps of at most 152 ms = 141 tokens
+    assert _plan([2.0], [10], [0.2], [10], sd=0.5) == (137, 0)
+    assert _plan([2.0], [10], [0.2], [10], sd=0.5, z=0.0) == (186, 0)
     assert _plan([2.0], [10], [0.2], [10], overhead_s=0.05) == (136, 0)  # 50 ms of draft and host time
-    # banked slack (0.5 s for 10 tokens at 200 ms) is kept as a cushion, not spent on a longer step
-    assert _plan([0.5], [10], [0.2], [10]) == (186, 0)
-    # a 15 ms SLO: the 14 ms smallest step keeps it only at the SLO itself, not at 0.8 x: it is planned at 15 ms
-    # (one prefill token) rather than dropped from the plan (which would let 252 through)
-    assert _plan([0.15], [10], [0.015], [10], margin=0.8) == (1, 0)
+    # banked slack (3.5 s for the 10 remaining tokens) is spent over the rest of the request: 350 ms steps, more
+    # than the 256-token limit
+    assert _plan([0.5], [10], [0.2], [10]) == (252, 0)
+    # a 15 ms SLO with 150 ms left for 10 tokens: the 14 ms smallest step keeps it on pace only without the cushion,
+    # so it is planned without it, at 15 ms (one prefill token), rather than dropped (which would let 252 through)
+    assert _plan([0.15], [10], [0.015], [10], sd=0.5) == (1, 0)
+
+
+def test_slo_plan_gives_short_requests_the_wider_cushion():
+    # both exactly on their 200 ms SLO, with the same spread: a cushion of 2 x 0.5 x sqrt(4) = 2 tokens on 4 left
+    # (6 tokens in 0.8 s: 133 ms steps) against 10 on 100 left (110 tokens in 20 s: 182 ms steps)
+    assert _plan([2.0], [10], [0.2], [4], sd=0.5, roots=1, max_prefill=255) == (122, 0)
+    assert _plan([2.0], [10], [0.2], [100], sd=0.5, roots=1, max_prefill=255) == (170, 0)
 
 
 def test_slo_plan_buys_nodes_when_they_pay_for_a_longer_step():
     # a = 0.5: k chain nodes yield 1 + (1 - 0.5^k) tokens. At 100 ms SLO a step over 90 tokens needs nodes; the
     # most prefill per second is at 177 tokens (187 ms, 1.87 tokens needed, 3 nodes): 177 - 4 - 3 = 170
     assert _plan([1.0], [10], [0.1], [20], a=0.5, gain=1.5) == (170, 3)
-    # a request one token behind repays half of it per step (horizon 2), or all of it (horizon 1)
-    assert _plan([1.1], [10], [0.1], [20], a=0.5, gain=1.5) == (120, 3)
-    assert _plan([1.1], [10], [0.1], [20], a=0.5, gain=1.5, horizon=1) == (75, 4)
-    # without acceptance it can only be kept on pace by a short step: 1 - 0.5 of a token -> 50 ms
-    assert _plan([1.1], [10], [0.1], [20]) == (36, 0)
+    # a request 1 token behind repays it over its 20 remaining tokens (20 tokens in 1.9 s: 10.53 tokens/s); the best
+    # step is 168 tokens (178 ms, 1.874 tokens, 3 nodes: 161 prefill, 904.5 tok/s) against 2 nodes' 156 tokens
+    # (903.6 tok/s) and 4 nodes' 174 (902.2 tok/s)
+    assert _plan([1.1], [10], [0.1], [20], a=0.5, gain=1.5) == (161, 3)
+    # without acceptance it can only be kept on pace by a short step: 1 token in 95 ms
+    assert _plan([1.1], [10], [0.1], [20]) == (81, 0)
 
 
 def test_slo_plan_takes_the_shortest_step_that_prefills_what_is_queued():
@@ -167,33 +180,37 @@ def test_slo_plan_without_protected_requests_is_unbounded():
     assert _plan([1.0, 2.0], [10, 10], [np.inf, np.nan], [5, 5]) == (252, 0)
     assert _plan([], [], [], []) == (252, 0)
     assert _plan([1.0], [10], [0.1], [0], a=0.5) == (252, 0)  # done decoding: nothing to protect
-    # hopeless: 5 s for 10 tokens at 100 ms cannot end on its SLO even at prefill-free steps
+    # hopeless: 5 s for 10 tokens at 100 ms cannot end on its SLO at all
     assert _plan([5.0], [10], [0.1], [5], a=0.5, gain=1.5) == (252, 0)
-    # 3 tokens behind with horizon 1 needs 4 tokens this step, more than 8 nodes can give: not protected, and
-    # it does not hold the other request's plan back
-    assert _plan([1.3, 2.0], [10, 10], [0.1, 0.2], [20, 10], a=0.5, gain=1.5, horizon=1) == _plan(
-        [2.0], [10], [0.2], [10], a=0.5, gain=1.5, horizon=1)
+    # 50 ms left for 20 tokens: even the smallest step would need 4.8 tokens, more than the usual 1.5: not
+    # protected, and it does not hold the other request's plan back
+    assert _plan([2.95, 2.0], [10, 10], [0.1, 0.2], [20, 10], a=0.5, gain=1.5, roots=2) == _plan(
+        [2.0], [10], [0.2], [10], a=0.5, gain=1.5, roots=2)
 
 
 def test_slo_plan_keeps_every_protected_request_on_pace_and_in_the_step():
     rng = np.random.default_rng(0)
-    for _ in range(200):
+    for _ in range(300):
         n = int(rng.integers(1, 6))
         o = rng.integers(1, 40, n).astype(float)
         slo = rng.uniform(0.02, 0.3, n)
         l_s = o * slo * rng.uniform(0.5, 1.1, n)
-        m = rng.integers(1, 40, n)
-        a, margin, h = float(rng.uniform(0, 0.8)), float(rng.uniform(0.7, 1)), int(rng.integers(1, 4))
+        m = rng.integers(1, 40, n).astype(float)
+        a, sd, z = float(rng.uniform(0, 0.8)), float(rng.uniform(0, 1.2)), float(rng.uniform(0, 3))
         g = 1 + a / (1 - a) * 0.8
-        p, nodes = _plan(l_s, o, slo, m, a=a, gain=g, roots=n, horizon=h, margin=margin, max_prefill=256 - n)
+        p, nodes = _plan(l_s, o, slo, m, a=a, gain=g, sd=sd, z=z, roots=n, max_prefill=256 - n)
         assert 0 <= p <= 256 - n and nodes >= 0 and n + p + nodes <= 256
         if p == 0 or (p == 256 - n and nodes == 0):
             continue  # held (no step fits the nodes the pace needs) or nothing protected
         t = LINEAR.predict(n + p + nodes)
+        t0 = LINEAR.predict(n)
         g_max = 1 + a * (1 - a**8) / (1 - a)
-        need = t / (margin * slo) + np.maximum(l_s / slo - o, 0) / h
-        protected = (l_s + np.ceil(m / min(g, g_max)) * LINEAR.predict(n) <= (o + m) * slo) & (
-            LINEAR.predict(n) / (margin * slo) + np.maximum(l_s / slo - o, 0) / h <= g_max + 1e-9)
+        left = (o + m) * slo - l_s
+        plain = m / np.where(left > 0, left, 1.0)
+        protected = (left > 0) & (t0 * plain <= min(g, g_max) + 1e-9)
+        cushioned = (m + z * sd * np.sqrt(np.maximum(m / min(g, g_max), 1.0))) / np.where(left > 0, left, 1.0)
+        pace = np.where(t0 * cushioned <= g_max + 1e-9, cushioned, plain)
+        need = t * pace
         # the reserved nodes buy every protected request its pace in the planned step (chain model)
         assert np.all(need[protected] <= g_max + 1e-9)
         assert nodes == required_nodes(np.fmax(need[protected], 1.0), a, 8).sum()
