@@ -198,6 +198,7 @@ class Simulator:
         self.spec_steps = np.zeros(n, dtype=np.int64)
         self.accepted = np.zeros(n, dtype=np.int64)
         self.gain_sq = 0.0  # sum of squared per-step gains of speculating requests (the gain's spread)
+        self.pools = self.acc.pools_for([r.slo_class for r in reqs])  # each request drafts like its class
         reps = [_Replica(i) for i in range(self.cfg.num_replicas)]
         base_tpot = self.p.unloaded_tpot_s()
         order = np.argsort(self.arrival, kind="stable")
@@ -359,11 +360,11 @@ class Simulator:
         if self.cut:  # tokens/s the step makes without the level / node (~r tokens per t_step)
             rate = r / max(t_step + self.p.overhead_s, 1e-9)
             gate = lambda front_f_sum, tokens: front_f_sum >= rate * (self.p.draft_level_s + self.p.draft_token_s * tokens)  # noqa: E731
-        parent, f, valid, chosen, level_tokens, picks = self._draft(r, depth, beam, topk, spec.static_widths or None,
-                                                                    gate)
+        parent, f, valid, chosen, level_tokens, picks = self._draft(dec, depth, beam, topk,
+                                                                    spec.static_widths or None, gate)
         depth = len(level_tokens)
         if self.acc.lookup_chains is not None:
-            parent, f, valid, chosen = self._add_lookup(parent, f, valid, chosen, picks)
+            parent, f, valid, chosen = self._add_lookup(dec, parent, f, valid, chosen, picks)
         draft_s = sum(self.p.draft_level_s + self.p.draft_token_s * t for t in level_tokens)
         min_f, sel_budget = 0.0, node_budget
         if self.cut:  # the engine's throughput cut: it bounds the selection's f and its size
@@ -384,10 +385,13 @@ class Simulator:
         nodes = int(sel.sum())
         return acc.astype(np.int64), nodes, draft_s, sel.any(axis=1), sel_s
 
-    def _draft(self, r: int, depth: int, beam: int, topk: int, widths, gate=None):
-        """Candidate trees [r, M] level by level like the drafter; returns parent, f, valid, chosen (the
-        target's pick at its parent), and the tokens of each draft forward (for the draft cost)."""
+    def _draft(self, dec: np.ndarray, depth: int, beam: int, topk: int, widths, gate=None):
+        """Candidate trees [r, M] level by level like the drafter, for requests ``dec``, each node's children
+        drawn from its request's class's fan-out rows; returns parent, f, valid, chosen (the target's pick at
+        its parent), and the tokens of each draft forward (for the draft cost)."""
         rng = self.rng
+        r = dec.size
+        row_start, row_count = self.pools["fan_start"][dec, None], self.pools["fan_count"][dec, None]
         k_pool = self.fan.shape[1]
         parents_l, f_l, valid_l, chosen_l = [], [], [], []
         picks_l = []  # per level: (frontier slots, the target's uniform draw there, its children's pick mass)
@@ -403,7 +407,7 @@ class Simulator:
                 break
             level_tokens.append(r * (1 if level == 0 else fcount))
             pq, lo, hi = self.pool[k]
-            rows = rng.integers(0, pq.shape[0], size=(r, fcount))
+            rows = row_start + np.minimum((rng.random((r, fcount)) * row_count).astype(np.int64), row_count - 1)
             q = pq[rows] * front_ok[:, :, None]  # [r, F, k], descending per node
             u = rng.random((r, fcount, 1))
             pick = (u >= lo[rows]) & (u < hi[rows]) & (q > 0)
@@ -439,11 +443,11 @@ class Simulator:
         return (parent, np.concatenate(f_l, axis=1), np.concatenate(valid_l, axis=1),
                 np.concatenate(chosen_l, axis=1), level_tokens, (draw, mass))
 
-    def _add_lookup(self, parent, f, valid, chosen, picks):
-        """Append a prompt-lookup chain to each request's tree, as the merged drafter would: with the trace's
-        frequency, one of its recorded primary chains (q per depth); under the model's likeliest level-1 node
-        when the recorded chain's first node was the model's too (the chain then continues below it), else
-        under the root. Lookup chains do not shrink with the adaptive depth and cost no draft time. The target
+    def _add_lookup(self, dec, parent, f, valid, chosen, picks):
+        """Append a prompt-lookup chain to each request's tree, as the merged drafter would: as often as the
+        trace's trees of the request's class had one, one of that class's recorded primary chains (q per depth);
+        under the model's likeliest level-1 node when the recorded chain's first node was the model's too (the
+        chain then continues below it), else under the root. Lookup chains do not shrink with the adaptive depth and cost no draft time. The target
         picks one child per node: the chain's first node takes the interval after the model's children at its
         anchor (same uniform draw, so at most one of them is accepted); deeper nodes use the trace's lookup
         acceptance by q."""
@@ -451,8 +455,10 @@ class Simulator:
         acc, rng = self.acc, self.rng
         r, m = parent.shape
         rows = np.arange(r)
-        has = rng.random(r) < acc.lookup_share
-        idx = rng.integers(0, acc.lookup_chains.shape[0], r)
+        count = self.pools["chain_count"][dec]
+        has = (rng.random(r) < self.pools["lookup_share"][dec]) & (count > 0)
+        idx = self.pools["chain_start"][dec] + np.minimum((rng.random(r) * count).astype(np.int64),
+                                                           np.maximum(count - 1, 0))
         q = acc.lookup_chains[idx].astype(np.float64) * has[:, None]  # [r, D]
         level1 = (parent < 0) & valid
         top = np.argmax(np.where(level1, f, -1.0), axis=1)

@@ -134,12 +134,14 @@ def sweep_engine(args) -> None:
             "max_tokens": args.max_tokens, "arrival": args.arrival, "cv": args.cv, "mode": "engine",
             "threads": args.threads, "max_num_seqs": args.max_num_seqs}
     (out / "meta.json").write_text(json.dumps(meta, indent=1))
-    current = {"policy": ""}
-    recorder = TraceRecorder(engine, out / "trace.jsonl", policy_of=lambda rid: current["policy"])
+    current = {"policy": "", "workload": []}
+    recorder = TraceRecorder(engine, out / "trace.jsonl", policy_of=lambda rid: current["policy"],
+                             category_of=lambda rid: current["workload"][int(rid)].slo_class)
     for rate in args.rates:
         wl = build_workload(args.num_requests, rate=rate, seed=args.seed, mix=tuple(args.mix), arrival=args.arrival,
                             cv=args.cv, max_tokens_cap=args.max_tokens, prompt_char_cap=args.prompt_chars)
         prompt_ids = [encode_chat(engine, r.messages) for r in wl]
+        current["workload"] = wl
         for pol in args.policies:
             current["policy"] = pol
             t_run = time.perf_counter()
@@ -160,7 +162,8 @@ def sweep_engine(args) -> None:
             write_summaries(out, rows)
             recorder.close()  # flush what we have; keep recording
             recorder.lines.clear()
-            recorder = TraceRecorder(engine, out / "trace.jsonl", policy_of=lambda rid: current["policy"])
+            recorder = TraceRecorder(engine, out / "trace.jsonl", policy_of=lambda rid: current["policy"],
+                                         category_of=lambda rid: current["workload"][int(rid)].slo_class)
     recorder.close()
     from bench.traces import gzip_file
 

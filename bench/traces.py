@@ -3,7 +3,8 @@
 Recording wraps ``engine.speculator.observe`` (called after every verify with the request's candidate tree,
 the verified tree and the accepted path), so nothing in the engine changes. One JSONL line per verified tree:
 
-    {"policy", "parent": [M], "q": [M] draft prob per candidate, "sel": verified candidate slots,
+    {"policy", "category" (the request's workload class, where the driver knows it), "parent": [M],
+     "q": [M] draft prob per candidate, "sel": verified candidate slots,
      "acc": accepted candidate slots (a chain from the root)}
 
 From those lines ``AcceptanceModel.from_trace`` derives
@@ -14,6 +15,11 @@ From those lines ``AcceptanceModel.from_trace`` derives
   ``q``, estimated on verified nodes whose parent was the root or accepted. Multiplying along a path gives
   P(path accepted), i.e. the empirical counterpart of ``f``;
 - for the report, the unconditional P(node accepted | f bin) over verified nodes.
+
+Fan-out rows and lookup chains keep their category: classes draft very differently (CPU sweep, adaserve:
+1.16 accepted draft tokens per step on chat, 1.78 on coding, 2.36 on summarization, most of it prompt lookup),
+so the simulator draws each request's trees from its own class's rows. The acceptance by q is pooled: it is
+the draft's calibration, which the class changes far less than how confident the draft is.
 
 Usage: ``python -m bench.traces record --out bench/results/acceptance_trace.jsonl`` (in-process engine,
 bounded) and ``python -m bench.traces summary bench/results/acceptance_trace.jsonl``.
@@ -36,11 +42,12 @@ Q_BINS = np.array([0.0, 0.02, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9,
 class TraceRecorder:
     """Wraps an engine's speculator.observe; ``lines`` accumulates one dict per verified tree."""
 
-    def __init__(self, engine, path: Path | None = None, policy_of=None):
+    def __init__(self, engine, path: Path | None = None, policy_of=None, category_of=None):
         self.engine = engine
         self.lines: list[dict] = []
         self.path = path
         self._policy_of = policy_of or (lambda rid: "")
+        self._category_of = category_of
         spec = engine.speculator
         if spec is None:
             raise ValueError("the engine has no draft: nothing to trace")
@@ -52,6 +59,7 @@ class TraceRecorder:
             slots = tree.slots
             line = {
                 "policy": self._policy_of(request_id),
+                **({"category": self._category_of(request_id)} if self._category_of else {}),
                 "parent": candidates.parent.tolist(),
                 "q": [round(float(x), 5) for x in candidates.draft_prob],
                 "sel": [int(s) for s in slots[1:]],
@@ -109,13 +117,20 @@ class AcceptanceModel:
     lookup_shared_first: np.ndarray | None = None  # [C] bool: the chain's first node was the model's too
     lookup_share: float = 0.0  # fraction of trees that had a lookup chain
     lookup_cond_rate: np.ndarray | None = None  # [B] P(accepted | parent accepted, q in bin), lookup nodes
+    # Per category (traces that record it): fanout rows and lookup chains are sorted by category, and each
+    # category's rows are [start, start + count); its share of trees with a lookup chain
+    category_rows: dict[str, tuple[int, int]] | None = None
+    category_chains: dict[str, tuple[int, int]] | None = None
+    category_lookup_share: dict[str, float] | None = None
 
     @classmethod
     def from_trace(cls, lines: list[dict], k: int = 4, max_chain: int = 16) -> "AcceptanceModel":
         fan, cq, ca, fq, fa, acc_len = [], [], [], [], [], []
         lq, la, chains, shared_first = [], [], [], []
+        fan_cat, chain_cat, tree_cat = [], [], []
         has_lookup = any("lookup" in ln for ln in lines)
         for ln in lines:
+            cat = str(ln.get("category", ""))
             parent = np.asarray(ln["parent"], dtype=np.int64)
             q = np.asarray(ln["q"], dtype=np.float64)
             m = parent.size
@@ -132,8 +147,10 @@ class AcceptanceModel:
             for ch in kids.values():
                 row = sorted(ch, reverse=True)[:k]
                 fan.append(row + [0.0] * (k - len(row)))
+                fan_cat.append(cat)
             sel, acc = set(ln["sel"]), set(ln["acc"])
             acc_len.append(len(acc))
+            tree_cat.append(cat)
             for s in sel:
                 p = int(parent[s])
                 if p < 0 or p in acc:
@@ -157,6 +174,7 @@ class AcceptanceModel:
                     chain.append(q[node])
                 if chain:
                     chains.append(chain + [0.0] * (max_chain - len(chain)))
+                    chain_cat.append(cat)
         if not fan:
             raise ValueError("empty trace")
         edges = Q_BINS
@@ -168,12 +186,37 @@ class AcceptanceModel:
 
         cond_rate, cond_count = rate(cq, ca)
         f_rate, f_count = _binned(np.asarray(fq), np.asarray(fa, dtype=float), edges)
-        lookup = {}
+        fan_order = np.argsort(np.asarray(fan_cat), kind="stable")
+        lookup, by_cat = {}, {}
         if chains:
-            lookup = {"lookup_chains": np.asarray(chains, np.float32), "lookup_shared_first": np.asarray(shared_first),
+            chain_order = np.argsort(np.asarray(chain_cat), kind="stable")
+            lookup = {"lookup_chains": np.asarray(chains, np.float32)[chain_order],
+                      "lookup_shared_first": np.asarray(shared_first)[chain_order],
                       "lookup_share": len(chains) / len(acc_len), "lookup_cond_rate": rate(lq, la, min_count=5)[0]}
-        return cls(np.asarray(fan, dtype=np.float32), edges, cond_rate, cond_count, f_rate, f_count,
-                   float(np.mean(acc_len)) if acc_len else 0.0, **lookup)
+        cats = sorted(set(tree_cat) - {""})
+        if cats:
+            by_cat = {"category_rows": _ranges(np.asarray(fan_cat)[fan_order], cats),
+                      "category_chains": _ranges(np.asarray(chain_cat)[chain_order], cats) if chains else None,
+                      "category_lookup_share": {c: chain_cat.count(c) / max(tree_cat.count(c), 1) for c in cats}}
+        return cls(np.asarray(fan, dtype=np.float32)[fan_order], edges, cond_rate, cond_count, f_rate, f_count,
+                   float(np.mean(acc_len)) if acc_len else 0.0, **lookup, **by_cat)
+
+    def pools_for(self, categories: list[str]) -> dict[str, np.ndarray]:
+        """Per request, where its class's rows are: fan-out rows ``[fan_start, fan_start + fan_count)``, lookup
+        chains likewise, and its share of trees with a lookup chain. A class the trace lacks (or a trace without
+        classes) draws from every row."""
+        n_fan = self.fanout.shape[0]
+        n_chain = 0 if self.lookup_chains is None else self.lookup_chains.shape[0]
+        rows, chains, share = self.category_rows or {}, self.category_chains or {}, self.category_lookup_share or {}
+        known = [c in rows for c in categories]
+        return {
+            "fan_start": np.array([rows[c][0] if k else 0 for c, k in zip(categories, known)], np.int64),
+            "fan_count": np.array([rows[c][1] if k else n_fan for c, k in zip(categories, known)], np.int64),
+            "chain_start": np.array([chains.get(c, (0, 0))[0] if k else 0 for c, k in zip(categories, known)], np.int64),
+            "chain_count": np.array([chains.get(c, (0, 0))[1] if k else n_chain for c, k in zip(categories, known)],
+                                    np.int64),
+            "lookup_share": np.array([share.get(c, 0.0) if k else self.lookup_share for c, k in zip(categories, known)]),
+        }
 
     def _bin(self, q: np.ndarray) -> np.ndarray:
         return np.clip(np.searchsorted(self.bin_edges, q, side="right") - 1, 0, self.bin_edges.size - 2)
@@ -205,7 +248,15 @@ class AcceptanceModel:
         return AcceptanceModel(fan.astype(np.float32), edges, np.minimum(self.cond_rate * factor, 1.0),
                                self.cond_count, self.f_rate, self.f_count, self.mean_accepted_per_tree * factor,
                                self.lookup_chains, self.lookup_shared_first, self.lookup_share,
-                               self.lookup_cond_rate)  # the lookup stays as measured
+                               self.lookup_cond_rate,  # the lookup stays as measured
+                               self.category_rows, self.category_chains, self.category_lookup_share)
+
+
+def _ranges(sorted_cats: np.ndarray, cats: list[str]) -> dict[str, tuple[int, int]]:
+    """[start, count) of each category in a sorted array of category names."""
+    lo = np.searchsorted(sorted_cats, cats, side="left")
+    hi = np.searchsorted(sorted_cats, cats, side="right")
+    return {c: (int(a), int(b - a)) for c, a, b in zip(cats, lo, hi)}
 
 
 def _binned(x: np.ndarray, y: np.ndarray, edges: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -247,7 +298,7 @@ def record(out: Path, num_requests: int, max_tokens: int, token_budget: int, pol
     engine = LLMEngine(EngineConfig(draft=draft, policy=policy, device="cpu", token_budget=token_budget,
                                     kv_cache_memory_gb=1.0, max_num_seqs=8))
     wl = build_workload(num_requests, rate=1.0, seed=seed, max_tokens_cap=max_tokens)
-    rec = TraceRecorder(engine, out, policy_of=lambda rid: policy)
+    rec = TraceRecorder(engine, out, policy_of=lambda rid: policy, category_of=lambda rid: wl[int(rid)].slo_class)
     t0 = time.perf_counter()
     _generate_messages(engine, wl)
     rec.close()
@@ -257,10 +308,12 @@ def record(out: Path, num_requests: int, max_tokens: int, token_budget: int, pol
 def _generate_messages(engine, wl) -> None:
     from app.engine.config import SamplingParams
 
-    prompts = [engine.tokenizer.apply_chat_template(r.messages, add_generation_prompt=True, tokenize=True,
-                                                    return_dict=False) for r in wl]
-    engine.generate([list(p) for p in prompts],
-                    [SamplingParams(max_tokens=r.max_tokens, ignore_eos=True) for r in wl])
+    for i, r in enumerate(wl):  # request id = workload index (the recorder's category_of reads it)
+        prompt = engine.tokenizer.apply_chat_template(r.messages, add_generation_prompt=True, tokenize=True,
+                                                      return_dict=False)
+        engine.add_request(list(prompt), SamplingParams(max_tokens=r.max_tokens, ignore_eos=True), request_id=str(i))
+    while engine.has_unfinished():
+        engine.step()
 
 
 def main() -> None:

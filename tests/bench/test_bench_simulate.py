@@ -116,9 +116,11 @@ def test_lookup_chains_add_tokens_and_one_child_per_node_is_picked():
     from bench.simulate import Simulator
 
     sim = Simulator(roofline_70b(), _with_lookup(acceptance(), 1.0), SimConfig(policy="dynamic-tree"))
-    parent, f, valid, chosen, _, picks = sim._draft(400, 2, 2, 2, None)
+    sim.pools = sim.acc.pools_for(["coding"] * 400)
+    dec = np.arange(400)
+    parent, f, valid, chosen, _, picks = sim._draft(dec, 2, 2, 2, None)
     m = parent.shape[1]
-    parent, f, valid, chosen = sim._add_lookup(parent, f, valid, chosen, picks)
+    parent, f, valid, chosen = sim._add_lookup(dec, parent, f, valid, chosen, picks)
     assert parent.shape[1] == m + 16
     kids = np.zeros((400, parent.shape[1] + 1), np.int64)  # column -1: the root
     np.add.at(kids, (np.arange(400)[:, None].repeat(parent.shape[1], 1), parent), chosen & valid)
@@ -131,3 +133,17 @@ def test_lookup_chains_add_tokens_and_one_child_per_node_is_picked():
         recs, _ = simulate(reqs, roofline_70b(), _with_lookup(acceptance(), share), cfg)
         acc_steps.append(summarize(recs)["overall"]["accepted_tokens_per_step"])
     assert acc_steps[1] > acc_steps[0] + 0.5  # deep, likely chains are accepted far beyond the model's depth
+
+
+def test_each_request_drafts_from_its_class_s_rows():
+    # coding's rows are confident (top child q 0.9), chat's unsure (0.05); acceptance follows q
+    fan = np.zeros((200, 4), np.float32)
+    fan[:100, 0], fan[100:, 0] = 0.05, 0.9
+    centre = 0.5 * (Q_BINS[:-1] + Q_BINS[1:])
+    acc = AcceptanceModel(fan, Q_BINS, np.minimum(centre, 1.0), np.ones(12), centre, np.ones(12), 0.5,
+                          category_rows={"chat": (0, 100), "coding": (100, 100)})
+    reqs = workload(200, 2.0)
+    recs, _ = simulate(reqs, roofline_70b(), acc, SimConfig(policy="dynamic-tree", max_num_seqs=64))
+    per_step = {c: np.mean([r["accepted_draft_tokens"] / r["spec_steps"] for r in recs
+                            if r["slo_class"] == c and r["spec_steps"]]) for c in ("coding", "chat")}
+    assert per_step["coding"] > 1.0 > 0.2 > per_step["chat"]

@@ -52,3 +52,27 @@ def test_from_trace_separates_lookup_chains():
     assert m.lookup_accept(np.array([0.95]))[0] == np.float64(0.5 * (0.9 + 1.0 + 1e-9))
     plain = AcceptanceModel.from_trace([{k: v for k, v in a.items() if k != "lookup"}])
     assert plain.lookup_chains is None and plain.lookup_share == 0.0
+
+
+def test_from_trace_keeps_each_category_s_rows_and_lookup_share():
+    # coding: a confident tree with a lookup chain; chat: an unsure one without; "" (an old trace line): one more
+    coding = {"category": "coding", "parent": [-1, -1, 0], "q": [0.9, 0.6, 0.8], "sel": [0, 1, 2], "acc": [1],
+              "lookup": [0, 1, 0]}
+    chat = {"category": "chat", "parent": [-1, -1], "q": [0.2, 0.1], "sel": [0], "acc": [], "lookup": [0, 0]}
+    m = AcceptanceModel.from_trace([chat, coding, chat])
+    assert m.category_lookup_share == {"chat": 0.0, "coding": 1.0}
+    rows = m.category_rows
+    assert rows["chat"][1] == 2 and rows["coding"][1] == 2  # a root row per chat tree; coding: root, node 0
+    chat_rows = m.fanout[rows["chat"][0]:sum(rows["chat"])]
+    np.testing.assert_allclose(chat_rows[:, :2], [[0.2, 0.1], [0.2, 0.1]], rtol=1e-6)
+    coding_rows = m.fanout[rows["coding"][0]:sum(rows["coding"])]
+    np.testing.assert_allclose(sorted(coding_rows[:, 0].tolist()), [0.8, 0.9], rtol=1e-6)
+    start, count = m.category_chains["coding"]
+    np.testing.assert_allclose(m.lookup_chains[start:start + count, 0], [0.6], rtol=1e-6)
+    pools = m.pools_for(["coding", "chat", "summarization"])
+    assert pools["fan_start"].tolist()[:2] == [rows["coding"][0], rows["chat"][0]]
+    assert pools["fan_count"].tolist() == [2, 2, m.fanout.shape[0]]  # a class the trace lacks draws from all
+    assert pools["chain_count"].tolist() == [1, 0, m.lookup_chains.shape[0]]
+    np.testing.assert_allclose(pools["lookup_share"], [1.0, 0.0, m.lookup_share])
+    old = AcceptanceModel.from_trace([{k: v for k, v in chat.items() if k != "category"}])
+    assert old.category_rows is None and old.pools_for(["chat"])["fan_count"].tolist() == [old.fanout.shape[0]]
