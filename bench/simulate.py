@@ -393,7 +393,7 @@ class Simulator:
         r = dec.size
         row_start, row_count = self.pools["fan_start"][dec, None], self.pools["fan_count"][dec, None]
         k_pool = self.fan.shape[1]
-        parents_l, f_l, valid_l, chosen_l = [], [], [], []
+        parents_l, f_l, valid_l, chosen_l, lo_l, hi_l = [], [], [], [], [], []
         picks_l = []  # per level: (frontier slots, the target's uniform draw there, its children's pick mass)
         front_idx = np.full((r, 1), -1, dtype=np.int64)  # frontier node slots (-1 = root)
         front_f = np.ones((r, 1))
@@ -418,6 +418,8 @@ class Simulator:
             f_l.append(f.reshape(r, -1))
             valid_l.append((q > 0).reshape(r, -1))
             chosen_l.append(pick.reshape(r, -1))
+            lo_l.append(lo[rows].reshape(r, -1))
+            hi_l.append(hi[rows].reshape(r, -1))
             slots = offset + np.arange(fcount * k)
             offset += fcount * k
             if level + 1 == depth:
@@ -441,7 +443,8 @@ class Simulator:
             col = np.where(idx < 0, m, idx)
             draw[rows_r, col], mass[rows_r, col] = u, hi_last
         return (parent, np.concatenate(f_l, axis=1), np.concatenate(valid_l, axis=1),
-                np.concatenate(chosen_l, axis=1), level_tokens, (draw, mass))
+                np.concatenate(chosen_l, axis=1), level_tokens,
+                (draw, mass, np.concatenate(lo_l, axis=1), np.concatenate(hi_l, axis=1)))
 
     def _add_lookup(self, dec, parent, f, valid, chosen, picks):
         """Append a prompt-lookup chain to each request's tree, as the merged drafter would: as often as the
@@ -451,7 +454,7 @@ class Simulator:
         picks one child per node: the chain's first node takes the interval after the model's children at its
         anchor (same uniform draw, so at most one of them is accepted); deeper nodes use the trace's lookup
         acceptance by q."""
-        draw, mass = picks
+        draw, mass, node_lo, node_hi = picks
         acc, rng = self.acc, self.rng
         r, m = parent.shape
         rows = np.arange(r)
@@ -473,10 +476,14 @@ class Simulator:
         cparent[:, 1:] = m + np.arange(depth - 1)
         g = acc.lookup_accept(q) * cvalid
         col = np.where(under, top, m)
-        u, lo = draw[rows, col], mass[rows, col]
+        u = draw[rows, col]
         fresh = np.isnan(u)  # the anchor was not expanded by the model: nothing competes there
-        u, lo = np.where(fresh, rng.random(r), u), np.where(fresh, 0.0, lo)
-        first = (u >= lo) & (u < lo + g[:, 0])
+        u = np.where(fresh, rng.random(r), u)
+        first = u < g[:, 0]
+        # the model's children at the anchor: their pick intervals move past the lookup's
+        kids = valid & (parent == anchor[:, None]) & ~fresh[:, None]
+        shifted = (u - g[:, 0])[:, None]
+        chosen = np.where(kids, (shifted >= node_lo) & (shifted < node_hi), chosen)
         cchosen = np.concatenate([first[:, None], rng.random((r, depth - 1)) < g[:, 1:]], axis=1) & cvalid
         return (np.concatenate([parent, cparent], axis=1), np.concatenate([f, cf], axis=1),
                 np.concatenate([valid, cvalid], axis=1), np.concatenate([chosen, cchosen], axis=1))
