@@ -163,7 +163,7 @@ def sweep_engine(args) -> None:
             recorder.close()  # flush what we have; keep recording
             recorder.lines.clear()
             recorder = TraceRecorder(engine, out / "trace.jsonl", policy_of=lambda rid: current["policy"],
-                                         category_of=lambda rid: current["workload"][int(rid)].slo_class)
+                                     category_of=lambda rid: current["workload"][int(rid)].slo_class)
     recorder.close()
     from bench.traces import gzip_file
 
