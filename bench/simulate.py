@@ -727,6 +727,8 @@ def main() -> None:
                     help="one refitted model for all runs (default: also scaled to each run's measured speed)")
     ap.add_argument("--headline", type=Path, default=None, help="print the headline of a saved summary.json")
     args = ap.parse_args()
+    if not args.confidence_z >= 0:
+        ap.error(f"--confidence-z must be >= 0, got {args.confidence_z}")
     if args.headline is not None:
         rows = json.loads(args.headline.read_text())
         for focus in sorted({r["policy"] for r in rows if r["policy"].startswith("adaserve")}):

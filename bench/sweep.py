@@ -135,8 +135,12 @@ def sweep_engine(args) -> None:
             "threads": args.threads, "max_num_seqs": args.max_num_seqs}
     (out / "meta.json").write_text(json.dumps(meta, indent=1))
     current = {"policy": "", "workload": []}
-    recorder = TraceRecorder(engine, out / "trace.jsonl", policy_of=lambda rid: current["policy"],
+
+    def new_recorder():
+        return TraceRecorder(engine, out / "trace.jsonl", policy_of=lambda rid: current["policy"],
                              category_of=lambda rid: current["workload"][int(rid)].slo_class)
+
+    recorder = new_recorder()
     for rate in args.rates:
         wl = build_workload(args.num_requests, rate=rate, seed=args.seed, mix=tuple(args.mix), arrival=args.arrival,
                             cv=args.cv, max_tokens_cap=args.max_tokens, prompt_char_cap=args.prompt_chars)
@@ -162,8 +166,7 @@ def sweep_engine(args) -> None:
             write_summaries(out, rows)
             recorder.close()  # flush what we have; keep recording
             recorder.lines.clear()
-            recorder = TraceRecorder(engine, out / "trace.jsonl", policy_of=lambda rid: current["policy"],
-                                     category_of=lambda rid: current["workload"][int(rid)].slo_class)
+            recorder = new_recorder()
     recorder.close()
     from bench.traces import gzip_file
 

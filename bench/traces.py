@@ -205,18 +205,16 @@ class AcceptanceModel:
         """Per request, where its class's rows are: fan-out rows ``[fan_start, fan_start + fan_count)``, lookup
         chains likewise, and its share of trees with a lookup chain. A class the trace lacks (or a trace without
         classes) draws from every row."""
-        n_fan = self.fanout.shape[0]
         n_chain = 0 if self.lookup_chains is None else self.lookup_chains.shape[0]
+        everything = (0, self.fanout.shape[0], 0, n_chain, self.lookup_share)
         rows, chains, share = self.category_rows or {}, self.category_chains or {}, self.category_lookup_share or {}
-        known = [c in rows for c in categories]
-        return {
-            "fan_start": np.array([rows[c][0] if k else 0 for c, k in zip(categories, known)], np.int64),
-            "fan_count": np.array([rows[c][1] if k else n_fan for c, k in zip(categories, known)], np.int64),
-            "chain_start": np.array([chains.get(c, (0, 0))[0] if k else 0 for c, k in zip(categories, known)], np.int64),
-            "chain_count": np.array([chains.get(c, (0, 0))[1] if k else n_chain for c, k in zip(categories, known)],
-                                    np.int64),
-            "lookup_share": np.array([share.get(c, 0.0) if k else self.lookup_share for c, k in zip(categories, known)]),
-        }
+        per_request = [(*rows[c], *chains.get(c, (0, 0)), share.get(c, 0.0)) if c in rows else everything
+                       for c in categories]
+        cols = list(zip(*per_request)) if per_request else [()] * 5
+        names = ("fan_start", "fan_count", "chain_start", "chain_count")
+        out = {name: np.array(col, np.int64) for name, col in zip(names, cols)}
+        out["lookup_share"] = np.array(cols[4], np.float64)
+        return out
 
     def _bin(self, q: np.ndarray) -> np.ndarray:
         return np.clip(np.searchsorted(self.bin_edges, q, side="right") - 1, 0, self.bin_edges.size - 2)
