@@ -24,9 +24,9 @@ import time
 import numpy as np
 
 from app.engine.config import EngineConfig, SamplingParams
-from app.engine.draft.drafter import CandidateTree, DraftRequest
-from app.engine.draft.multi import MultiSourceDrafter
-from app.engine.draft.ngram import NgramConfig, NgramSource
+from app.engine.speculative.drafter import CandidateTree, DraftRequest
+from app.engine.speculative.multi import MultiSourceDrafter
+from app.engine.speculative.ngram import NgramConfig, NgramSource
 from app.engine.engine import LLMEngine
 from app.engine.runner import SeqInput
 
@@ -176,7 +176,7 @@ def lookup_cost(engine: LLMEngine, num_requests: int, prompt_tokens: int, steps:
     t0 = time.perf_counter()
     drafter.propose(reqs, depth=depth, beam_width=4, topk=4)  # first propose: builds every index
     build_s = time.perf_counter() - t0
-    from app.engine.spec.tree import VerifyTree
+    from app.engine.speculative.tree import VerifyTree
 
     times, accepted, nodes = [], 0, 0
     for _ in range(steps):

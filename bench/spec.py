@@ -159,7 +159,7 @@ def main() -> None:
     if not args.skip_hf:
         from transformers import AutoModelForCausalLM
 
-        from app.engine.draft.drafter import load_drafter
+        from app.engine.speculative.drafter import load_drafter
         from app.engine.weights import resolve_model_dir
 
         target_hf = AutoModelForCausalLM.from_pretrained(str(resolve_model_dir("embedded")),

@@ -47,7 +47,7 @@ def profile_draft(engine, shapes=((1, 1, 1), (1, 4, 4), (4, 1, 4), (4, 4, 4), (8
                   context: int = 128, repeats: int = 2) -> tuple[float, float]:
     """(seconds per draft level, seconds per drafted token) from timing the real drafter on (requests, depth,
     beam) shapes after its catch-up, least squares on t = levels * a + tokens * b."""
-    from app.engine.draft.drafter import DraftRequest
+    from app.engine.speculative.drafter import DraftRequest
 
     drafter = engine.speculator.drafter
     rows, ts = [], []

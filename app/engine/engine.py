@@ -19,9 +19,9 @@ from app.engine.request import Request, RequestOutput
 from app.engine.runner import ModelRunner, SeqInput
 from app.engine.sampling import sample_rows
 from app.engine.scheduler import Scheduler, StepPlan
-from app.engine.spec.accept import accept_tree
-from app.engine.spec.speculator import ProposeResult, Speculator
-from app.engine.spec.tree import VerifyTree
+from app.engine.speculative.accept import accept_tree
+from app.engine.speculative.speculator import ProposeResult, Speculator
+from app.engine.speculative.tree import VerifyTree
 from app.engine.weights import load_checkpoint, load_tokenizer
 import numpy as np
 
@@ -119,7 +119,7 @@ class LLMEngine:
         self.latency_model: LatencyModel | None = None
         self.token_budget = config.token_budget or config.max_num_batched_tokens
         if config.draft:
-            from app.engine.draft import load_drafter
+            from app.engine.speculative import load_drafter
 
             drafter = load_drafter(config.draft, target=self.model, target_tokenizer=self.tokenizer,
                                    target_dir=ckpt_dir, num_blocks=self.kv.allocator.num_blocks,

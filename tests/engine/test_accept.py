@@ -6,9 +6,9 @@ import numpy as np
 import torch
 
 from app.engine.config import SamplingParams
-from app.engine.spec.accept import accept_tree
-from app.engine.draft.drafter import CandidateTree
-from app.engine.spec.tree import build_verify_trees, pad
+from app.engine.speculative.accept import accept_tree
+from app.engine.speculative.drafter import CandidateTree
+from app.engine.speculative.tree import build_verify_trees, pad
 
 
 def _logits_choosing(choices: list[int], vocab: int = 10) -> torch.Tensor:
@@ -58,7 +58,7 @@ def test_build_verify_trees_compacts_selected_nodes():
 
 
 def test_depth_gate_follows_measured_acceptance():
-    from app.engine.spec.speculator import Speculator
+    from app.engine.speculative.speculator import Speculator
 
     spec = Speculator(drafter=None, default_policy="adaserve", max_tree_nodes=32, max_depth=8, max_width=4)
     assert spec.depth_cap() == 8  # no evidence yet: the adaptive shape decides
@@ -71,8 +71,8 @@ def test_depth_gate_follows_measured_acceptance():
 
 
 def test_acceptance_rate_counts_only_walks_stopped_by_a_rejection():
-    from app.engine.spec.speculator import Speculator
-    from app.engine.spec.tree import VerifyTree
+    from app.engine.speculative.speculator import Speculator
+    from app.engine.speculative.tree import VerifyTree
 
     spec = Speculator(object(), "adaserve", max_tree_nodes=8, max_depth=8, max_width=4)
     chain = VerifyTree(tokens=[1, 2, 3], parents=[-1, 0, 1], path_prob=[1.0, 0.5, 0.2], slots=[-1, 0, 1])
@@ -96,7 +96,7 @@ class _Fixed:
 
 def test_throughput_cut_bounds_every_budgeted_policy_and_the_slo_phase():
     from app.engine.request import Request
-    from app.engine.spec.speculator import Speculator
+    from app.engine.speculative.speculator import Speculator
 
     def requests(slo_ms):
         out = []

@@ -11,8 +11,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from app.engine.draft.distilled import SHIPPED_WEIGHTS, fused_layer, read_draft_weights, save_draft_weights
-from app.engine.draft.drafter import CandidateTree, Drafter, DraftRequest, load_drafter
+from app.engine.speculative.distilled import SHIPPED_WEIGHTS, fused_layer, read_draft_weights, save_draft_weights
+from app.engine.speculative.drafter import CandidateTree, Drafter, DraftRequest, load_drafter
 from app.engine.weights import load_checkpoint, load_tokenizer
 
 PROMPT = "<|im_start|>user\nWrite a short poem about the sea and the wind.<|im_end|>\n<|im_start|>assistant\n"
@@ -268,7 +268,7 @@ def test_datasets_load_offline():
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", ["layers", "feature"])
 def test_quick_training_reduces_the_loss(kind, tmp_path):
-    from app.engine.draft.train import QUICK, TrainConfig, train
+    from train.distill import QUICK, TrainConfig, train
 
     cfg = TrainConfig(**{**asdict(TrainConfig()), **QUICK, "quick": True, "out_dir": str(tmp_path),
                          "minutes": 0.5, "self_distill": 2, "kind": kind})
@@ -284,7 +284,7 @@ def test_quick_training_reduces_the_loss(kind, tmp_path):
 @pytest.fixture(scope="module")
 def feature_file(target, tmp_path_factory):
     """An untrained feature draft (fc = [I I], target layer 29, 4096-row head) in the shipped format."""
-    from app.engine.draft.feature import save_feature_draft
+    from app.engine.speculative.feature import save_feature_draft
 
     path = tmp_path_factory.mktemp("feature") / "draft.safetensors"
     H = target.config.hidden_size
@@ -299,7 +299,7 @@ def feature_file(target, tmp_path_factory):
 @pytest.fixture(scope="module")
 def target_hidden(target, prompt_ids):
     """The target's final-normed hidden states of prompt_ids (fp32, paged forward)."""
-    from app.engine.draft.evaluate import target_hidden_states
+    from train.evaluate import target_hidden_states
     from app.engine.model import LlamaModel
 
     model = LlamaModel(target.config, target.state_dict, torch.float32, torch.device("cpu"))
@@ -340,8 +340,8 @@ def test_feature_draft_needs_the_target_hidden_states(feature_file, target, prom
 def test_feature_draft_equals_its_training_forward(feature_file, target, prompt_ids, target_hidden):
     """The serving path (paged catch-up, then a tree level fed with the draft's own output) computes what the
     unrolled training forward computes: pass 0 on the target's features, pass 1 on the draft's estimates."""
-    from app.engine.draft.distilled import rope_cos_sin
-    from app.engine.draft.feature import feature_forward_train
+    from app.engine.speculative.distilled import rope_cos_sin
+    from app.engine.speculative.feature import feature_forward_train
     from safetensors import safe_open
 
     drafter = _feature_drafter(feature_file, target)

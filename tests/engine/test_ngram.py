@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 
 from app.engine.config import SamplingParams
-from app.engine.draft.calibration import BetaCounts, CalibrationTable
-from app.engine.draft.drafter import CandidateTree, DraftRequest
-from app.engine.draft.multi import MultiSourceDrafter, agreement_cell, load_sources, parse_sources
-from app.engine.draft.ngram import NgramConfig, NgramIndex, NgramSource, cell_features, cell_index
+from app.engine.speculative.calibration import BetaCounts, CalibrationTable
+from app.engine.speculative.drafter import CandidateTree, DraftRequest
+from app.engine.speculative.multi import MultiSourceDrafter, agreement_cell, load_sources, parse_sources
+from app.engine.speculative.ngram import NgramConfig, NgramIndex, NgramSource, cell_features, cell_index
 from app.engine.engine import LLMEngine
-from app.engine.spec.tree import VerifyTree
+from app.engine.speculative.tree import VerifyTree
 from policies import token_tree
 from tests.engine.test_spec import POLICIES, _spec_engine, assert_first_two_tokens_follow_target, plain_greedy
 from tests.engine.test_spec import _run_staggered as run_staggered
@@ -383,7 +383,7 @@ def test_copied_paragraph_is_accepted_from_lookup_nodes():
 
 
 def test_load_sources_routes_specs(embedded_checkpoint):
-    from app.engine.draft import Drafter, load_drafter
+    from app.engine.speculative import Drafter, load_drafter
 
     assert isinstance(load_drafter("ngram", embedded_checkpoint), MultiSourceDrafter)
     single = load_drafter("distilled", embedded_checkpoint, num_kv_blocks=4)

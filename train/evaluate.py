@@ -1,6 +1,6 @@
 """Evaluate a draft against the embedded target on held-out prompts (MT-Bench, HumanEval; never trained on).
 
-    python -m app.engine.draft.evaluate [--draft distilled] [--mtbench 16] [--humaneval 16] [--gen-tokens 64]
+    python -m train.evaluate [--draft distilled] [--mtbench 16] [--humaneval 16] [--gen-tokens 64]
 
 For the target's own greedy continuations (fp32, chat template; a HumanEval prompt is sent as "Complete this
 Python function" + the code) it prints, per dataset:
@@ -22,7 +22,7 @@ import time
 import numpy as np
 import torch
 
-from app.engine.draft.drafter import Drafter, DraftRequest, load_drafter
+from app.engine.speculative.drafter import Drafter, DraftRequest, load_drafter
 from app.engine.kv_cache import KVCache
 from app.engine.model import LlamaModel
 from app.engine.runner import ModelRunner, SeqInput
@@ -39,7 +39,7 @@ def heldout_prompts(n_mtbench: int, n_humaneval: int) -> dict[str, list[str]]:
 def target_continuations(model: LlamaModel, tokenizer, prompts: list[str], gen_tokens: int,
                          eos: set[int]) -> list[tuple[list[int], list[int]]]:
     """(prompt ids, the target's greedy continuation ids) per prompt (chat template, batches of 32)."""
-    from app.engine.draft.train import greedy_answers
+    from train.distill import greedy_answers
 
     ids = [list(tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
                                               tokenize=True, return_dict=False)) for p in prompts]

@@ -29,9 +29,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from app.engine.draft.calibration import BetaCounts, CalibrationTable
-from app.engine.draft.drafter import CandidateTree, DraftRequest, load_drafter
-from app.engine.draft.ngram import LEN_EDGES, NgramConfig, NgramSource, cell_features
+from app.engine.speculative.calibration import BetaCounts, CalibrationTable
+from app.engine.speculative.drafter import CandidateTree, DraftRequest, load_drafter
+from app.engine.speculative.ngram import LEN_EDGES, NgramConfig, NgramSource, cell_features
 from policies import token_tree
 
 DEFAULT_MAX_CANDIDATES = 192

@@ -12,7 +12,7 @@ Shipped file (safetensors, bf16): `fc.weight` [H, 2H], `norm.weight` [H], HF-nam
 optionally `draft.vocab_ids` (a frequency-ranked vocabulary subset for the head). Embedding and LM head come from
 the target at load; metadata pins the target (shape + embedding probe) like the distilled draft's.
 
-Training (app/engine/draft/train.py, `--kind feature`) unrolls the draft over its own estimates ("training-time
+Training (train/distill.py, `--kind feature`) unrolls the draft over its own estimates ("training-time
 test"): pass p feeds g from pass p - 1 and attends to the true-feature context up to i - p, plus its own chain,
 exactly what tree level p + 1 sees at inference.
 """
@@ -28,8 +28,8 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from app.engine.draft.distilled import DraftLlamaModel, check_target, embed_probe, hf_layer_tensors, read_draft_weights
-from app.engine.draft.drafter import Drafter, DraftRequest, _common_prefix
+from app.engine.speculative.distilled import DraftLlamaModel, check_target, embed_probe, hf_layer_tensors, read_draft_weights
+from app.engine.speculative.drafter import Drafter, DraftRequest, _common_prefix
 from app.engine.runner import SeqInput
 from app.engine.model import _rms_norm, _rotate
 from app.engine.weights import ModelConfig

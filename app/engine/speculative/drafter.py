@@ -2,7 +2,7 @@
 candidate token tree per request, one batched draft forward per tree level.
 
 A draft is any LlamaModel over the target's vocabulary: an independent Hugging Face causal LM with the target's
-tokenizer, or the distilled draft (app/engine/draft/distilled.py), possibly with a vocabulary-subset head.
+tokenizer, or the distilled draft (app/engine/speculative/distilled.py), possibly with a vocabulary-subset head.
 
 Per step (`propose`):
 1. Catch-up: each request's missing tokens (everything after the longest prefix its draft cache already holds;
@@ -104,7 +104,7 @@ def max_step_tokens(depth: int, beam_width: int, topk: int, widths: tuple[int, .
 class Drafter:
     """Proposes candidate trees for a batch of requests with one draft forward per level."""
 
-    uses_features = False  # feature drafts (app/engine/draft/feature.py) read the target's hidden states
+    uses_features = False  # feature drafts (app/engine/speculative/feature.py) read the target's hidden states
 
     def __init__(self, model: LlamaModel, num_kv_blocks: int, block_size: int = 16, name: str = "draft"):
         self.model = model
@@ -307,8 +307,8 @@ def load_drafter(spec: str, target, *, target_tokenizer=None, target_dir: Path |
         num_kv_blocks = num_blocks
     if target_tokenizer is None and target_dir is not None:
         target_tokenizer = Path(target_dir)
-    from app.engine.draft.distilled import SHIPPED_WEIGHTS, build_distilled_model
-    from app.engine.draft.feature import (SHIPPED_FEATURE_WEIGHTS, FeatureDrafter, build_feature_model,
+    from app.engine.speculative.distilled import SHIPPED_WEIGHTS, build_distilled_model
+    from app.engine.speculative.feature import (SHIPPED_FEATURE_WEIGHTS, FeatureDrafter, build_feature_model,
                                           is_feature_draft_file)
     from app.engine.weights import Checkpoint, load_checkpoint, load_tokenizer
 

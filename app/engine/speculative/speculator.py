@@ -9,9 +9,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from app.engine.draft.drafter import CandidateTree, DraftRequest
+from app.engine.speculative.drafter import CandidateTree, DraftRequest
 from app.engine.request import Request
-from app.engine.spec.tree import VerifyTree, build_verify_trees, pad
+from app.engine.speculative.tree import VerifyTree, build_verify_trees, pad
 from kernels.metadata import MAX_TREE_TOKENS
 from policies.tree_selection import PolicySpec, SLOState, draft_shape, parse_policy, select
 

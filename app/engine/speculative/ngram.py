@@ -25,8 +25,8 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from app.engine.draft.calibration import BetaCounts
-from app.engine.draft.drafter import CandidateTree, DraftRequest
+from app.engine.speculative.calibration import BetaCounts
+from app.engine.speculative.drafter import CandidateTree, DraftRequest
 
 _P = 0x9E3779B97F4A7C15  # odd 64-bit multiplier of the polynomial n-gram hash
 _MASK = (1 << 64) - 1

@@ -1,6 +1,6 @@
 """Train the distilled draft for the embedded target (SmolLM2-135M-Instruct) on CPU.
 
-    python -m app.engine.draft.train --out-dir /tmp/draft-run [--minutes 45] [--quick] [--resume]
+    python -m train.distill --out-dir /tmp/draft-run [--minutes 45] [--quick] [--resume]
 
 Data (all local, nothing held out for evaluation is touched: MT-Bench and HumanEval are never read here):
 - ShareGPT conversations, formatted with the target's chat template, cut into `--seq-len` chunks, with the
@@ -30,8 +30,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from app.engine.draft.distilled import dense_forward, fused_layer, rope_cos_sin, save_draft_weights
-from app.engine.draft.feature import feature_forward_train, save_feature_draft
+from app.engine.speculative.distilled import dense_forward, fused_layer, rope_cos_sin, save_draft_weights
+from app.engine.speculative.feature import feature_forward_train, save_feature_draft
 from app.engine.model import LlamaModel, _rms_norm
 from app.engine.weights import Checkpoint, load_checkpoint, load_tokenizer
 from bench.datasets import iter_sharegpt_conversations
@@ -240,7 +240,7 @@ class Student(torch.nn.Module):
 
 
 class FeatureStudent(torch.nn.Module):
-    """The feature draft (app/engine/draft/feature.py) under training: fc, one layer, the output norm."""
+    """The feature draft (app/engine/speculative/feature.py) under training: fc, one layer, the output norm."""
 
     def __init__(self, ckpt: Checkpoint, init_layer: int, vocab_ids: torch.Tensor | None, passes: int):
         super().__init__()

@@ -1,1 +1,0 @@
-"""Speculative decoding: draft -> select -> verify -> accept, as separate, testable steps."""
