@@ -1,5 +1,5 @@
 """Plots of a sweep's summary.json (matplotlib, Agg backend): attainment vs rate and goodput vs rate per policy,
-and per-class attainment bars per rate. ``python -m bench.plots bench/results/cpu_sweep/summary.json``."""
+and per-class attainment bars per rate. ``python -m bench.plots bench/runs/sweep-<time>/summary.json``."""
 
 from __future__ import annotations
 

@@ -7,7 +7,7 @@
 Both modes drive the same engine code with the same policies and workload (bench/workloads.py: HumanEval,
 ShareGPT + MT-Bench, long ShareGPT summaries; 60/20/20; Poisson or gamma arrivals). SLOs are relative to the
 unloaded TPOT measured once (policy none, batch 1, as the replica measures it) and sent as absolute ms, so
-every policy faces the same targets. Outputs under ``--out`` (default bench/results/cpu_sweep/):
+every policy faces the same targets. Outputs under ``--out`` (default bench/runs/sweep-<time>/):
 requests.jsonl (one line per request), summary.json / summary.csv (per policy x rate x class), steps.json
 (per-run step statistics), profile_cpu.json (the latency profile the simulator uses), the acceptance trace
 of the speculative runs (trace.jsonl), and the plots (bench/plots.py).
@@ -27,10 +27,10 @@ from pathlib import Path
 import numpy as np
 
 from bench.loadgen import format_summary, run_engine, run_http, server_accepted_tokens_per_step, summarize, write_jsonl
+from bench.paths import run_dir
 from bench.workloads import CATEGORIES, build_workload, slo_targets_ms
 
 POLICIES = ["none", "chain:4", "chain:6", "chain:8", "static-tree", "dynamic-tree", "adaserve"]
-RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def measure_unloaded_tpot_s(engine, num_tokens: int = 8, probes: int = 3) -> float:
@@ -118,7 +118,7 @@ def sweep_engine(args) -> None:
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:  # a fresh profile, under today's load, not a cached one
         target = profile_target(engine.runner, "embedded", Path(tmp))
-    engine.latency_model = target  # t_step for A(r), as the engine would have profiled it
+    engine.scheduler.latency_model = target  # t_step for A(r), as the engine would have profiled it
     level_s, token_s = profile_draft(engine)
     unloaded = measure_unloaded_tpot_s(engine)
     print(f"profiled in {time.perf_counter() - t0:.0f} s: unloaded TPOT {unloaded * 1e3:.1f} ms; target 1 tok "
@@ -267,7 +267,7 @@ def main() -> None:
     ap.add_argument("--absolute-ms", type=float, nargs=3, default=None, metavar=("CODING", "CHAT", "SUMM"))
     ap.add_argument("--unloaded-tpot-ms", type=float, default=None, help="http mode: reuse this baseline")
     ap.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "1")))
-    ap.add_argument("--out", type=Path, default=RESULTS / "cpu_sweep")
+    ap.add_argument("--out", type=Path, default=run_dir("sweep"), help="default: a fresh bench/runs/sweep-<time>/")
     ap.add_argument("--no-plots", action="store_true")
     args = ap.parse_args()
     (sweep_engine if args.mode == "engine" else sweep_http)(args)
