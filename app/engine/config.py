@@ -5,6 +5,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+# The draft a speculative policy uses when none is named: the shipped feature draft merged with prompt lookup (best
+# tokens/step measured). serve_config.yaml's `draft:` says the same (tests/engine/test_cli.py keeps them equal);
+# EngineConfig.draft itself stays None so a config without a draft cannot speculate by accident.
+DEFAULT_DRAFT = "feature,ngram"
+
 
 @dataclass(frozen=True)
 class EngineConfig:
