@@ -1,9 +1,9 @@
 """Discrete-event simulator of the serving system: the REAL policies/ code with a latency model instead of a model.
 
 Per replica it mirrors the engine step by step (app/engine/scheduler.py + engine._execute):
-1. schedule: every decoding request gets its root token, then running prefills, then FIFO admission, within
-   ``max_num_batched_tokens`` and ``max_num_seqs``, prefill bounded by the SLO pace where the engine bounds it
-   (``slo_step_plan``); node budget = min(left, max(token_budget - decodes - prefill, the plan's SLO nodes));
+1. schedule: the engine scheduler's own token split (``policies.step_plan.split_step_tokens``: roots, running
+   prefills, FIFO admission, node budget), prefill bounded by the SLO pace where the engine bounds it
+   (``policies.budget.slo_step_plan``); the configuration is an ``EngineConfig`` with the engine's defaults;
 2. draft: ``tree_selection.draft_shape`` (-> ``budget.adaptive_shape``) picks depth/beam/topk exactly as the
    speculator does; candidate trees are built level by level like the drafter's beam search (static widths
    for static-tree, one chain for chain:k), each node's children's draft probabilities drawn from the
@@ -20,9 +20,12 @@ Per replica it mirrors the engine step by step (app/engine/scheduler.py + engine
 Several replicas run in one event loop; each arrival is routed with ``routing.rank_replicas`` (spare budget
 for tight SLOs, power of two choices otherwise) on the replicas' current stats.
 
-Profiles (``Profile``): measured on this CPU (bench/results/profile_cpu.json, written by bench/sweep.py from
+Profiles (``Profile``): measured on this CPU (bench/results/profile_cpu.json, --profile cpu: the profile bench/sweep.py wrote for the cpu_sweep_slo_z2 run, from
 ``app.engine.profiler.profile_target`` plus a draft timing), or ``roofline_70b()`` for Llama-3.1-70B on
 4xA100 (paper: 128 tokens/step ~55 ms, 512 ~125 ms, 1024 ~205 ms; 1B draft ~3 ms per level).
+
+Policies are engine policy names; a ``+`` suffix sets an engine option for that run (``POLICY_OPTIONS``:
+``+notriage`` is ``slo_triage: false``, ``+slochunk`` / ``+noslochunk`` is ``slo_prefill: true / false``).
 
 CLI: ``python -m bench.simulate --profile 70b --rates 2 4 8 16 -n 2000 --replicas 4``.
 """
@@ -40,14 +43,16 @@ from pathlib import Path
 
 import numpy as np
 
+from app.engine.config import EngineConfig
+from bench.paths import RESULTS
 from bench.traces import AcceptanceModel, load_trace
 from bench.workloads import SLO_CLASSES, WorkloadRequest
 from policies import routing, token_tree
 from policies.budget import choose_token_budget, slo_step_plan, throughput_cut_path_prob
+from policies.step_plan import split_step_tokens
 from policies.latency_model import LatencyModel, PiecewiseLinear
-from policies.tree_selection import SLO_CAP_FACTOR, SLOState, draft_shape, parse_policy, required_acceptance, select
+from policies.tree_selection import SLOState, cap_tree_size, draft_shape, parse_policy, select
 
-RESULTS = Path(__file__).resolve().parent / "results"
 MAX_TREE_TOKENS = 64
 
 
@@ -90,23 +95,38 @@ def load_profile(name: str) -> Profile:
     return Profile.from_dict(json.loads(path.read_text()))
 
 
-@dataclass
+POLICY_OPTIONS = {  # "POLICY+name": the engine option a simulated run sets
+    "notriage": {"slo_triage": False},
+    "slochunk": {"slo_prefill": True},
+    "noslochunk": {"slo_prefill": False},
+}
+
+
+@dataclass(frozen=True)
 class SimConfig:
-    policy: str = "adaserve"
-    token_budget: int | None = None  # step tokens (roots included); None: choose_token_budget(tolerance)
-    budget_tolerance: float = 1.5
-    max_num_batched_tokens: int = 512
-    prefill_chunk_tokens: int = 256
-    max_num_seqs: int = 32
-    max_tree_nodes: int = 32
-    max_depth: int = 8
-    max_width: int = 4
+    """A simulated replica is an engine with this ``EngineConfig`` (its defaults, its names)."""
+
+    engine: EngineConfig = EngineConfig(policy="adaserve")
+    label: str = ""  # the policy name in records and tables (default: the engine's policy)
     num_replicas: int = 1
     seed: int = 0
-    predict_draft_in_t_step: bool = False  # prototype: A(r) sees the draft + host time too (the engine doesn't)
     max_sim_s: float = 3600.0
-    max_prefill_wait_s: float | None = None  # EngineConfig.max_prefill_wait_s
-    slo_prefill_confidence_z: float = 2.0  # EngineConfig.slo_prefill_confidence_z
+
+    @classmethod
+    def of(cls, policy: str, *, num_replicas: int = 1, seed: int = 0, max_sim_s: float = 3600.0,
+           **engine_options) -> "SimConfig":
+        """``policy`` may carry ``+`` suffixes from ``POLICY_OPTIONS``; other engine fields as keywords."""
+        base, *suffixes = policy.split("+")
+        unknown = sorted(set(suffixes) - set(POLICY_OPTIONS))
+        if unknown:
+            raise ValueError(f"unknown policy options {unknown} (known: {', '.join(POLICY_OPTIONS)})")
+        for suffix in suffixes:
+            engine_options.update(POLICY_OPTIONS[suffix])
+        return cls(EngineConfig(policy=base, **engine_options), policy, num_replicas, seed, max_sim_s)
+
+    @property
+    def policy(self) -> str:
+        return self.label or self.engine.policy
 
 
 @dataclass
@@ -140,36 +160,17 @@ class _Replica:
 class Simulator:
     def __init__(self, profile: Profile, acceptance: AcceptanceModel, config: SimConfig):
         self.p, self.acc, self.cfg = profile, acceptance, config
-        base, *variants = config.policy.split("+")
-        known = ("cut", "nocut", "deep", "pd", "nocap", "notriage", "slochunk", "noslochunk")
-        unknown = set(variants) - set(known)
-        if unknown:
-            raise ValueError(f"unknown simulator policy variants {sorted(unknown)} ({', '.join(known)})")
-        self.spec = parse_policy(base)
-        # Budgeted policies price their nodes as the engine does (since it profiles its latency): the selection
-        # keeps the candidates that maximise the step's token rate (policies.budget.throughput_cut_path_prob,
-        # which also bounds the SLO phase's size), and drafting stops once a level's summed frontier f cannot
-        # pay for the draft forward. '+nocut' turns that off ('+cut', the prototype's
-        # name, is the default now).
-        # Prototypes of engine/policy changes (not in policies/), as '+' suffixes of the policy name:
-        # '+deep': draft depth/width from the number of requests that need more than the root this step
-        #         (A(r) > 1) instead of all decoding requests, so tight requests can get deep trees under load;
-        # '+pd': the t_step in A(r) includes the draft and host time (the engine predicts the target only);
-        # '+nocap': no per-request cap (flexflow's 1.2 x budget / n) on SLO-phase nodes;
-        # '+notriage': the SLO phase also gives requests it cannot bring onto their SLO this step their best nodes
-        #         up to the cap, as flexflow does (the engine's default, EngineConfig.slo_triage, skips them).
-        # '+noslochunk' / '+slochunk': prefill not bounded / bounded by the decoding requests' SLO pace, with their
-        #         SLO nodes reserved (policies.budget.slo_step_plan; the engine's default for adaserve only,
-        #         EngineConfig.slo_prefill).
-        self.serve_unreachable = "notriage" in variants
-        self.slo_prefill = ("slochunk" in variants or self.spec.kind == "adaserve") and "noslochunk" not in variants
-        self.slo_cap_factor = 1e9 if "nocap" in variants else SLO_CAP_FACTOR
-        self.cut, self.deep = self.spec.budgeted and "nocut" not in variants, "deep" in variants
-        self.predict_draft = config.predict_draft_in_t_step or "pd" in variants
-        self.n_max = min(config.max_tree_nodes, MAX_TREE_TOKENS - 1)
-        self.token_budget = config.token_budget or choose_token_budget(
-            profile.target, context_tokens=256, tolerance=config.budget_tolerance,
-            max_tokens=config.max_num_batched_tokens)
+        e = config.engine
+        self.spec = parse_policy(e.policy)
+        # As the engine with a latency profile: budgeted policies price their nodes (the selection keeps the
+        # candidates that maximise the step's token rate, policies.budget.throughput_cut_path_prob, which also
+        # bounds the SLO phase's size) and stop drafting once a level's summed frontier f cannot pay for its forward.
+        self.serve_unreachable = not e.slo_triage
+        self.slo_prefill = e.slo_prefill is True or (e.slo_prefill is None and self.spec.kind == "adaserve")
+        self.cut = self.spec.budgeted
+        self.n_max = min(e.max_tree_nodes, MAX_TREE_TOKENS - 1)
+        self.token_budget = e.token_budget or choose_token_budget(
+            profile.target, context_tokens=256, tolerance=e.budget_tolerance, max_tokens=e.max_num_batched_tokens)
         self.rng = np.random.default_rng(config.seed)
         self.step_overhead_s = profile.overhead_s
         self.fan = acceptance.fanout.astype(np.float64)
@@ -253,33 +254,23 @@ class Simulator:
 
     # ---- one step ---------------------------------------------------------------------------------------
     def _start(self, rep: _Replica, now: float, events: list, seq: int, pending: dict) -> int:
-        cfg = self.cfg
-        budget = cfg.max_num_batched_tokens
-        decodes = [i for i in rep.running if self.out[i] > 0]
-        decodes = decodes[:budget]
-        budget -= len(decodes)
-        budget_before_prefill = budget
-        slo_nodes = 0
+        e = self.cfg.engine
+        decodes = [i for i in rep.running if self.out[i] > 0][:e.max_num_batched_tokens]
+        cap, slo_nodes = None, 0
         if self.slo_prefill and decodes:
-            cap, slo_nodes = self._prefill_plan(rep, np.asarray(decodes, dtype=np.int64), now, budget)
-            budget = min(budget, cap)
-        prefills: list[tuple[int, int]] = []
-        for i in rep.running:
-            if budget == 0:
-                break
-            if self.out[i] == 0:
-                k = int(min(self.prompt[i] - self.computed[i], cfg.prefill_chunk_tokens, budget))
-                if k > 0:
-                    prefills.append((i, k))
-                    budget -= k
-        while rep.waiting and budget > 0 and len(rep.running) < cfg.max_num_seqs:
-            i = rep.waiting.popleft()
-            rep.running.append(i)
-            k = int(min(self.prompt[i], cfg.prefill_chunk_tokens, budget))
-            prefills.append((i, k))
-            budget -= k
-        prefill_tokens = sum(k for _, k in prefills)
-        budget = budget_before_prefill - prefill_tokens
+            cap, slo_nodes = self._prefill_plan(rep, np.asarray(decodes, dtype=np.int64), now)
+        candidates = [i for i in rep.running if self.out[i] == 0]
+        num_running_prefills = len(candidates)
+        candidates += list(rep.waiting)
+        split = split_step_tokens(
+            num_roots=len(decodes), prefill_remaining=[int(self.prompt[i] - self.computed[i]) for i in candidates],
+            num_running_prefills=num_running_prefills, free_seq_slots=e.max_num_seqs - len(rep.running),
+            max_num_batched_tokens=e.max_num_batched_tokens, prefill_chunk_tokens=e.prefill_chunk_tokens,
+            token_budget=self.token_budget, prefill_cap=cap, slo_nodes=slo_nodes)
+        prefills = [(i, k) for i, k in zip(candidates, split.prefill_tokens) if k]
+        for _ in range(sum(1 for k in split.prefill_tokens[num_running_prefills:] if k)):  # FIFO: a prefix
+            rep.running.append(rep.waiting.popleft())
+        prefill_tokens = split.num_prefill_tokens
         dec = np.asarray(decodes, dtype=np.int64)
         ctx_dec = self.prompt[dec] + self.out[dec]
         gained = np.ones(dec.size, dtype=np.int64)
@@ -287,7 +278,7 @@ class Simulator:
         draft_s = 0.0
         spec_mask = np.zeros(dec.size, dtype=bool)
         if self.spec.kind != "none" and dec.size:
-            node_budget = min(budget, max(self.token_budget - dec.size - prefill_tokens, slo_nodes))
+            node_budget = split.node_budget
             t_step = float(self.p.target.predict(dec.size + prefill_tokens + max(node_budget, 0), ctx_dec.sum()))
             if not (self.spec.budgeted and node_budget <= 0):
                 acc, nodes, draft_s, spec_mask, sel_s = self._speculate(dec, max(node_budget, 0), t_step, now,
@@ -303,12 +294,13 @@ class Simulator:
         heapq.heappush(events, (now + dt, seq, rep.rid))
         return seq + 1
 
-    def _prefill_plan(self, rep: _Replica, dec: np.ndarray, now: float, max_tokens: int) -> tuple[int, int]:
+    def _prefill_plan(self, rep: _Replica, dec: np.ndarray, now: float) -> tuple[int, int]:
         """(prefill tokens, SLO nodes) the decoding requests' SLO pace leaves this step (the engine's rule)."""
-        if self.cfg.max_prefill_wait_s is not None:
+        cfg = self.cfg.engine
+        if cfg.max_prefill_wait_s is not None:
             queued = list(rep.waiting) + [i for i in rep.running if self.out[i] == 0]
-            if queued and now - float(self.arrival[queued].min()) >= self.cfg.max_prefill_wait_s:
-                return max_tokens, 0
+            if queued and now - float(self.arrival[queued].min()) >= cfg.max_prefill_wait_s:
+                return cfg.max_num_batched_tokens, 0
         spec_steps = int(self.spec_steps.sum())
         e = float(self.accepted.sum()) / spec_steps if spec_steps else 0.0
         sd = math.sqrt(max(self.gain_sq / spec_steps - (1.0 + e) ** 2, 0.0)) if spec_steps else 0.0
@@ -318,8 +310,8 @@ class Simulator:
             tpot_slo_s=self.slo_s[dec], remaining_tokens=self.maxtok[dec] - self.out[dec],
             acceptance_rate=e / (1.0 + e), tokens_per_step=1.0 + e, tokens_per_step_sd=sd,
             max_nodes_per_request=self.n_max,
-            max_tokens=self.cfg.max_num_batched_tokens, max_prefill_tokens=max_tokens,
-            overhead_s=self.step_overhead_s, confidence_z=self.cfg.slo_prefill_confidence_z)
+            max_tokens=cfg.max_num_batched_tokens, max_prefill_tokens=cfg.max_num_batched_tokens,
+            overhead_s=self.step_overhead_s, confidence_z=cfg.slo_prefill_confidence_z)
 
     def _commit(self, rep: _Replica, now: float, plan) -> None:
         dec, gained, spec_mask, prefills, overhead_s = plan
@@ -344,15 +336,11 @@ class Simulator:
 
     def _speculate(self, dec: np.ndarray, node_budget: int, t_step: float, now: float, step_tokens: int,
                    context_tokens: float):
-        cfg, spec = self.cfg, self.spec
+        e, spec = self.cfg.engine, self.spec
         r = dec.size
         slo = SLOState(decode_time_s=now - self.first_t[dec], decoded_tokens=np.maximum(self.out[dec] - 1, 0),
                        tpot_slo_s=self.slo_s[dec])
-        n_shape = r
-        if self.deep:
-            need = required_acceptance(slo, t_step, cfg.max_depth)
-            n_shape = max(int(np.count_nonzero(need > 1.0)), 1)
-        depth, beam, topk = draft_shape(spec, n_shape, node_budget, d_max=cfg.max_depth, w_max=cfg.max_width)
+        depth, beam, topk = draft_shape(spec, r, node_budget, d_max=e.max_draft_depth, w_max=e.max_draft_width)
         depth = min(depth, (MAX_TREE_TOKENS - 1) // max(beam, 1))
         if depth == 0:
             return np.zeros(r, np.int64), 0, 0.0, np.zeros(r, bool), 0.0
@@ -370,17 +358,14 @@ class Simulator:
         if self.cut:  # the engine's throughput cut: it bounds the selection's f and its size
             min_f = throughput_cut_path_prob(f[valid], self.p.target, step_tokens, context_tokens, r)
             sel_budget = min(node_budget, int(np.count_nonzero(f[valid] >= min_f)))
-        if self.predict_draft:
-            t_step += draft_s + self.p.overhead_s
         t0 = time.perf_counter()
         sel = select(spec, f.astype(np.float32), parent, valid, slo, sel_budget, t_step, depth, self.n_max,
-                     min_path_prob=min_f, slo_cap_factor=self.slo_cap_factor,
+                     min_path_prob=min_f,
                      serve_unreachable=self.serve_unreachable)
-        if sel.size and int(sel.sum(axis=1).max()) > self.n_max:  # the speculator's _cap_tree_size
-            sel &= np.cumsum(sel, axis=1) <= self.n_max
+        sel = cap_tree_size(sel, self.n_max)
         sel_s = time.perf_counter() - t0
         ok = (chosen & sel).astype(np.int8)
-        acc = token_tree.path_reduce(token_tree._sanitize_parent(parent, valid), ok, np.minimum, identity=1)
+        acc = token_tree.path_reduce(token_tree.sanitize_parent(parent, valid), ok, np.minimum, identity=1)
         acc = (acc.astype(bool) & sel).sum(axis=1)
         nodes = int(sel.sum())
         return acc.astype(np.int64), nodes, draft_s, sel.any(axis=1), sel_s
@@ -509,7 +494,7 @@ def synthetic_requests(n: int, rate: float, profile: Profile, *, seed: int = 0, 
 
 def sim_sweep(profile: Profile, acc: AcceptanceModel, policies: list[str], rates: list[float], n: int, *,
               replicas: int = 1, max_tokens: int = 128, max_num_seqs: int = 128, max_batched_tokens: int = 2048,
-              token_budget: int | None = None, seed: int = 0, predict_draft: bool = False,
+              token_budget: int | None = None, budget_tolerance: float = 1.5, seed: int = 0,
               arrival: str = "poisson", cv: float = 1.0, verbose: bool = False,
               confidence_z: float = 2.0, max_prefill_wait_s: float | None = None) -> list[dict]:
     from bench.loadgen import format_summary, summarize
@@ -518,10 +503,10 @@ def sim_sweep(profile: Profile, acc: AcceptanceModel, policies: list[str], rates
     for rate in rates:
         reqs = synthetic_requests(n, rate, profile, seed=seed, max_tokens_cap=max_tokens, arrival=arrival, cv=cv)
         for pol in policies:
-            cfg = SimConfig(policy=pol, num_replicas=replicas, max_num_seqs=max_num_seqs,
-                            max_num_batched_tokens=max_batched_tokens, token_budget=token_budget, seed=seed,
-                            predict_draft_in_t_step=predict_draft, slo_prefill_confidence_z=confidence_z,
-                            max_prefill_wait_s=max_prefill_wait_s)
+            cfg = SimConfig.of(pol, num_replicas=replicas, seed=seed, max_num_seqs=max_num_seqs,
+                               max_num_batched_tokens=max_batched_tokens, token_budget=token_budget,
+                               budget_tolerance=budget_tolerance, slo_prefill_confidence_z=confidence_z,
+                               max_prefill_wait_s=max_prefill_wait_s)
             recs, info = simulate(reqs, profile, acc, cfg)
             s = summarize(recs)
             o = s["overall"]
@@ -616,7 +601,7 @@ def run_slowdowns(profile: Profile, sweep_dir: Path) -> dict[tuple[str, float], 
     return out
 
 
-def validate(sweep_dir: Path, trace: Path | None = None, seed: int = 0, predict_draft: bool = False,
+def validate(sweep_dir: Path, trace: Path | None = None, seed: int = 0,
              calibrate: bool = True, per_run: bool = True, what_if: tuple[str, ...] = ()) -> list[dict]:
     """Simulate the exact workload of a real CPU sweep (same arrivals, prompt token counts, lengths, SLOs,
     token budget, max_num_seqs) with its measured CPU profile; print real vs simulated side by side."""
@@ -643,9 +628,9 @@ def validate(sweep_dir: Path, trace: Path | None = None, seed: int = 0, predict_
             reqs = [SimRequest(r["scheduled_s"], r["prompt_tokens"], r["max_tokens"], r["slo_class"], r["tpot_slo_ms"])
                     for r in rs]
             prof = scaled_profile(profile, slowdowns.get(("adaserve", rate), 1.0))
-            sims = [summarize(simulate(reqs, prof, acc, SimConfig(policy=pol, token_budget=meta["token_budget"],
-                                                                  max_num_seqs=meta["max_num_seqs"], seed=seed + k))[0])["overall"]
-                    for k in range(5)]
+            sims = [summarize(simulate(reqs, prof, acc, SimConfig.of(
+                pol, seed=seed + k, token_budget=meta["token_budget"], max_num_seqs=meta["max_num_seqs"]))[0])["overall"]
+                for k in range(5)]
             row = {"policy": pol, "rate": rate, "what_if": True,
                    "sim_attainment": float(np.mean([x["attainment"] for x in sims])),
                    "sim_goodput": float(np.mean([x["goodput_tok_s"] for x in sims]))}
@@ -661,12 +646,11 @@ def validate(sweep_dir: Path, trace: Path | None = None, seed: int = 0, predict_
                 continue
             reqs = [SimRequest(r["scheduled_s"], r["prompt_tokens"], r["max_tokens"], r["slo_class"], r["tpot_slo_ms"])
                     for r in rs]
-            cfg = SimConfig(policy=pol, token_budget=meta["token_budget"], max_num_seqs=meta["max_num_seqs"],
-                            seed=seed, predict_draft_in_t_step=predict_draft)
             sims = []
             prof = scaled_profile(profile, slowdowns[(pol, rate)]) if (pol, rate) in slowdowns else profile
             for k in range(5):  # average a few seeds: a 16-request run is noisy
-                cfg.seed = seed + k
+                cfg = SimConfig.of(pol, seed=seed + k, token_budget=meta["token_budget"],
+                                   max_num_seqs=meta["max_num_seqs"])
                 sim_recs, _ = simulate(reqs, prof, acc, cfg)
                 sims.append(summarize(sim_recs)["overall"])
             real = summarize(rs)["overall"]
@@ -701,7 +685,7 @@ def validate(sweep_dir: Path, trace: Path | None = None, seed: int = 0, predict_
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--validate", type=Path, default=None, help="a real sweep directory to predict")
-    ap.add_argument("--profile", default="70b", help="70b | path to a profile JSON")
+    ap.add_argument("--profile", default="70b", help="70b | cpu | path to a profile JSON")
     ap.add_argument("--trace", type=Path, default=None, help="acceptance trace (default: the recorded one)")
     ap.add_argument("--policies", nargs="+",
                     default=["none", "chain:4", "chain:6", "chain:8", "static-tree", "dynamic-tree", "adaserve"])
@@ -713,7 +697,8 @@ def main() -> None:
     ap.add_argument("--max-batched-tokens", type=int, default=2048)
     ap.add_argument("--token-budget", type=int, default=None)
     ap.add_argument("--accept-scale", type=float, default=1.0, help="what-if: conditional acceptance x this")
-    ap.add_argument("--predict-draft", action="store_true", help="prototype: t_step for A(r) includes draft+host")
+    ap.add_argument("--budget-tolerance", type=float, default=1.5,
+                    help="EngineConfig.budget_tolerance (the 70B scenario's B = 155 comes from 1.5)")
     ap.add_argument("--confidence-z", type=float, default=2.0, help="EngineConfig.slo_prefill_confidence_z")
     ap.add_argument("--max-prefill-wait-s", type=float, default=None, help="EngineConfig.max_prefill_wait_s")
     ap.add_argument("--arrival", choices=["poisson", "gamma"], default="poisson")
@@ -737,7 +722,7 @@ def main() -> None:
                 print(format_headline(headline(rows, focus, exclude)))
         return
     if args.validate is not None:
-        rows = validate(args.validate, args.trace, args.seed, args.predict_draft, not args.no_calibrate,
+        rows = validate(args.validate, args.trace, args.seed, not args.no_calibrate,
                         not args.global_calibration, tuple(args.what_if))
         if args.out:
             args.out.mkdir(parents=True, exist_ok=True)
@@ -751,8 +736,9 @@ def main() -> None:
     print(f"profile {profile.name}: unloaded TPOT {profile.unloaded_tpot_s() * 1e3:.1f} ms; trace {trace}")
     rows = sim_sweep(profile, acc, args.policies, args.rates, args.num_requests, replicas=args.replicas,
                      max_tokens=args.max_tokens, max_num_seqs=args.max_num_seqs,
-                     max_batched_tokens=args.max_batched_tokens, token_budget=args.token_budget, seed=args.seed,
-                     predict_draft=args.predict_draft, arrival=args.arrival, cv=args.cv, verbose=args.verbose,
+                     max_batched_tokens=args.max_batched_tokens, token_budget=args.token_budget,
+                     budget_tolerance=args.budget_tolerance, seed=args.seed,
+                     arrival=args.arrival, cv=args.cv, verbose=args.verbose,
                      confidence_z=args.confidence_z, max_prefill_wait_s=args.max_prefill_wait_s)
     h = {f"{f} vs {'paper baselines' if ex else 'all baselines'}": headline(rows, f, ex)
          for f in sorted({r["policy"] for r in rows if r["policy"].startswith("adaserve")})

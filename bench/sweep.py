@@ -47,14 +47,14 @@ def profile_draft(engine, shapes=((1, 1, 1), (1, 4, 4), (4, 1, 4), (4, 4, 4), (8
                   context: int = 128, repeats: int = 2) -> tuple[float, float]:
     """(seconds per draft level, seconds per drafted token) from timing the real drafter on (requests, depth,
     beam) shapes after its catch-up, least squares on t = levels * a + tokens * b."""
-    from app.engine.speculative.drafter import DraftRequest
+    from app.engine.speculative import DraftRequest
 
     drafter = engine.speculator.drafter
     rows, ts = [], []
     for n, depth, beam in shapes:
         reqs = [DraftRequest(f"prof-{n}-{depth}-{beam}-{i}", [1 + (i * 7 + j) % 500 for j in range(context)])
                 for i in range(n)]
-        if getattr(drafter, "uses_features", False):  # a feature draft reads the target's hidden states
+        if drafter.uses_features:  # a feature draft reads the target's hidden states
             import torch
 
             for r in reqs:
@@ -136,11 +136,8 @@ def sweep_engine(args) -> None:
     (out / "meta.json").write_text(json.dumps(meta, indent=1))
     current = {"policy": "", "workload": []}
 
-    def new_recorder():
-        return TraceRecorder(engine, out / "trace.jsonl", policy_of=lambda rid: current["policy"],
+    recorder = TraceRecorder(engine, out / "trace.jsonl", policy_of=lambda rid: current["policy"],
                              category_of=lambda rid: current["workload"][int(rid)].slo_class)
-
-    recorder = new_recorder()
     for rate in args.rates:
         wl = build_workload(args.num_requests, rate=rate, seed=args.seed, mix=tuple(args.mix), arrival=args.arrival,
                             cv=args.cv, max_tokens_cap=args.max_tokens, prompt_char_cap=args.prompt_chars)
@@ -164,9 +161,7 @@ def sweep_engine(args) -> None:
                                            "verify_s", "step_s")}})
             print(format_summary(s, f"{pol} @ {rate} req/s (run {time.perf_counter() - t_run:.0f} s)"), flush=True)
             write_summaries(out, rows)
-            recorder.close()  # flush what we have; keep recording
-            recorder.lines.clear()
-            recorder = new_recorder()
+            recorder.flush()  # write what we have; keep recording
     recorder.close()
     from bench.traces import gzip_file
 

@@ -1,7 +1,7 @@
 """Acceptance traces from the real draft/target pair, and the empirical acceptance model the simulator samples.
 
-Recording wraps ``engine.speculator.observe`` (called after every verify with the request's candidate tree,
-the verified tree and the accepted path), so nothing in the engine changes. One JSONL line per verified tree:
+Recording observes the engine's steps (``LLMEngine.step_observers``): each ``StepResult`` carries every verified
+tree's candidates, the selected tree and the accepted path. One JSONL line per verified tree:
 
     {"policy", "category" (the request's workload class, where the driver knows it), "parent": [M],
      "q": [M] draft prob per candidate, "sel": verified candidate slots,
@@ -21,8 +21,9 @@ Fan-out rows and lookup chains keep their category: classes draft very different
 so the simulator draws each request's trees from its own class's rows. The acceptance by q is pooled: it is
 the draft's calibration, which the class changes far less than how confident the draft is.
 
-Usage: ``python -m bench.traces record --out bench/results/acceptance_trace.jsonl`` (in-process engine,
-bounded) and ``python -m bench.traces summary bench/results/acceptance_trace.jsonl``.
+Usage: ``python -m bench.traces record`` (in-process engine, bounded; writes
+``bench/runs/traces-<time>/acceptance_trace.jsonl``; ``--out bench/results/acceptance_trace.jsonl --gzip`` replaces the
+committed trace) and ``python -m bench.traces summary bench/results/acceptance_trace.jsonl.gz``.
 """
 
 from __future__ import annotations
@@ -36,52 +37,60 @@ from pathlib import Path
 
 import numpy as np
 
+from bench.paths import run_dir
+
 Q_BINS = np.array([0.0, 0.02, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0 + 1e-9])
 
 
 class TraceRecorder:
-    """Wraps an engine's speculator.observe; ``lines`` accumulates one dict per verified tree."""
+    """A step observer (``LLMEngine.step_observers``): one dict per verified tree of every ``StepResult`` in
+    ``lines``; ``flush`` appends them to ``path``, ``close`` also stops observing."""
 
     def __init__(self, engine, path: Path | None = None, policy_of=None, category_of=None):
+        from app.engine.speculative.multi import MultiSourceDrafter
+
+        if engine.speculator is None:
+            raise ValueError("the engine has no draft: nothing to trace")
         self.engine = engine
         self.lines: list[dict] = []
         self.path = path
         self._policy_of = policy_of or (lambda rid: "")
         self._category_of = category_of
-        spec = engine.speculator
-        if spec is None:
-            raise ValueError("the engine has no draft: nothing to trace")
-        self._orig = spec.observe
-        names = list(getattr(spec.drafter, "names", []))
-        lookup_bit = names.index("ngram") if "ngram" in names and len(names) > 1 else None
+        source = engine.speculator.drafter
+        names = source.names if isinstance(source, MultiSourceDrafter) else []
+        self._lookup_bit = names.index("ngram") if "ngram" in names and len(names) > 1 else None
+        engine.step_observers.append(self.observe)
 
-        def observe(request_id, candidates, tree, path_idx):
-            slots = tree.slots
+    def observe(self, plan, result) -> None:
+        for outcome in result.trees:
+            candidates, slots = outcome.candidates, outcome.tree.slots
             line = {
-                "policy": self._policy_of(request_id),
-                **({"category": self._category_of(request_id)} if self._category_of else {}),
+                "policy": self._policy_of(outcome.request_id),
+                **({"category": self._category_of(outcome.request_id)} if self._category_of else {}),
                 "parent": candidates.parent.tolist(),
                 "q": [round(float(x), 5) for x in candidates.draft_prob],
                 "sel": [int(s) for s in slots[1:]],
-                "acc": [int(slots[i]) for i in path_idx[1:]],
+                "acc": [int(slots[i]) for i in outcome.path[1:]],
             }
-            source = getattr(candidates, "source", None)
-            if lookup_bit is not None and source is not None:  # 0 model draft, 1 lookup only, 2 both
-                by_lookup = (source >> lookup_bit) & 1 == 1
-                by_model = (source & ~np.uint8(1 << lookup_bit)) != 0
+            source = getattr(candidates, "source", None)  # a merged tree records each node's sources
+            if self._lookup_bit is not None and source is not None:  # 0 model draft, 1 lookup only, 2 both
+                by_lookup = (source >> self._lookup_bit) & 1 == 1
+                by_model = (source & ~np.uint8(1 << self._lookup_bit)) != 0
                 line["lookup"] = np.where(by_lookup, np.where(by_model, 2, 1), 0).tolist()
             self.lines.append(line)
-            self._orig(request_id, candidates, tree, path_idx)
 
-        spec.observe = observe
-
-    def close(self) -> None:
-        self.engine.speculator.observe = self._orig
+    def flush(self) -> None:
         if self.path is not None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             with open(self.path, "a") as f:
                 for line in self.lines:
                     f.write(json.dumps(line) + "\n")
+        self.lines.clear()
+
+    def close(self) -> None:
+        if self.observe in self.engine.step_observers:
+            self.engine.step_observers.remove(self.observe)
+        self.flush()
 
 
 def load_trace(path: str | Path) -> list[dict]:
@@ -318,7 +327,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("record")
-    r.add_argument("--out", type=Path, default=Path("bench/results/acceptance_trace.jsonl"))
+    r.add_argument("--out", type=Path, default=run_dir("traces") / "acceptance_trace.jsonl")
     r.add_argument("--num-requests", type=int, default=24)
     r.add_argument("--max-tokens", type=int, default=32)
     r.add_argument("--token-budget", type=int, default=256)

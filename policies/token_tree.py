@@ -20,7 +20,7 @@ import numpy as np
 MAX_TREE_TOKENS = 64  # root + nodes that fit an int64 ancestor bitmask (kernels/metadata.py)
 
 
-def _sanitize_parent(parent: np.ndarray, valid: np.ndarray | None) -> np.ndarray:
+def sanitize_parent(parent: np.ndarray, valid: np.ndarray | None) -> np.ndarray:
     """int64 parents with padding and anything outside [0, own index) mapped to -1.
 
     Gathers then stay in bounds and pointer jumping always ends (a parent pointer never points forward).
@@ -76,7 +76,7 @@ def depths(parent: np.ndarray, valid: np.ndarray) -> np.ndarray:
     The verifier places node v at rope position ``context_len + depth(v)``.
     """
     valid = np.asarray(valid, dtype=bool)
-    p = _sanitize_parent(parent, valid)
+    p = sanitize_parent(parent, valid)
     return path_reduce(p, valid.astype(np.int64), np.add) * valid
 
 
@@ -89,7 +89,7 @@ def path_probs(parent: np.ndarray, draft_prob: np.ndarray, valid: np.ndarray) ->
     valid = np.asarray(valid, dtype=bool)
     q = np.nan_to_num(np.asarray(draft_prob, dtype=np.float64), nan=0.0, posinf=1.0, neginf=0.0)
     q = np.clip(q, 0.0, 1.0) * valid
-    return path_reduce(_sanitize_parent(parent, valid), q, np.multiply)
+    return path_reduce(sanitize_parent(parent, valid), q, np.multiply)
 
 
 def monotone_path_probs(parent: np.ndarray, path_prob: np.ndarray, valid: np.ndarray) -> np.ndarray:
@@ -99,7 +99,7 @@ def monotone_path_probs(parent: np.ndarray, path_prob: np.ndarray, valid: np.nda
     rounding error; a node whose parent is padding gets 0 and so is never selected.
     """
     valid = np.asarray(valid, dtype=bool)
-    p = _sanitize_parent(parent, None)
+    p = sanitize_parent(parent, None)
     f = np.where(valid, np.nan_to_num(np.asarray(path_prob, dtype=np.float64), nan=0.0), 0.0)
     # a valid node under a padding parent must become 0: gather through the raw parent, padding included
     return path_reduce(p, f, np.minimum, identity=np.inf)
@@ -161,7 +161,7 @@ def ancestor_bits(new_parent: np.ndarray, counts: np.ndarray) -> np.ndarray:
     if r and int(counts.max(initial=0)) + 1 > MAX_TREE_TOKENS:
         raise ValueError(f"tree of {int(counts.max()) + 1} tokens exceeds {MAX_TREE_TOKENS}-bit masks")
     live = np.arange(m)[None, :] < counts[:, None]
-    p = _sanitize_parent(new_parent, live)
+    p = sanitize_parent(new_parent, live)
     own = np.zeros((r, m), dtype=np.int64)
     shift = np.minimum(np.arange(1, m + 1), 63)  # entries past 63 are never live (checked above)
     own[:] = np.left_shift(np.int64(1), shift)[None, :]

@@ -242,7 +242,7 @@ def _shape_select(path_prob: np.ndarray, parent: np.ndarray, valid: np.ndarray, 
     down from the root. No depth array needed.
     """
     r, m = valid.shape
-    p = token_tree._sanitize_parent(parent, valid)
+    p = token_tree.sanitize_parent(parent, valid)
     key, b = _keys(path_prob, valid, positive_only=False)
     low = (1 << b) - 1
     group = np.where(valid, m - p, 0)  # parent group; padding in group 0, sorted last
@@ -379,3 +379,10 @@ def draft_shape(
         c1=c1, c2=c2, d_min=d_min, d_max=d_max, w_max=w_max,
     )
     return depth, width, width
+
+
+def cap_tree_size(selected: np.ndarray, n_max: int) -> np.ndarray:
+    """Unbudgeted shapes (static-tree, chain) can exceed the mask width: keep the first n_max (parents-first)."""
+    if selected.size == 0 or int(selected.sum(axis=1).max()) <= n_max:
+        return selected
+    return selected & (np.cumsum(selected, axis=1) <= n_max)

@@ -1,63 +1,47 @@
-"""Continuous batching with chunked prefill: decides which tokens of which requests run in the next step.
+"""Continuous batching with chunked prefill; owns every budget of a step.
 
-Order within a step's token budget: every decoding request gets its one token first (decodes never stall),
-then prefill chunks (running partial prefills, then FIFO admission), and whatever budget is left goes to
-speculative tree tokens. Prefill thus comes before speculation, as in AdaServe. An optional ``prefill_cap``
-(the engine's SLO-aware prefill) bounds the step's prefill tokens given the step's decoding requests and
-reserves the tree nodes their SLOs need. Running out of KV blocks preempts the newest running request (its KV is
-dropped and recomputed later), so the oldest keep progressing.
+``schedule(now)`` returns a ``StepPlan``: each decoding request's root token, prefill chunks and the draft-node
+budget, split by ``policies.step_plan.split_step_tokens`` (the simulator calls the same function); the SLO pace
+plan (``policies.budget.slo_step_plan``) bounds the prefill where adaserve runs, and the latency profile prices
+the step's nodes. ``update(plan, result)`` advances the requests and the running statistics the next plans are
+priced with. Running out of KV blocks preempts the newest running request (its KV is dropped and recomputed
+later), so the oldest keep progressing.
 """
 
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable
-from dataclasses import dataclass, field
+
+import numpy as np
 
 from app.engine.config import EngineConfig
 from app.engine.kv_cache import KVCache
 from app.engine.request import Request, RequestStatus
-
-
-@dataclass
-class ScheduledChunk:
-    request: Request
-    num_tokens: int  # tokens token_ids[num_computed : num_computed + num_tokens] run this step
-
-    @property
-    def completes(self) -> bool:
-        """This chunk reaches the end of the request's tokens, so its last logits yield a new token."""
-        return self.request.num_computed_tokens + self.num_tokens == len(self.request.token_ids)
-
-
-@dataclass
-class StepPlan:
-    decodes: list[ScheduledChunk] = field(default_factory=list)  # one token each; may grow a speculation tree
-    prefills: list[ScheduledChunk] = field(default_factory=list)
-    preempted: list[Request] = field(default_factory=list)
-    spec_token_budget: int = 0  # tokens left in the step for speculative tree nodes
-    slo_node_budget: int = 0  # tree nodes the prefill cap reserved for the decoding requests' SLOs
-    prefill_held: bool = False  # the prefill cap, not the step's budget, kept prompt tokens out of this step
-
-    @property
-    def chunks(self) -> list[ScheduledChunk]:
-        return self.decodes + self.prefills
-
-    @property
-    def num_tokens(self) -> int:
-        return sum(c.num_tokens for c in self.chunks)
-
-    def __bool__(self) -> bool:
-        return bool(self.decodes or self.prefills)
+from app.engine.step import NodePricing, ScheduledChunk, StepPlan, StepResult, StepTotals
+from kernels.metadata import MAX_TREE_TOKENS
+from policies.budget import min_worthwhile_path_prob, required_nodes, slo_step_plan, spare_budget
+from policies.latency_model import LatencyModel
+from policies.step_plan import split_step_tokens
+from policies.tree_selection import SLOState, parse_policy, required_acceptance
 
 
 class Scheduler:
-    def __init__(self, config: EngineConfig, kv_cache: KVCache):
+    def __init__(self, config: EngineConfig, kv_cache: KVCache, *, speculative: bool,
+                 latency_model: LatencyModel | None = None, token_budget: int | None = None):
         self.config = config
         self.kv = kv_cache
+        self.speculative = speculative  # a draft source is loaded (a request may speculate)
+        self.latency_model = latency_model  # None: no priced cut-offs and no SLO pace plan
+        self.token_budget = token_budget or config.max_num_batched_tokens  # B: step tokens, roots included
+        self.default_policy = parse_policy(config.policy)
+        self.max_tree_nodes = min(config.max_tree_nodes, MAX_TREE_TOKENS - 1)  # the root takes one mask bit
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
+        self.totals = StepTotals()
+        self.step_ema_s: float | None = None
+        self.step_overhead_ema_s = 0.0  # a decoding step's time outside the target forward (draft, select, host)
 
+    # ---- queues ---------------------------------------------------------------------------------------------
     def add(self, request: Request) -> None:
         self.waiting.append(request)
 
@@ -68,60 +52,123 @@ class Scheduler:
     def num_running(self) -> int:
         return len(self.running)
 
-    def schedule(self, prefill_cap: Callable[[list[Request]], tuple[int, int]] | None = None) -> StepPlan:
-        """``prefill_cap(decoding requests)``: (most prefill tokens this step may carry, tree nodes to reserve for
-        the requests' SLOs); None: no bound."""
-        plan = StepPlan()
-        budget = self.config.max_num_batched_tokens
-        scheduled: set[str] = set()
+    def policy_of(self, req: Request):
+        return parse_policy(req.policy) if req.policy else self.default_policy
 
+    # ---- the plan -------------------------------------------------------------------------------------------
+    def schedule(self, now: float) -> StepPlan:
+        plan = StepPlan()
+        limit = self.config.max_num_batched_tokens
         # 1. Decodes: one token each, oldest first; preempt the newest running request when blocks run out.
         for req in list(self.running):
-            if req.status is not RequestStatus.RUNNING or not req.is_decoding or budget == 0:
+            if req.status is not RequestStatus.RUNNING or not req.is_decoding or len(plan.decodes) == limit:
                 continue
-            if not self._grow(req, req.num_computed_tokens + 1, plan):
-                continue  # req itself was preempted
-            plan.decodes.append(ScheduledChunk(req, 1))
-            scheduled.add(req.request_id)
-            budget -= 1
-
-        prefill_budget = budget
-        if prefill_cap is not None and plan.decodes:
-            cap, slo_nodes = prefill_cap([c.request for c in plan.decodes])
-            prefill_budget = max(0, min(budget, int(cap)))
-            plan.slo_node_budget = max(0, int(slo_nodes))
-        capped = prefill_budget < budget
-
-        # 2. Running requests still in prefill (chunked, or recomputing after a preemption).
-        for req in list(self.running):
-            if prefill_budget == 0:
+            if self._grow(req, req.num_computed_tokens + 1, plan):
+                plan.decodes.append(ScheduledChunk(req, 1))
+        decodes = [c.request for c in plan.decodes]
+        cap, slo_nodes = self.prefill_cap(decodes, now) if decodes else (None, 0)
+        # 2. Prefill chunks, as the pure split decides; KV decides how far admission gets.
+        max_admitted = None
+        while True:
+            candidates = [r for r in self.running if r.status is RequestStatus.RUNNING and not r.is_decoding
+                          and r.num_uncomputed_tokens > 0]
+            num_running_prefills = len(candidates)
+            candidates += list(self.waiting)
+            split = split_step_tokens(
+                num_roots=len(plan.decodes), prefill_remaining=[r.num_uncomputed_tokens for r in candidates],
+                num_running_prefills=num_running_prefills,
+                free_seq_slots=self.config.max_num_seqs - len(self.running),
+                max_num_batched_tokens=limit, prefill_chunk_tokens=self.config.prefill_chunk_tokens,
+                token_budget=self.token_budget, prefill_cap=cap, slo_nodes=slo_nodes, max_admitted=max_admitted)
+            num_preempted = len(plan.preempted)
+            stop = self._allocate(candidates, num_running_prefills, split.prefill_tokens, plan)
+            if len(plan.preempted) > num_preempted:  # the queues changed: plan again
+                max_admitted = None
+            elif stop is not None:  # the stop-th candidate (waiting) does not fit: it and those after it wait
+                max_admitted = stop
+            else:
                 break
-            if req.status is not RequestStatus.RUNNING or req.request_id in scheduled:
+        plan.prefills = []
+        for i, (req, n) in enumerate(zip(candidates, split.prefill_tokens)):
+            if n == 0:
                 continue
-            n = min(req.num_uncomputed_tokens, self.config.prefill_chunk_tokens, prefill_budget)
-            if n > 0 and self._grow(req, req.num_computed_tokens + n, plan):
-                plan.prefills.append(ScheduledChunk(req, n))
-                scheduled.add(req.request_id)
-                prefill_budget -= n
-
-        # 3. Admit waiting requests in FIFO order while budget, sequence slots and blocks allow.
-        while self.waiting and prefill_budget > 0 and len(self.running) < self.config.max_num_seqs:
-            req = self.waiting[0]
-            n = min(req.num_uncomputed_tokens, self.config.prefill_chunk_tokens, prefill_budget)
-            if not self.kv.ensure_capacity(req.block_ids, req.num_computed_tokens + n):
-                break
-            self.waiting.popleft()
-            req.status = RequestStatus.RUNNING
-            self.running.append(req)
+            if i >= num_running_prefills:
+                self.waiting.remove(req)
+                req.status = RequestStatus.RUNNING
+                self.running.append(req)
             plan.prefills.append(ScheduledChunk(req, n))
-            prefill_budget -= n
-
-        plan.spec_token_budget = budget - sum(c.num_tokens for c in plan.prefills)
-        if capped and prefill_budget == 0:
-            planned = {c.request.request_id: c.num_tokens for c in plan.chunks}
-            plan.prefill_held = bool(self.waiting) or any(
-                not r.is_decoding and r.num_uncomputed_tokens > planned.get(r.request_id, 0) for r in self.running)
+        plan.node_budget, plan.slo_node_budget, plan.prefill_held = (
+            split.node_budget, split.slo_node_budget, split.prefill_held)
+        if self.speculative and plan.decodes:
+            self._price(plan)
         return plan
+
+    def _allocate(self, candidates: list[Request], num_running_prefills: int, tokens: tuple[int, ...],
+                  plan: StepPlan) -> int | None:
+        """Give each chunk its KV blocks; returns the index of a waiting candidate that does not fit, else None
+        (a running prefill that does not fit preempts newer requests, and the caller plans again without them)."""
+        for i, (req, n) in enumerate(zip(candidates, tokens)):
+            if n == 0:
+                continue
+            if i < num_running_prefills:
+                before = len(plan.preempted)
+                self._grow(req, req.num_computed_tokens + n, plan)
+                if len(plan.preempted) > before:
+                    return None
+            elif not self.kv.ensure_capacity(req.block_ids, req.num_computed_tokens + n):
+                return i
+        return None
+
+    def prefill_cap(self, decodes: list[Request], now: float) -> tuple[int | None, int]:
+        """(prefill tokens, reserved SLO nodes) the decoding requests' TPOT SLO pace leaves this step
+        (``policies.budget.slo_step_plan``); (None, 0) where prefill is not bounded. A queued prompt whose TTFT SLO
+        (or ``max_prefill_wait_s``) is due lifts the bound. ``slo_prefill=None`` bounds only steps where a decoding
+        request runs adaserve; pricing a chunk needs the latency profile."""
+        cfg = self.config
+        if cfg.slo_prefill is False or self.latency_model is None:
+            return None, 0
+        if cfg.slo_prefill is None and (not self.speculative or not any(
+                self.policy_of(r).kind == "adaserve" for r in decodes)):
+            return None, 0
+        limit = cfg.max_num_batched_tokens
+        queued = list(self.waiting) + [r for r in self.running if r.num_output_tokens == 0]
+        for r in queued:
+            waited_s = now - r.arrival_time
+            if cfg.max_prefill_wait_s is not None and waited_s >= cfg.max_prefill_wait_s:
+                return limit, 0
+            if r.ttft_slo_ms is not None and (waited_s + self.predicted_step_s(r.num_uncomputed_tokens, 0)
+                                              >= r.ttft_slo_ms / 1e3):
+                return limit, 0
+        gain = self.totals.tokens_per_tree_step
+        return slo_step_plan(
+            self.latency_model, root_tokens=len(decodes), context_tokens=sum(r.num_computed_tokens for r in decodes),
+            decode_time_s=np.array([r.decode_time_s(now) for r in decodes]),
+            decoded_tokens=np.array([max(r.num_output_tokens - 1, 0) for r in decodes]),
+            tpot_slo_s=np.array([r.tpot_slo_ms / 1e3 if r.tpot_slo_ms else np.inf for r in decodes]),
+            remaining_tokens=np.array([r.sampling.max_tokens - r.num_output_tokens for r in decodes]),
+            acceptance_rate=(gain - 1.0) / gain, tokens_per_step=gain,
+            tokens_per_step_sd=self.totals.tokens_per_tree_step_sd,
+            max_nodes_per_request=self.max_tree_nodes if self.speculative else 0,
+            max_tokens=limit, max_prefill_tokens=limit, overhead_s=self.step_overhead_ema_s,
+            confidence_z=cfg.slo_prefill_confidence_z)
+
+    def _price(self, plan: StepPlan) -> None:
+        """The step's predicted time (A(r)'s t_step) and, with a latency profile, what a draft node costs."""
+        roots, prefill = len(plan.decodes), plan.num_prefill_tokens
+        context = sum(c.request.num_computed_tokens for c in plan.decodes)
+        plan.predicted_step_s = self.predicted_step_s(roots + prefill + plan.node_budget, context)
+        if self.latency_model is None:
+            return
+        expected = roots * self.totals.tokens_per_tree_step
+        plan.pricing = NodePricing(
+            latency_model=self.latency_model, base_tokens=roots + prefill, context_tokens=context, num_roots=roots,
+            min_path_prob=min_worthwhile_path_prob(self.latency_model, roots + prefill, context, expected),
+            tokens_per_s=expected / max(plan.predicted_step_s, 1e-6))
+
+    def predicted_step_s(self, num_tokens: int, context_tokens: int) -> float:
+        if self.latency_model is not None:
+            return float(self.latency_model.predict(num_tokens, context_tokens))
+        return self.step_ema_s or 0.05
 
     def _grow(self, req: Request, num_tokens: int, plan: StepPlan) -> bool:
         """Make req's blocks hold num_tokens, preempting newer requests; False if req itself was preempted."""
@@ -134,6 +181,26 @@ class Scheduler:
             if victim is req:
                 return False
         return True
+
+    # ---- after the step -------------------------------------------------------------------------------------
+    def update(self, plan: StepPlan, result: StepResult) -> None:
+        """Advance each request's computed tokens by what the step verified, and the statistics the next plans
+        are priced with."""
+        trees = {t.request_id: t for t in result.trees}
+        for c in plan.chunks:
+            tree = trees.get(c.request.request_id)
+            if tree is None:
+                c.request.num_computed_tokens += c.num_tokens
+            else:
+                c.request.num_computed_tokens += len(tree.path)
+                c.request.num_spec_steps += 1
+                c.request.num_accepted_draft_tokens += tree.num_accepted
+        self.totals.add(plan, result)
+        ema = self.step_ema_s
+        self.step_ema_s = result.step_s if ema is None else 0.8 * ema + 0.2 * result.step_s
+        if result.num_decodes:
+            self.step_overhead_ema_s = (0.9 * self.step_overhead_ema_s
+                                        + 0.1 * max(result.step_s - result.verify_s, 0.0))
 
     def preempt(self, req: Request) -> None:
         self.running.remove(req)
@@ -151,3 +218,21 @@ class Scheduler:
         self.kv.release(req.block_ids)
         req.status = RequestStatus.FINISHED
         req.finish_reason = reason
+
+    def spare_token_budget(self, now: float) -> int:
+        """Node budget left after every running request's SLO need (the router's signal for tight requests).
+
+        Need per request: its root token plus the draft nodes a chain with the measured per-token acceptance
+        needs to reach A(r) this step (policies.budget.required_nodes).
+        """
+        decoding = [r for r in self.running if r.first_token_time is not None]
+        expected = self.totals.tokens_per_tree_step - 1.0
+        need = np.zeros(0, dtype=np.int64)
+        if decoding and self.speculative:
+            slo = SLOState(
+                decode_time_s=np.array([r.decode_time_s(now) for r in decoding]),
+                decoded_tokens=np.array([r.num_output_tokens - 1 for r in decoding]),
+                tpot_slo_s=np.array([r.tpot_slo_ms / 1e3 if r.tpot_slo_ms else np.inf for r in decoding]))
+            a = required_acceptance(slo, self.step_ema_s or 0.05, self.config.max_draft_depth)
+            need = required_nodes(a, expected / (1.0 + expected), self.config.max_tree_nodes)
+        return spare_budget(self.token_budget - len(self.running), need)

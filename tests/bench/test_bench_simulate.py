@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from bench.loadgen import summarize, tpot_s
+from app.engine.config import EngineConfig
 from bench.simulate import Profile, SimConfig, SimRequest, roofline_70b, simulate
 from bench.traces import Q_BINS, AcceptanceModel
 from policies.latency_model import LatencyModel, PiecewiseLinear
@@ -32,7 +33,7 @@ def workload(n: int, rate: float, seed: int = 0, slo_ms=(50.0, 70.0, 200.0)) -> 
 @pytest.mark.parametrize("policy", ["none", "chain:4", "static-tree", "dynamic-tree", "adaserve"])
 def test_deterministic_and_conserves_requests(policy):
     reqs = workload(120, 8.0)
-    cfg = SimConfig(policy=policy, max_num_seqs=64, max_num_batched_tokens=1024)
+    cfg = SimConfig.of(policy, max_num_seqs=64, max_num_batched_tokens=1024)
     a, _ = simulate(reqs, roofline_70b(), acceptance(), cfg)
     b, _ = simulate(reqs, roofline_70b(), acceptance(), cfg)
     assert a == b
@@ -44,7 +45,7 @@ def test_attainment_falls_with_rate():
     # with prefill unbounded (adaserve bounds it by the SLO pace: under overload its prompts queue instead)
     att = []
     for rate in (1.0, 8.0, 40.0):
-        recs, _ = simulate(workload(300, rate), roofline_70b(), acceptance(), SimConfig(policy="dynamic-tree",
+        recs, _ = simulate(workload(300, rate), roofline_70b(), acceptance(), SimConfig.of("dynamic-tree",
                                                                                        max_num_seqs=64))
         att.append(summarize(recs)["overall"]["attainment"])
     assert att[0] > att[1] > att[2]
@@ -54,7 +55,7 @@ def test_no_speculation_tpot_matches_latency_model():
     flat = LatencyModel(PiecewiseLinear((1.0, 64.0), (0.030, 0.030), 0.0), 0.0)
     prof = Profile("flat", flat, 0.003, 0.0, 0.002)
     reqs = [SimRequest(i * 10.0, 50, 20, "chat", 100.0) for i in range(5)]  # one at a time
-    recs, _ = simulate(reqs, prof, acceptance(), SimConfig(policy="none"))
+    recs, _ = simulate(reqs, prof, acceptance(), SimConfig.of("none"))
     for r in recs:
         assert tpot_s(r) == pytest.approx(0.032)  # target step + host overhead, one token per step
         assert r["first_token_s"] - r["scheduled_s"] == pytest.approx(0.032)
@@ -62,7 +63,7 @@ def test_no_speculation_tpot_matches_latency_model():
 
 def test_speculation_gains_tokens_and_many_replicas():
     reqs = workload(400, 30.0)
-    recs, info = simulate(reqs, roofline_70b(), acceptance(), SimConfig(policy="adaserve", num_replicas=4,
+    recs, info = simulate(reqs, roofline_70b(), acceptance(), SimConfig.of("adaserve", num_replicas=4,
                                                                         max_num_seqs=64))
     s = summarize(recs)["overall"]
     assert s["accepted_tokens_per_step"] > 1.2
@@ -76,7 +77,7 @@ def test_headline_ratios():
         return {"policy": pol, "rate": rate, "summary": {"overall": {"attainment": att, "goodput_tok_s": gp}}}
 
     rows = [row("none", 1, 0.9, 10), row("dynamic-tree", 1, 0.95, 11), row("adaserve", 1, 0.95, 12),
-            row("adaserve+cut", 1, 0.99, 13), row("none", 2, 0.3, 10), row("dynamic-tree", 2, 0.4, 11),
+            row("adaserve+notriage", 1, 0.99, 13), row("none", 2, 0.3, 10), row("dynamic-tree", 2, 0.4, 11),
             row("adaserve", 2, 0.8, 22)]
     h = headline(rows)
     assert h["per_rate"][0]["best_attainment_policy"] == "dynamic-tree"  # prototypes are never baselines
@@ -84,24 +85,29 @@ def test_headline_ratios():
     assert headline(rows, exclude=("dynamic-tree",))["per_rate"][1]["goodput_ratio"] == 2.2
 
 
-def test_prototype_variants_parse():
-    with pytest.raises(ValueError):
-        simulate(workload(3, 1.0), roofline_70b(), acceptance(), SimConfig(policy="adaserve+bogus"))
-    recs, _ = simulate(workload(40, 5.0), roofline_70b(), acceptance(), SimConfig(policy="adaserve+cut+pd"))
-    assert all(r["error"] is None for r in recs)
+def test_policy_options_set_engine_options():
+    with pytest.raises(ValueError, match="unknown policy options"):
+        SimConfig.of("adaserve+bogus")
+    cfg = SimConfig.of("adaserve+notriage+noslochunk", max_num_seqs=64)
+    assert (cfg.engine.policy, cfg.engine.slo_triage, cfg.engine.slo_prefill, cfg.engine.max_num_seqs) == (
+        "adaserve", False, False, 64)
+    assert cfg.policy == "adaserve+notriage+noslochunk"  # records keep the label
+    assert SimConfig.of("dynamic-tree").engine.max_tree_nodes == EngineConfig().max_tree_nodes  # the engine's defaults
+    recs, _ = simulate(workload(40, 5.0), roofline_70b(), acceptance(), cfg)
+    assert all(r["error"] is None and r["policy"] == cfg.policy for r in recs)
 
 
 def test_slo_prefill_defers_prompts_and_protects_running_slos_under_overload():
     reqs = workload(300, 40.0)
     runs = {}
     for pol in ("adaserve", "adaserve+noslochunk"):
-        recs, _ = simulate(reqs, roofline_70b(), acceptance(), SimConfig(policy=pol, max_num_seqs=64))
+        recs, _ = simulate(reqs, roofline_70b(), acceptance(), SimConfig.of(pol, max_num_seqs=64))
         assert all(r["error"] is None for r in recs)
         ttft = np.median([r["first_token_s"] - r["scheduled_s"] for r in recs])
         runs[pol] = (summarize(recs)["overall"]["attainment"], ttft)
     (att, ttft), (att_off, ttft_off) = runs["adaserve"], runs["adaserve+noslochunk"]
     assert att > att_off and ttft > ttft_off  # more TPOT SLOs kept, paid for in queueing
-    recs, _ = simulate(reqs, roofline_70b(), acceptance(), SimConfig(policy="adaserve", max_num_seqs=64,
+    recs, _ = simulate(reqs, roofline_70b(), acceptance(), SimConfig.of("adaserve", max_num_seqs=64,
                                                                      max_prefill_wait_s=0.0))
     assert summarize(recs)["overall"]["attainment"] == pytest.approx(att_off)  # waiting 0 s lifts the bound
 
@@ -115,7 +121,7 @@ def _with_lookup(acc: AcceptanceModel, share: float) -> AcceptanceModel:
 def test_lookup_chains_add_tokens_and_one_child_per_node_is_picked():
     from bench.simulate import Simulator
 
-    sim = Simulator(roofline_70b(), _with_lookup(acceptance(), 1.0), SimConfig(policy="dynamic-tree"))
+    sim = Simulator(roofline_70b(), _with_lookup(acceptance(), 1.0), SimConfig.of("dynamic-tree"))
     sim.pools = sim.acc.pools_for(["coding"] * 400)
     dec = np.arange(400)
     parent, f, valid, chosen, _, picks = sim._draft(dec, 2, 2, 2, None)
@@ -127,7 +133,7 @@ def test_lookup_chains_add_tokens_and_one_child_per_node_is_picked():
     assert kids.max() <= 1  # the target's one token per node: never two picked siblings
     assert (f[:, m + 1:] <= f[:, m:-1] + 1e-12)[valid[:, m + 1:]].all()  # f falls along the chain
     reqs = workload(200, 6.0)
-    cfg = SimConfig(policy="dynamic-tree", max_num_seqs=64)
+    cfg = SimConfig.of("dynamic-tree", max_num_seqs=64)
     acc_steps = []
     for share in (0.0, 1.0):
         recs, _ = simulate(reqs, roofline_70b(), _with_lookup(acceptance(), share), cfg)
@@ -143,7 +149,7 @@ def test_each_request_drafts_from_its_class_s_rows():
     acc = AcceptanceModel(fan, Q_BINS, np.minimum(centre, 1.0), np.ones(12), centre, np.ones(12), 0.5,
                           category_rows={"chat": (0, 100), "coding": (100, 100)})
     reqs = workload(200, 2.0)
-    recs, _ = simulate(reqs, roofline_70b(), acc, SimConfig(policy="dynamic-tree", max_num_seqs=64))
+    recs, _ = simulate(reqs, roofline_70b(), acc, SimConfig.of("dynamic-tree", max_num_seqs=64))
     per_step = {c: np.mean([r["accepted_draft_tokens"] / r["spec_steps"] for r in recs
                             if r["slo_class"] == c and r["spec_steps"]]) for c in ("coding", "chat")}
     assert per_step["coding"] > 1.0 > 0.2 > per_step["chat"]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from app.engine.config import EngineConfig, SamplingParams
@@ -73,7 +75,7 @@ def test_chunked_prefill_and_decode_share_steps(engine):
     engine.add_request(engine.encode_prompt("Hello there"), SamplingParams(max_tokens=30), request_id="short")
     engine.step()  # short request prefilled
     engine.add_request(long_ids, SamplingParams(max_tokens=2), request_id="long")
-    plan = engine.scheduler.schedule()
+    plan = engine.scheduler.schedule(time.perf_counter())
     assert [c.request.request_id for c in plan.decodes] == ["short"]
     assert plan.prefills and plan.prefills[0].num_tokens == 16 < len(long_ids)  # a chunk, beside the decode
     engine.abort("short")
@@ -82,30 +84,38 @@ def test_chunked_prefill_and_decode_share_steps(engine):
     engine.kv.allocator.__init__(engine.kv.allocator.num_blocks, engine.kv.block_size)
 
 
-def test_prefill_cap_bounds_the_steps_prefill_and_leaves_the_rest_to_speculation(engine):
+def test_prefill_cap_bounds_the_steps_prefill_and_leaves_the_rest_to_speculation(engine, monkeypatch):
+    sched = engine.scheduler
     long_ids = engine.encode_prompt(PROMPTS[4])
     engine.add_request(engine.encode_prompt("Hello there"), SamplingParams(max_tokens=30), request_id="short")
     seen = []
-    assert engine.scheduler.schedule(lambda d: seen.append(d) or (0, 0)).prefills  # no decodes yet: the cap is not asked
+
+    def cap_with(value):
+        monkeypatch.setattr(sched, "prefill_cap", lambda d, now: seen.append([r.request_id for r in d]) or value)
+
+    cap_with((0, 0))
+    assert sched.schedule(time.perf_counter()).prefills  # no decodes yet: the cap is not asked
     assert not seen
-    engine.scheduler.running[0].num_computed_tokens = len(engine.scheduler.running[0].token_ids)
-    engine.scheduler.running[0].token_ids.append(0)  # as if its first token were sampled: now decoding
+    sched.running[0].num_computed_tokens = len(sched.running[0].token_ids)
+    sched.running[0].token_ids.append(0)  # as if its first token were sampled: now decoding
     engine.add_request(long_ids, SamplingParams(max_tokens=2), request_id="long")
-    plan = engine.scheduler.schedule(lambda d: seen.append([r.request_id for r in d]) or (0, 0))
+    plan = sched.schedule(time.perf_counter())
     assert seen == [["short"]] and [c.request.request_id for c in plan.decodes] == ["short"]
-    assert not plan.prefills and plan.spec_token_budget == 40 - 1  # the prompt waits; the budget goes to trees
+    assert not plan.prefills and plan.node_budget == 40 - 1  # the prompt waits; the budget goes to trees
     assert plan.prefill_held
-    assert [r.request_id for r in engine.scheduler.waiting] == ["long"]
-    plan = engine.scheduler.schedule(lambda d: (5, 7))
+    assert [r.request_id for r in sched.waiting] == ["long"]
+    cap_with((5, 7))
+    plan = sched.schedule(time.perf_counter())
     assert [(c.request.request_id, c.num_tokens) for c in plan.prefills] == [("long", 5)]
-    assert plan.spec_token_budget == 40 - 1 - 5 and plan.prefill_held  # the rest of its chunk waits
+    assert plan.node_budget == 40 - 1 - 5 and plan.prefill_held  # the rest of its chunk waits
     assert plan.slo_node_budget == 7  # the nodes the cap reserved for the decoding requests' SLOs
-    plan = engine.scheduler.schedule(lambda d: (10_000, 0))  # never above the step's own limits
+    cap_with((10_000, 0))
+    plan = sched.schedule(time.perf_counter())  # never above the step's own limits
     assert [(c.request.request_id, c.num_tokens) for c in plan.prefills] == [("long", 16)]
     assert not plan.prefill_held
     engine.abort("short")
     engine.abort("long")
-    engine.scheduler.running.clear()
+    sched.running.clear()
     engine.kv.allocator.__init__(engine.kv.allocator.num_blocks, engine.kv.block_size)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import shutil
+import time
 
 import numpy as np
 import pytest
@@ -12,6 +13,7 @@ import torch
 
 from app.engine.config import EngineConfig, SamplingParams
 from app.engine.engine import LLMEngine
+from app.engine.step import StepTotals
 from policies.latency_model import LatencyModel, PiecewiseLinear
 
 POLICIES = ["chain:4", "static-tree", "dynamic-tree", "adaserve"]
@@ -81,7 +83,7 @@ def test_greedy_speculation_is_lossless(draft, policy, random_draft_dir, plain_o
     engine = _spec_engine(str(random_draft_dir) if draft == "random" else draft, policy=policy)
     outs = _run_staggered(engine, [policy], [None, 5.0, 1000.0])
     assert outs == plain_outputs
-    assert engine.totals["tree_nodes"] > 0  # speculation really ran
+    assert engine.scheduler.totals.tree_nodes > 0  # speculation really ran
     assert engine.kv.allocator.num_free == engine.kv.allocator.num_blocks
     drafter = engine.speculator.drafter
     assert not drafter.seqs and drafter.kv.allocator.num_free == drafter.kv.allocator.num_blocks  # draft KV freed
@@ -101,7 +103,7 @@ CLIFF = LatencyModel(PiecewiseLinear((0.0, 40.0, 41.0), (0.0, 0.0, 100.0), tail_
 def _slo_prefill_engine(draft, **kw) -> LLMEngine:
     """adaserve with SLO-aware prefill (the default), priced by CLIFF instead of a profile."""
     engine = _spec_engine(draft, **kw)
-    engine.latency_model = CLIFF
+    engine.scheduler.latency_model = CLIFF
     return engine
 
 
@@ -109,24 +111,25 @@ def test_slo_prefill_holds_prompts_to_the_slack_and_stays_lossless(random_draft_
     long_prompt = "Summarize: " + " ".join(PROMPTS) * 2  # arrives while the others decode, takes several chunks
     prompts = PROMPTS[:2] + [long_prompt] + PROMPTS[2:]
     engine = _slo_prefill_engine(str(random_draft_dir))
-    steps = []
-    schedule = engine.scheduler.schedule
+    steps, caps = [], []
+    sched = engine.scheduler
+    prefill_cap, schedule = sched.prefill_cap, sched.schedule
 
-    def recording_schedule(prefill_cap=None):
-        caps = []
-        def cap(decodes):
-            slo_bound = any(r.tpot_slo_ms for r in decodes)  # only SLO'd requests bound it (1 s: never behind)
-            tokens, nodes = prefill_cap(decodes)
-            caps.append((tokens, (40 - len(decodes), 0) if slo_bound else (engine.config.max_num_batched_tokens, 0),
-                         nodes))
-            return tokens, nodes
+    def recording_cap(decodes, now):
+        slo_bound = any(r.tpot_slo_ms for r in decodes)  # only SLO'd requests bound it (1 s: never behind)
+        tokens, nodes = prefill_cap(decodes, now)
+        caps.append((tokens, (40 - len(decodes), 0) if slo_bound else (engine.config.max_num_batched_tokens, 0),
+                     nodes))
+        return tokens, nodes
 
-        plan = schedule(cap)
-        queued = bool(engine.scheduler.waiting) or any(not r.is_decoding for r in engine.scheduler.running)
+    def recording_schedule(now):
+        caps.clear()
+        plan = schedule(now)
+        queued = bool(sched.waiting) or any(not r.is_decoding for r in sched.running)
         steps.append((caps[0] if caps else None, sum(c.num_tokens for c in plan.prefills), queued))
         return plan
 
-    engine.scheduler.schedule = recording_schedule
+    sched.prefill_cap, sched.schedule = recording_cap, recording_schedule
     sampling = SamplingParams(max_tokens=NEW_TOKENS, ignore_eos=True)
     for i, p in enumerate(prompts):
         if i == 2:  # the rest arrive once the first two decode with full trees
@@ -151,21 +154,26 @@ def test_slo_prefill_lets_a_due_ttft_slo_or_long_wait_through(random_draft_dir):
         engine.step()
     engine.step()
     decodes = [engine.requests["a"]]
+    sched = engine.scheduler
     bounded, unbounded = (40 - 1, 0), (engine.config.max_num_batched_tokens, 0)
+
+    def cap():
+        return sched.prefill_cap(decodes, time.perf_counter())
+
     engine.add_request(PROMPTS[1], SamplingParams(max_tokens=4), request_id="b")
-    assert engine._slo_prefill_cap(decodes) == bounded
+    assert cap() == bounded
     engine.add_request(PROMPTS[2], SamplingParams(max_tokens=4), request_id="c", ttft_slo_ms=1e6)
-    assert engine._slo_prefill_cap(decodes) == bounded  # its TTFT SLO is far off
+    assert cap() == bounded  # its TTFT SLO is far off
     engine.add_request(PROMPTS[3], SamplingParams(max_tokens=4), request_id="d", ttft_slo_ms=0.001)
-    assert engine._slo_prefill_cap(decodes) == unbounded  # due now
+    assert cap() == unbounded  # due now
     engine.abort("d")
-    assert engine._slo_prefill_cap(decodes) == bounded
+    assert cap() == bounded
     decodes[0].policy = "dynamic-tree"  # slo_prefill=None: only adaserve steps are bounded
-    assert engine._slo_prefill_cap(decodes) == unbounded
-    engine.config = dataclasses.replace(engine.config, slo_prefill=True)  # on for every policy
-    assert engine._slo_prefill_cap(decodes) == bounded
-    engine.config = dataclasses.replace(engine.config, max_prefill_wait_s=0.0)
-    assert engine._slo_prefill_cap(decodes) == unbounded
+    assert cap() == (None, 0)
+    sched.config = dataclasses.replace(sched.config, slo_prefill=True)  # on for every policy
+    assert cap() == bounded
+    sched.config = dataclasses.replace(sched.config, max_prefill_wait_s=0.0)
+    assert cap() == unbounded
 
 
 @pytest.fixture(scope="module")
@@ -193,7 +201,7 @@ def test_draft_equal_to_target_accepts_the_greedy_path_of_a_tree(self_draft_engi
     req = e.requests[rid]
     e.step()
     while not req.finished:
-        before_acc, before_tree = req.num_accepted_draft_tokens, e.totals["tree_nodes"]
+        before_acc, before_tree = req.num_accepted_draft_tokens, e.scheduler.totals.tree_nodes
         proposal_depth = e.config.max_draft_depth
         e.step()
         if req.finished:
@@ -202,7 +210,7 @@ def test_draft_equal_to_target_accepts_the_greedy_path_of_a_tree(self_draft_engi
         # The top-1 chain is the highest-f path, so it is drafted and selected to its full depth (bounded by the
         # tree's node count); every node on it is the target's greedy token.
         assert accepted >= 1
-        assert accepted <= min(proposal_depth, e.totals["tree_nodes"] - before_tree)
+        assert accepted <= min(proposal_depth, e.scheduler.totals.tree_nodes - before_tree)
     assert req.num_accepted_draft_tokens / req.num_spec_steps >= 3
 
 
@@ -233,7 +241,7 @@ def test_sampling_speculation_matches_target_distribution(random_draft_dir, embe
     n = 600
     params = [SamplingParams(max_tokens=2, temperature=1.0, top_k=4, seed=s, ignore_eos=True) for s in range(n)]
     outs = e.generate([prompt] * n, params, policy="dynamic-tree")
-    assert e.totals["accepted"] > 0
+    assert e.scheduler.totals.accepted > 0
     assert_first_two_tokens_follow_target(e, prompt, params[0], outs)
 
 
@@ -285,19 +293,24 @@ def test_policy_without_draft_is_a_clear_error():
 
 def test_slo_prefill_plans_a_cushion_from_the_measured_gain_spread(random_draft_dir):
     engine = _spec_engine(str(random_draft_dir))
-    engine.latency_model = LatencyModel(PiecewiseLinear((0.0, 100.0), (0.01, 5.01)), 0.0)  # 10 ms + 50 ms a token
+    sched = engine.scheduler
+    sched.latency_model = LatencyModel(PiecewiseLinear((0.0, 100.0), (0.01, 5.01)), 0.0)  # 10 ms + 50 ms a token
     engine.add_request(PROMPTS[0], SamplingParams(max_tokens=16, ignore_eos=True), request_id="a", tpot_slo_ms=1000.0)
     while not engine.requests["a"].is_decoding:
         engine.step()
     decodes = [engine.requests["a"]]
-    engine._step_overhead_ema_s = 0.0
+
+    def cap():
+        return sched.prefill_cap(decodes, time.perf_counter())
+
+    sched.step_overhead_ema_s = 0.0
     # every tree gained 1 token: no spread, so ~1 s steps of ~19 tokens keep the 1 s SLO for the 15 left
-    engine.totals.update(tree_requests=100, accepted=0, tree_gain_sq=100)
-    steady, nodes = engine._slo_prefill_cap(decodes)
+    sched.totals = StepTotals(tree_requests=100, accepted=0, tree_gain_sq=100)
+    steady, nodes = cap()
     assert nodes == 0 and 15 <= steady <= 19
     # a spread of 0.5 tokens per step: a cushion of 2 x 0.5 x sqrt(15) tokens asks for ~0.8 s steps
-    engine.totals.update(tree_gain_sq=125)
-    cushioned, _ = engine._slo_prefill_cap(decodes)
+    sched.totals.tree_gain_sq = 125
+    cushioned, _ = cap()
     assert cushioned <= steady - 3
-    engine.config = dataclasses.replace(engine.config, slo_prefill_confidence_z=0.0)
-    assert engine._slo_prefill_cap(decodes) == (steady, 0)
+    sched.config = dataclasses.replace(sched.config, slo_prefill_confidence_z=0.0)
+    assert cap() == (steady, 0)

@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from app.engine.speculative.drafter import CandidateTree, DraftRequest
 from app.engine.request import Request
+from app.engine.step import StepPlan
 from app.engine.speculative.tree import VerifyTree, build_verify_trees, pad
 from kernels.metadata import MAX_TREE_TOKENS
-from policies.tree_selection import PolicySpec, SLOState, draft_shape, parse_policy, select
+from policies.budget import throughput_cut_path_prob
+from policies.tree_selection import PolicySpec, SLOState, cap_tree_size, draft_shape, parse_policy, select
 
 
 @dataclass
@@ -59,22 +60,24 @@ class Speculator:
     def policy_of(self, req: Request) -> PolicySpec:
         return parse_policy(req.policy) if req.policy else self.default_policy
 
-    def propose(self, reqs: list[Request], node_budget: int, t_step_s: float, now: float,
-                min_path_prob: float = 0.0, tokens_per_s: float = 0.0,
-                node_cut: Callable[[np.ndarray], float] | None = None) -> ProposeResult:
-        """Verify trees for decoding requests. node_budget: tree nodes (roots excluded) the step may verify;
-        min_path_prob: nodes less likely than this cost more than they yield (budgeted policies skip them);
-        tokens_per_s: the step's expected output rate, which prices a draft level (budgeted policies draft
-        the next level only if its frontiers' path probability could pay for the forward's time);
-        node_cut: given the drafted candidates' f, the f below which verifying them lowers the step's token
-        rate (budgeted policies' selection skips them too)."""
+    def propose(self, plan: StepPlan, now: float) -> ProposeResult:
+        """Verify trees for the plan's decoding requests, within its node budget and priced by its
+        ``NodePricing``: budgeted policies skip nodes less likely than ``min_path_prob`` (they cost more than they
+        yield), draft the next level only if its frontiers' path probability could pay for the forward's time at
+        the step's ``tokens_per_s``, and keep only the candidates whose f raises the step's token rate
+        (``policies.budget.throughput_cut_path_prob``)."""
+        reqs = [c.request for c in plan.decodes]
+        pricing = plan.pricing
+        min_path_prob = pricing.min_path_prob if pricing else 0.0
+        tokens_per_s = pricing.tokens_per_s if pricing else 0.0
+        t_step_s = plan.predicted_step_s
         result = ProposeResult()
         groups: dict[PolicySpec, list[Request]] = {}
         for r in reqs:
             spec = self.policy_of(r)
             if spec.kind != "none":
                 groups.setdefault(spec, []).append(r)
-        budget = max(node_budget, 0)
+        budget = max(plan.node_budget, 0)
         for spec, group in groups.items():
             if spec.budgeted and budget == 0:
                 continue
@@ -89,13 +92,13 @@ class Speculator:
                 level_s = self.draft_forward_s or 0.0
                 cut = {"min_path_prob": min_path_prob, "min_level_mass": tokens_per_s * level_s,
                        "root_topk": self.root_topk}
-            forwards = getattr(self.drafter, "num_forwards", None)
+            forwards = self.drafter.num_forwards
             t0 = time.perf_counter()
             cands = self.drafter.propose(
                 [_draft_request(r) for r in group], depth=depth, beam_width=beam, topk=topk,
                 widths=spec.static_widths or None, **cut)
             t1 = time.perf_counter()
-            if forwards is not None and self.drafter.num_forwards > forwards:
+            if self.drafter.num_forwards > forwards:
                 per = (t1 - t0) / (self.drafter.num_forwards - forwards)
                 self.draft_forward_s = per if self.draft_forward_s is None else 0.9 * self.draft_forward_s + 0.1 * per
             padded = pad(cands)
@@ -104,18 +107,19 @@ class Speculator:
                 decoded_tokens=np.array([max(r.num_output_tokens - 1, 0) for r in group]),
                 tpot_slo_s=np.array([r.tpot_slo_ms / 1e3 if r.tpot_slo_ms else np.inf for r in group]))
             min_f, sel_budget = min_path_prob, budget
-            if spec.budgeted and node_cut is not None:
+            if spec.budgeted and pricing is not None:
                 # Nodes worth their verify time: the throughput phase keeps f >= the cut, and the SLO phase may
                 # choose other (less likely) nodes for urgent requests but not more of them: past that size every
                 # node slows the step for all requests, and buying it for requests already behind their SLO makes
                 # more requests fall behind (measured: adaserve 38% vs dynamic-tree 75% attainment at 2 req/s).
                 f_valid = padded.path_prob[padded.valid]
-                cut = node_cut(f_valid)
+                cut = throughput_cut_path_prob(f_valid, pricing.latency_model, pricing.base_tokens,
+                                               pricing.context_tokens, float(pricing.num_roots))
                 min_f = max(min_f, cut)
                 sel_budget = min(budget, int(np.count_nonzero(f_valid >= cut)))
             selected = select(spec, padded.path_prob, padded.parent, padded.valid, slo, sel_budget, t_step_s,
                               depth, self.n_max, min_path_prob=min_f, serve_unreachable=not self.slo_triage)
-            selected = _cap_tree_size(selected, self.n_max)
+            selected = cap_tree_size(selected, self.n_max)
             trees = build_verify_trees([r.token_ids[-1] for r in group], padded, selected)
             result.select_s += time.perf_counter() - t1
             result.draft_s += t1 - t0
@@ -136,17 +140,8 @@ class Speculator:
         self.num_trees += 1
         self.num_accepted += len(path) - 1
         self.num_rejections += int(path[-1] in tree.parents)
-        observe = getattr(self.drafter, "observe", None)
-        if observe is not None:
-            observe(request_id, candidates, tree, path)
+        self.drafter.observe(request_id, candidates, tree, path)
 
 
 def _draft_request(req: Request) -> DraftRequest:
     return DraftRequest(request_id=req.request_id, token_ids=req.token_ids)
-
-
-def _cap_tree_size(selected: np.ndarray, n_max: int) -> np.ndarray:
-    """Unbudgeted shapes (static-tree, chain) can exceed the mask width: keep the first n_max (parents-first)."""
-    if selected.size == 0 or int(selected.sum(axis=1).max()) <= n_max:
-        return selected
-    return selected & (np.cumsum(selected, axis=1) <= n_max)
