@@ -30,11 +30,12 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from app.engine.speculative.distilled import dense_forward, fused_layer, rope_cos_sin, save_draft_weights
-from app.engine.speculative.feature import feature_forward_train, save_feature_draft
-from app.engine.model import LlamaModel, _rms_norm
+from app.engine.layers import rms_norm
+from app.engine.model import LlamaModel
 from app.engine.weights import Checkpoint, load_checkpoint, load_tokenizer
 from bench.datasets import iter_sharegpt_conversations
+from train.export import save_draft_weights, save_feature_draft
+from train.forward import dense_forward, feature_forward_train, fused_layer, rope_for_length
 
 
 @dataclass
@@ -208,9 +209,9 @@ class Teacher:
     @torch.inference_mode()
     def run(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(final-normed hidden [B, L, H] bf16, next-token log-probs [B, L, S] float32)."""
-        cos, sin = rope_cos_sin(self.config, ids.shape[1], torch.bfloat16, ids.device)
+        cos, sin = rope_for_length(self.config, ids.shape[1], torch.bfloat16, ids.device)
         h = dense_forward(self.model.layers, self.model.embed[ids], self.config, cos, sin)
-        h = _rms_norm(h, self.model.norm, self.config.rms_norm_eps)
+        h = rms_norm(h, self.model.norm, self.config.rms_norm_eps)
         return h, F.log_softmax(F.linear(h, self.head).float(), dim=-1)
 
 
@@ -232,10 +233,10 @@ class Student(torch.nn.Module):
         return [dict(d.items()) for d in self.layers]
 
     def logits(self, ids: torch.Tensor) -> torch.Tensor:
-        cos, sin = rope_cos_sin(self.config, ids.shape[1], torch.float32, ids.device)
+        cos, sin = rope_for_length(self.config, ids.shape[1], torch.float32, ids.device)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             h = dense_forward(self.layer_dicts(), self.embed[ids].float(), self.config, cos, sin)
-            h = _rms_norm(h, self.norm, self.config.rms_norm_eps)
+            h = rms_norm(h, self.norm, self.config.rms_norm_eps)
             return F.linear(h, self.head).float()  # [B, L, S]
 
 
@@ -257,7 +258,7 @@ class FeatureStudent(torch.nn.Module):
 
     def forward(self, features: torch.Tensor, ids: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Per pass: logits [B, L - 1, S] (position i predicts x_{i+2}) and g [B, L - 1, H]."""
-        cos, sin = rope_cos_sin(self.config, ids.shape[1] - 1, torch.float32, ids.device)
+        cos, sin = rope_for_length(self.config, ids.shape[1] - 1, torch.float32, ids.device)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             gs = feature_forward_train(self.fc, dict(self.layer.items()), self.norm, self.embed, features, ids,
                                        self.config, cos, sin, self.passes)

@@ -8,47 +8,15 @@ are fused at load time, as in gpt-fast, to halve the matmul launches per layer.
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 
+from app.engine.layers import decoder_layer, rms_norm, rope_cos_sin, rope_inv_freq
 from app.engine.weights import ModelConfig
 from kernels import dispatch
 from kernels.metadata import AttnMetadata
-
-
-def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
-    dim = config.head_dim
-    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
-    scaling = config.rope_scaling or {}
-    kind = scaling.get("rope_type")
-    if kind == "linear":
-        inv_freq = inv_freq / scaling["factor"]
-    elif kind == "llama3":
-        factor = scaling["factor"]
-        low, high = scaling.get("low_freq_factor", 1.0), scaling.get("high_freq_factor", 4.0)
-        old_len = scaling["original_max_position_embeddings"]
-        low_wavelen, high_wavelen = old_len / low, old_len / high
-        wavelen = 2 * math.pi / inv_freq
-        scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
-        smooth = (old_len / wavelen - low) / (high - low)
-        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
-        medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
-        inv_freq = torch.where(medium, smoothed, scaled)
-    return inv_freq
-
-
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # x: [T, heads, D]; cos/sin: [T, 1, D]; HF's rotate_half convention (halves, not interleaved pairs)
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
-
-
-def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    xf = x.float()
-    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * xf.to(x.dtype)
 
 
 class LlamaModel:
@@ -105,25 +73,16 @@ class LlamaModel:
         c = self.config
         k_cache, v_cache = kv_cache
         h = self.embed[input_ids] if input_embeds is None else input_embeds
-        T = h.shape[0]
-        freqs = positions.to(torch.float32)[:, None] * self.inv_freq[None, :]
-        emb = torch.cat((freqs, freqs), dim=-1)[:, None, :]
-        cos, sin = emb.cos().to(self.dtype), emb.sin().to(self.dtype)
-        q_size, kv_size = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+        cos, sin = rope_cos_sin(positions, self.inv_freq, self.dtype)
         for i, layer in enumerate(self.layers):
-            x = _rms_norm(h, layer["in_norm"], c.rms_norm_eps)
-            qkv = F.linear(x, layer["wqkv"], layer["bqkv"])
-            # q and k heads rotate together in one pass
-            qk = _rotate(qkv[:, :q_size + kv_size].view(T, c.num_heads + c.num_kv_heads, c.head_dim), cos, sin)
-            q, k = qk[:, :c.num_heads], qk[:, c.num_heads:]
-            v = qkv[:, q_size + kv_size:].view(T, c.num_kv_heads, c.head_dim)
-            dispatch.write_kv(k, v, k_cache[i], v_cache[i], meta.slot_mapping)
-            o = dispatch.attention(q, k_cache[i], v_cache[i], meta, self.scale)
-            h = h + F.linear(o.reshape(T, q_size), layer["wo"])
-            x = _rms_norm(h, layer["post_norm"], c.rms_norm_eps)
-            gate, up = F.linear(x, layer["w13"]).chunk(2, dim=-1)
-            h = h + F.linear(F.silu(gate) * up, layer["w2"])
-        return _rms_norm(h, self.norm, c.rms_norm_eps)
+            h = decoder_layer(h, layer, c, cos, sin, partial(self._attend, k_cache[i], v_cache[i], meta))
+        return rms_norm(h, self.norm, c.rms_norm_eps)
+
+    def _attend(self, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttnMetadata, q: torch.Tensor,
+                k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Paged attention of one layer: store k/v at their slots, attend over the cache. q [T, heads, D]."""
+        dispatch.write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+        return dispatch.attention(q, k_cache, v_cache, meta, self.scale)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return F.linear(hidden, self.lm_head).float()

@@ -11,9 +11,11 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from app.engine.speculative.distilled import SHIPPED_WEIGHTS, fused_layer, read_draft_weights, save_draft_weights
+from app.engine.speculative.distilled import SHIPPED_WEIGHTS, read_draft_weights
 from app.engine.speculative.drafter import CandidateTree, Drafter, DraftRequest, load_drafter
 from app.engine.weights import load_checkpoint, load_tokenizer
+from train.export import save_draft_weights, save_feature_draft
+from train.forward import fused_layer
 
 PROMPT = "<|im_start|>user\nWrite a short poem about the sea and the wind.<|im_end|>\n<|im_start|>assistant\n"
 
@@ -284,8 +286,6 @@ def test_quick_training_reduces_the_loss(kind, tmp_path):
 @pytest.fixture(scope="module")
 def feature_file(target, tmp_path_factory):
     """An untrained feature draft (fc = [I I], target layer 29, 4096-row head) in the shipped format."""
-    from app.engine.speculative.feature import save_feature_draft
-
     path = tmp_path_factory.mktemp("feature") / "draft.safetensors"
     H = target.config.hidden_size
     torch.manual_seed(0)
@@ -340,9 +340,9 @@ def test_feature_draft_needs_the_target_hidden_states(feature_file, target, prom
 def test_feature_draft_equals_its_training_forward(feature_file, target, prompt_ids, target_hidden):
     """The serving path (paged catch-up, then a tree level fed with the draft's own output) computes what the
     unrolled training forward computes: pass 0 on the target's features, pass 1 on the draft's estimates."""
-    from app.engine.speculative.distilled import rope_cos_sin
-    from app.engine.speculative.feature import feature_forward_train
     from safetensors import safe_open
+
+    from train.forward import feature_forward_train, rope_for_length
 
     drafter = _feature_drafter(feature_file, target)
     drafter.record_hidden("c", 0, target_hidden)
@@ -353,7 +353,7 @@ def test_feature_draft_equals_its_training_forward(feature_file, target, prompt_
     layer = fused_layer({k: v for k, v in t.items() if k.startswith("model.layers.")}, 0)
     ids = torch.tensor([prompt_ids + [int(tree.tokens[0])]])
     feats = torch.cat([target_hidden, torch.zeros(1, target_hidden.shape[1])])[None]  # last feature unused
-    cos, sin = rope_cos_sin(target.config, ids.shape[1] - 1, torch.float32, ids.device)
+    cos, sin = rope_for_length(target.config, ids.shape[1] - 1, torch.float32, ids.device)
     embed = target.state_dict["model.embed_tokens.weight"].float()
     gs = feature_forward_train(t["fc.weight"], layer, t["norm.weight"], embed, feats, ids, target.config,
                                cos, sin, passes=2)

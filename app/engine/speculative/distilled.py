@@ -6,7 +6,8 @@ Shipped file (safetensors, only the trained tensors, bf16): HF-named layer tenso
 is a subset. Metadata records the format, the target's shape and a probe of its embedding, so a draft is
 never run against a target it was not trained for.
 
-Training uses a dense (padded batch) forward over the same layer tensors (`dense_forward`), not the paged one.
+Training (train/distill.py) writes this file (train/export.py) and runs a dense (padded batch) forward over the
+same layer tensors (train/forward.py), not the paged one.
 """
 
 from __future__ import annotations
@@ -16,19 +17,14 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from safetensors import safe_open
-from safetensors.torch import save_file
 
-from app.engine.model import LlamaModel, _rms_norm, _rotate, rope_inv_freq
+from app.engine.model import LlamaModel
 from app.engine.weights import ModelConfig
 
 FORMAT = "adaserve-distilled-draft/1"
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 SHIPPED_WEIGHTS = WEIGHTS_DIR / "smollm2-135m-draft.safetensors"
-_LAYER_PARTS = ("input_layernorm.weight", "post_attention_layernorm.weight", "self_attn.q_proj.weight",
-                "self_attn.k_proj.weight", "self_attn.v_proj.weight", "self_attn.o_proj.weight",
-                "mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight")
 
 
 class DraftLlamaModel(LlamaModel):
@@ -60,39 +56,6 @@ def same_target(probe: list[float], embed: torch.Tensor) -> bool:
 
 
 # ---- shipped-file format -----------------------------------------------------------------------------------
-
-def save_draft_weights(path: Path, layers: list[dict[str, torch.Tensor]], target_config: ModelConfig,
-                       target_embed: torch.Tensor, vocab_ids: torch.Tensor | None, extra: dict | None = None,
-                       dtype: torch.dtype = torch.bfloat16) -> None:
-    """layers: fused training tensors (in_norm, post_norm, wqkv, wo, w13, w2) per draft layer."""
-    c = target_config
-    tensors: dict[str, torch.Tensor] = {}
-    for i, layer in enumerate(layers):
-        tensors.update(hf_layer_tensors(layer, c, f"model.layers.{i}.", dtype))
-    if vocab_ids is not None:
-        tensors["draft.vocab_ids"] = vocab_ids.to(torch.int64).contiguous().cpu()
-    meta = {"format": FORMAT, "num_layers": str(len(layers)), "target_vocab_size": str(c.vocab_size),
-            "target_hidden_size": str(c.hidden_size), "target_embed_probe": json.dumps(embed_probe(target_embed))}
-    meta.update({k: str(v) for k, v in (extra or {}).items()})
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=meta)
-    tmp.replace(path)
-
-
-def hf_layer_tensors(layer: dict[str, torch.Tensor], config: ModelConfig, prefix: str,
-                     dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """One fused training layer (in_norm, post_norm, wqkv, wo, w13, w2) -> HF-named tensors under `prefix`."""
-    c = config
-    q, kv = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
-    wq, wk, wv = layer["wqkv"].detach().split([q, kv, kv])
-    gate, up = layer["w13"].detach().chunk(2)
-    parts = {"input_layernorm.weight": layer["in_norm"], "post_attention_layernorm.weight": layer["post_norm"],
-             "self_attn.q_proj.weight": wq, "self_attn.k_proj.weight": wk, "self_attn.v_proj.weight": wv,
-             "self_attn.o_proj.weight": layer["wo"], "mlp.gate_proj.weight": gate, "mlp.up_proj.weight": up,
-             "mlp.down_proj.weight": layer["w2"]}
-    return {prefix + name: t.detach().to(dtype).contiguous().cpu() for name, t in parts.items()}
-
 
 def read_draft_weights(path: Path, fmt: str = FORMAT,
                        what: str = "distilled draft") -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -128,48 +91,3 @@ def build_distilled_model(path: Path, target_config: ModelConfig, target_embed: 
     state["model.norm.weight"] = target_norm
     vocab_ids = tensors.get("draft.vocab_ids") if use_vocab_subset else None
     return DraftLlamaModel(config, state, dtype, device, vocab_ids)
-
-
-# ---- dense forward for training --------------------------------------------------------------------------
-
-def fused_layer(state: dict[str, torch.Tensor], i: int) -> dict[str, torch.Tensor]:
-    """One target layer's HF tensors -> the fused dict LlamaModel uses (in_norm, wqkv, wo, w13, w2, post_norm)."""
-    p = f"model.layers.{i}."
-    return {
-        "in_norm": state[p + "input_layernorm.weight"].float().clone(),
-        "post_norm": state[p + "post_attention_layernorm.weight"].float().clone(),
-        "wqkv": torch.cat([state[p + f"self_attn.{n}_proj.weight"].float() for n in "qkv"]),
-        "wo": state[p + "self_attn.o_proj.weight"].float().clone(),
-        "w13": torch.cat([state[p + "mlp.gate_proj.weight"].float(), state[p + "mlp.up_proj.weight"].float()]),
-        "w2": state[p + "mlp.down_proj.weight"].float().clone(),
-    }
-
-
-def rope_cos_sin(config: ModelConfig, length: int, dtype: torch.dtype,
-                 device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    inv_freq = rope_inv_freq(config).to(device)
-    freqs = torch.arange(length, device=device, dtype=torch.float32)[:, None] * inv_freq[None, :]
-    emb = torch.cat((freqs, freqs), dim=-1)[:, None, :]  # [L, 1, D]
-    return emb.cos().to(dtype), emb.sin().to(dtype)
-
-
-def dense_forward(layers: list[dict[str, torch.Tensor]], h: torch.Tensor, config: ModelConfig,
-                  cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Causal forward of decoder layers over a padded batch h [B, L, hidden] (no final norm)."""
-    c = config
-    B, L, _ = h.shape
-    q_size, kv_size = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
-    for layer in layers:
-        x = _rms_norm(h, layer["in_norm"], c.rms_norm_eps)
-        qkv = F.linear(x, layer["wqkv"], layer.get("bqkv"))
-        q = qkv[..., :q_size].reshape(B, L, c.num_heads, c.head_dim)
-        k = qkv[..., q_size:q_size + kv_size].reshape(B, L, c.num_kv_heads, c.head_dim)
-        v = qkv[..., q_size + kv_size:].reshape(B, L, c.num_kv_heads, c.head_dim)
-        q, k = _rotate(q, cos.to(q.dtype), sin.to(q.dtype)), _rotate(k, cos.to(k.dtype), sin.to(k.dtype))
-        o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                           is_causal=True, enable_gqa=c.num_kv_heads != c.num_heads)
-        h = h + F.linear(o.transpose(1, 2).reshape(B, L, q_size), layer["wo"])
-        x = _rms_norm(h, layer["post_norm"], c.rms_norm_eps)
-        gate, up = F.linear(x, layer["w13"]).chunk(2, dim=-1)
-        h = h + F.linear(F.silu(gate) * up, layer["w2"])
-    return h

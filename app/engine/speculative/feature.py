@@ -12,26 +12,23 @@ Shipped file (safetensors, bf16): `fc.weight` [H, 2H], `norm.weight` [H], HF-nam
 optionally `draft.vocab_ids` (a frequency-ranked vocabulary subset for the head). Embedding and LM head come from
 the target at load; metadata pins the target (shape + embedding probe) like the distilled draft's.
 
-Training (train/distill.py, `--kind feature`) unrolls the draft over its own estimates ("training-time
-test"): pass p feeds g from pass p - 1 and attends to the true-feature context up to i - p, plus its own chain,
-exactly what tree level p + 1 sees at inference.
+Training (train/distill.py `--kind feature`, forward in train/forward.py) unrolls the draft over its own estimates
+("training-time test"): pass p feeds g from pass p - 1 and attends to the true-feature context up to i - p, plus
+its own chain, exactly what tree level p + 1 sees at inference.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import replace
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from safetensors import safe_open
-from safetensors.torch import save_file
 
-from app.engine.speculative.distilled import DraftLlamaModel, check_target, embed_probe, hf_layer_tensors, read_draft_weights
-from app.engine.speculative.drafter import Drafter, DraftRequest, _common_prefix
 from app.engine.runner import SeqInput
-from app.engine.model import _rms_norm, _rotate
+from app.engine.speculative.distilled import DraftLlamaModel, check_target, read_draft_weights
+from app.engine.speculative.drafter import Drafter, DraftRequest, _common_prefix
 from app.engine.weights import ModelConfig
 
 FORMAT = "adaserve-feature-draft/1"
@@ -49,25 +46,6 @@ class FeatureDraftModel(DraftLlamaModel):
     def input_embeds(self, features: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
         """features [T, H] (target hidden or the draft's own g), token_ids [T] -> [T, H]."""
         return F.linear(torch.cat([features.to(self.dtype), self.embed[token_ids]], dim=-1), self.fc)
-
-
-def save_feature_draft(path: Path, fc: torch.Tensor, layer: dict[str, torch.Tensor], norm: torch.Tensor,
-                       target_config: ModelConfig, target_embed: torch.Tensor, vocab_ids: torch.Tensor | None,
-                       extra: dict | None = None, dtype: torch.dtype = torch.bfloat16) -> None:
-    """layer: fused training tensors (in_norm, post_norm, wqkv, wo, w13, w2)."""
-    c = target_config
-    tensors = hf_layer_tensors(layer, c, "model.layers.0.", dtype)
-    tensors["fc.weight"] = fc.detach().to(dtype).contiguous().cpu()
-    tensors["norm.weight"] = norm.detach().to(dtype).contiguous().cpu()
-    if vocab_ids is not None:
-        tensors["draft.vocab_ids"] = vocab_ids.to(torch.int64).contiguous().cpu()
-    meta = {"format": FORMAT, "target_vocab_size": str(c.vocab_size), "target_hidden_size": str(c.hidden_size),
-            "target_embed_probe": json.dumps(embed_probe(target_embed))}
-    meta.update({k: str(v) for k, v in (extra or {}).items()})
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=meta)
-    tmp.replace(path)
 
 
 def is_feature_draft_file(path: Path | str) -> bool:
@@ -88,60 +66,6 @@ def build_feature_model(path: Path, target_config: ModelConfig, target_embed: to
     state["model.norm.weight"] = tensors["norm.weight"]
     vocab_ids = tensors.get("draft.vocab_ids") if use_vocab_subset else None
     return FeatureDraftModel(config, state, tensors["fc.weight"], dtype, device, vocab_ids)
-
-
-# ---- training forward -------------------------------------------------------------------------------------
-
-def unrolled_mask(length: int, passes: int, device: torch.device) -> list[torch.Tensor]:
-    """Per pass p, the bool mask [L, (p + 1) * L] over the keys of passes 0..p: pass-0 keys j <= i - p (true
-    features), pass-m keys (m >= 1) only at j = i - (p - m) (the query's own chain of draft estimates)."""
-    i = torch.arange(length, device=device)[:, None]
-    j = torch.arange(length, device=device)[None, :]
-    masks = []
-    for p in range(passes):
-        blocks = [j <= i - p]
-        blocks += [j == i - (p - m) for m in range(1, p + 1)]
-        masks.append(torch.cat(blocks, dim=1))
-    return masks
-
-
-def feature_forward_train(fc: torch.Tensor, layer: dict[str, torch.Tensor], norm: torch.Tensor,
-                          embed: torch.Tensor, features: torch.Tensor, ids: torch.Tensor, config: ModelConfig,
-                          cos: torch.Tensor, sin: torch.Tensor, passes: int) -> list[torch.Tensor]:
-    """Dense training forward over a padded batch; returns g per pass, each [B, L - 1, H].
-
-    features [B, L, H]: the target's final-normed hidden states of ids [B, L]. Position i of pass 0 is the
-    pair (F_i, x_{i+1}); pass p uses g_{p-1}[i - 1] (the previous pass's estimate of F_i) instead of F_i.
-    Positions i < p of pass p have no estimate (zeros) and must be left out of the loss.
-    """
-    c = config
-    B, L = ids.shape[0], ids.shape[1] - 1
-    tok = embed[ids[:, 1:]]
-    q_size, kv_size = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
-    masks = unrolled_mask(L, passes, ids.device)
-    keys, values, outs = [], [], []
-    feat = features[:, :-1]
-    for p in range(passes):
-        if p:
-            prev = outs[-1].detach()
-            feat = torch.cat([torch.zeros_like(prev[:, :1]), prev[:, :-1]], dim=1)
-        h = F.linear(torch.cat([feat.to(tok.dtype), tok], dim=-1), fc)
-        x = _rms_norm(h, layer["in_norm"], c.rms_norm_eps)
-        qkv = F.linear(x, layer["wqkv"])
-        q = qkv[..., :q_size].reshape(B, L, c.num_heads, c.head_dim)
-        k = qkv[..., q_size:q_size + kv_size].reshape(B, L, c.num_kv_heads, c.head_dim)
-        v = qkv[..., q_size + kv_size:].reshape(B, L, c.num_kv_heads, c.head_dim)
-        q, k = _rotate(q, cos.to(q.dtype), sin.to(q.dtype)), _rotate(k, cos.to(k.dtype), sin.to(k.dtype))
-        keys.append(k.transpose(1, 2))
-        values.append(v.transpose(1, 2))
-        o = F.scaled_dot_product_attention(q.transpose(1, 2), torch.cat(keys, dim=2), torch.cat(values, dim=2),
-                                           attn_mask=masks[p], enable_gqa=c.num_kv_heads != c.num_heads)
-        h = h + F.linear(o.transpose(1, 2).reshape(B, L, q_size), layer["wo"])
-        x = _rms_norm(h, layer["post_norm"], c.rms_norm_eps)
-        gate, up = F.linear(x, layer["w13"]).chunk(2, dim=-1)
-        h = h + F.linear(F.silu(gate) * up, layer["w2"])
-        outs.append(_rms_norm(h, norm, c.rms_norm_eps))
-    return outs
 
 
 # ---- drafting ---------------------------------------------------------------------------------------------

@@ -1,0 +1,82 @@
+"""The Llama decoder layer, written once: the serving model (paged attention over a flat token batch), the
+drafts built on it, and the dense training forwards (train/forward.py, padded batches) all call these.
+
+A layer is a dict of fused tensors (q/k/v and gate/up concatenated at load, as in gpt-fast): `in_norm`, `wqkv`,
+optional `bqkv` (Qwen2-style q/k/v bias), `wo`, `post_norm`, `w13`, `w2`. Only attention differs between the
+callers, so `decoder_layer` takes it as a function of the rotated q, k and v.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from app.engine.weights import ModelConfig
+
+# attend(q [..., heads, D], k [..., kv_heads, D], v [..., kv_heads, D]) -> o [..., heads, D]
+Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
+    """[head_dim / 2] rotary inverse frequencies, with linear or llama3 scaling."""
+    dim = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    scaling = config.rope_scaling or {}
+    kind = scaling.get("rope_type")
+    if kind == "linear":
+        inv_freq = inv_freq / scaling["factor"]
+    elif kind == "llama3":
+        factor = scaling["factor"]
+        low, high = scaling.get("low_freq_factor", 1.0), scaling.get("high_freq_factor", 4.0)
+        old_len = scaling["original_max_position_embeddings"]
+        low_wavelen, high_wavelen = old_len / low, old_len / high
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+        inv_freq = torch.where(medium, smoothed, scaled)
+    return inv_freq
+
+
+def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor,
+                 dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """positions [T] -> cos, sin [T, 1, head_dim] (the 1 broadcasts over heads)."""
+    freqs = positions.to(torch.float32)[:, None] * inv_freq[None, :]
+    emb = torch.cat((freqs, freqs), dim=-1)[:, None, :]
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [..., T, heads, D]; cos/sin [T, 1, D], cast to x's dtype. HF's rotate_half convention (halves, not
+    interleaved pairs)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+def decoder_layer(h: torch.Tensor, layer: dict[str, torch.Tensor], config: ModelConfig, cos: torch.Tensor,
+                  sin: torch.Tensor, attend: Attend) -> torch.Tensor:
+    """One pre-norm decoder layer: h [..., T, hidden] (a flat batch [T, H] or a padded one [B, T, H]) -> same."""
+    c = config
+    q_size, kv_size = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+    x = rms_norm(h, layer["in_norm"], c.rms_norm_eps)
+    qkv = F.linear(x, layer["wqkv"], layer.get("bqkv"))
+    # q and k heads rotate together in one pass
+    qk = apply_rope(qkv[..., :q_size + kv_size].unflatten(-1, (c.num_heads + c.num_kv_heads, c.head_dim)), cos, sin)
+    q, k = qk[..., :c.num_heads, :], qk[..., c.num_heads:, :]
+    v = qkv[..., q_size + kv_size:].unflatten(-1, (c.num_kv_heads, c.head_dim))
+    o = attend(q, k, v)
+    h = h + F.linear(o.flatten(-2), layer["wo"])
+    x = rms_norm(h, layer["post_norm"], c.rms_norm_eps)
+    gate, up = F.linear(x, layer["w13"]).chunk(2, dim=-1)
+    return h + F.linear(F.silu(gate) * up, layer["w2"])
