@@ -24,9 +24,8 @@ import time
 import numpy as np
 
 from app.engine.config import EngineConfig, SamplingParams
-from app.engine.speculative.drafter import CandidateTree, DraftRequest
-from app.engine.speculative.multi import MultiSourceDrafter
-from app.engine.speculative.ngram import NgramConfig, NgramSource
+from app.engine.speculative import CandidateTree, DraftRequest, DraftSource, MultiSourceDrafter, NgramSource
+from app.engine.speculative.ngram import NgramConfig
 from app.engine.engine import LLMEngine
 from app.engine.runner import SeqInput
 
@@ -138,7 +137,7 @@ def text_stream(tokenizer, num_tokens: int) -> list[int]:
     return out
 
 
-class _StreamDraft:
+class _StreamDraft(DraftSource):
     """A stand-in model draft for timing the lookup merged with one: per request, the text's next token (f 0.6),
     a wrong sibling (0.2) and the true second token (0.4), so the lookup has model nodes to anchor under."""
 
@@ -147,7 +146,7 @@ class _StreamDraft:
     def __init__(self, stream: list[int], cursor: list[int]):
         self.stream, self.cursor = stream, cursor
 
-    def propose(self, reqs, **kw) -> list[CandidateTree]:
+    def propose(self, reqs, depth, beam_width, topk, **kw) -> list[CandidateTree]:
         out = []
         for i in range(len(reqs)):
             k = self.cursor[i]

@@ -159,13 +159,13 @@ def main() -> None:
     if not args.skip_hf:
         from transformers import AutoModelForCausalLM
 
-        from app.engine.speculative.drafter import load_drafter
+        from app.engine.speculative import load_draft_source
         from app.engine.weights import resolve_model_dir
 
         target_hf = AutoModelForCausalLM.from_pretrained(str(resolve_model_dir("embedded")),
                                                          dtype=engine.dtype).eval()
-        token_draft = load_drafter(args.hf_draft, engine.model, target_tokenizer=engine.tokenizer,
-                                   num_kv_blocks=1, use_vocab_subset=False).model
+        token_draft = load_draft_source(args.hf_draft, target=engine.model, target_tokenizer=engine.tokenizer,
+                                        num_blocks=1, use_vocab_subset=False).model
         assistant = hf_draft_model(token_draft, target_hf)
         contenders[HF_PLAIN] = hf_run(target_hf, args.new_tokens)
         contenders[HF_ASSISTED] = hf_run(target_hf, args.new_tokens, assistant)

@@ -22,10 +22,10 @@ import time
 import numpy as np
 import torch
 
-from app.engine.speculative.drafter import Drafter, DraftRequest, load_drafter
 from app.engine.kv_cache import KVCache
 from app.engine.model import LlamaModel
 from app.engine.runner import ModelRunner, SeqInput
+from app.engine.speculative import Drafter, DraftRequest, load_draft_source
 from app.engine.weights import load_checkpoint, load_tokenizer
 from bench.datasets import humaneval_prompts, mtbench_questions
 
@@ -191,7 +191,9 @@ def main(argv: list[str] | None = None) -> None:
 
     t_start = time.perf_counter()
     ckpt = load_checkpoint(args.target)
-    drafter = load_drafter(args.draft, ckpt, use_vocab_subset=not args.full_head, kv_cache_memory_gb=0.5)
+    drafter = load_draft_source(args.draft, target=ckpt, use_vocab_subset=not args.full_head, kv_cache_memory_gb=0.5)
+    if not isinstance(drafter, Drafter):
+        ap.error(f"--draft must name one draft model, not {args.draft!r}")
     subset = None if drafter.vocab_ids is None else set(drafter.vocab_ids.tolist())
     results: dict = {"draft": args.draft, "datasets": {}}
     tokenizer = load_tokenizer(ckpt.tokenizer_dir)

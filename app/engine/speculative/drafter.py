@@ -19,10 +19,7 @@ Probabilities are the draft's plain softmax (temperature 1) over its vocabulary 
 
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -30,38 +27,8 @@ import torch
 from app.engine.kv_cache import KVCache
 from app.engine.model import LlamaModel
 from app.engine.runner import ModelRunner, SeqInput
+from app.engine.speculative.source import CandidateTree, DraftRequest, DraftSource
 from kernels.metadata import MAX_TREE_TOKENS
-
-
-@dataclass
-class DraftRequest:
-    request_id: str
-    token_ids: list[int]  # prompt + output so far; the LAST token is the tree root (the target has not computed it)
-
-
-@dataclass
-class CandidateTree:
-    """Nodes stored parents-first (parent index < own index)."""
-
-    tokens: np.ndarray  # [M] int64 draft tokens
-    parent: np.ndarray  # [M] int64, -1 = child of the root
-    draft_prob: np.ndarray  # [M] float32 draft softmax prob of this token given its parent path
-    path_prob: np.ndarray  # [M] float32 product of draft_prob along root -> node (f in the paper)
-
-    @property
-    def num_nodes(self) -> int:
-        return int(self.tokens.shape[0])
-
-    @classmethod
-    def empty(cls) -> "CandidateTree":
-        return cls(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32), np.zeros(0, np.float32))
-
-    def depths(self) -> np.ndarray:
-        """[M] depth of each node (1 = child of the root)."""
-        d = np.zeros(self.num_nodes, np.int64)
-        for i, p in enumerate(self.parent.tolist()):
-            d[i] = 1 if p < 0 else d[p] + 1
-        return d
 
 
 @dataclass
@@ -83,12 +50,6 @@ class _Building:
     hidden: dict[int, torch.Tensor] = field(default_factory=dict)  # feature drafts: output per expanded node (-1 = root)
 
 
-def tokenizer_fingerprint(tokenizer) -> str:
-    """sha256 over the token -> id map (what decides whether two models can share token ids)."""
-    vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
-    return hashlib.sha256(json.dumps(vocab, ensure_ascii=False).encode()).hexdigest()
-
-
 def max_step_tokens(depth: int, beam_width: int, topk: int, widths: tuple[int, ...] | None) -> int:
     """Largest tree-forward size (frontier + ancestors) of one request over the levels."""
     if widths is not None:
@@ -101,10 +62,9 @@ def max_step_tokens(depth: int, beam_width: int, topk: int, widths: tuple[int, .
     return sum(min(beam_width, topk ** d) for d in range(1, depth))
 
 
-class Drafter:
-    """Proposes candidate trees for a batch of requests with one draft forward per level."""
-
-    uses_features = False  # feature drafts (app/engine/speculative/feature.py) read the target's hidden states
+class Drafter(DraftSource):
+    """Proposes candidate trees for a batch of requests with one draft forward per level. (FeatureDrafter, in
+    feature.py, is the one that reads the target's hidden states: uses_features.)"""
 
     def __init__(self, model: LlamaModel, num_kv_blocks: int, block_size: int = 16, name: str = "draft"):
         self.model = model
@@ -198,7 +158,7 @@ class Drafter:
     def _catch_up_input(self, r: DraftRequest, st: _DraftSeq,
                         scratch: int) -> tuple[SeqInput | None, torch.Tensor | None]:
         """The causal chain that brings this request's draft cache up to its root (None: no KV room)."""
-        start = _common_prefix(st.token_ids, r.token_ids)
+        start = common_prefix(st.token_ids, r.token_ids)
         start = min(start, len(r.token_ids) - 1)  # the root's logits are always needed
         del st.token_ids[start:]
         if not self.kv.ensure_capacity(st.block_ids, len(r.token_ids) + scratch):
@@ -274,95 +234,10 @@ class Drafter:
                 b.frontier = sorted(first + int(j) for j in best)
 
 
-def _common_prefix(a: list[int], b: list[int]) -> int:
+def common_prefix(a: list[int], b: list[int]) -> int:
+    """Length of the longest common prefix of two token lists."""
     n = min(len(a), len(b))
     if a[:n] == b[:n]:
         return n
     arr = np.asarray(a[:n]) != np.asarray(b[:n])
     return int(arr.argmax())
-
-
-# ---- loading -------------------------------------------------------------------------------------------------
-
-DISTILLED = "distilled"
-FEATURE = "feature"
-
-
-def load_drafter(spec: str, target, *, target_tokenizer=None, target_dir: Path | str | None = None,
-                 device: torch.device | str | None = None, dtype: torch.dtype | None = None,
-                 num_kv_blocks: int | None = None, num_blocks: int | None = None, block_size: int = 16,
-                 kv_cache_memory_gb: float = 0.25, cache_dir: Path | None = None,
-                 use_vocab_subset: bool = True) -> Drafter:
-    """Build a Drafter for `target`.
-
-    spec: "feature" (the shipped feature draft for the embedded target: reads the target's hidden states),
-    "distilled" (the shipped token-only draft), a path to a feature- or distilled-draft .safetensors file, or
-    any model id/path `load_checkpoint` takes (an independent causal LM with the target's tokenizer).
-    target: the target's Checkpoint, or its LlamaModel (then pass target_tokenizer, a tokenizer object or its
-    directory, or target_dir, the target's checkpoint directory, for the vocabulary check of an independent draft).
-    num_kv_blocks (alias num_blocks): draft KV blocks; None sizes them from kv_cache_memory_gb. Giving the target's
-    block count gives the draft the same token capacity.
-    """
-    if num_kv_blocks is None:
-        num_kv_blocks = num_blocks
-    if target_tokenizer is None and target_dir is not None:
-        target_tokenizer = Path(target_dir)
-    from app.engine.speculative.distilled import SHIPPED_WEIGHTS, build_distilled_model
-    from app.engine.speculative.feature import (SHIPPED_FEATURE_WEIGHTS, FeatureDrafter, build_feature_model,
-                                          is_feature_draft_file)
-    from app.engine.weights import Checkpoint, load_checkpoint, load_tokenizer
-
-    if isinstance(target, Checkpoint):
-        t_config = target.config
-        t_embed = target.state_dict["model.embed_tokens.weight"]
-        t_norm = target.state_dict["model.norm.weight"]
-        target_tokenizer = target_tokenizer if target_tokenizer is not None else target.tokenizer_dir
-        device = torch.device(device) if device is not None else torch.device("cpu")
-        dtype = dtype or torch.float32
-    elif isinstance(target, LlamaModel):
-        t_config, t_embed, t_norm = target.config, target.embed, target.norm
-        device = torch.device(device) if device is not None else target.device
-        dtype = dtype or target.dtype
-    else:
-        raise TypeError(f"target must be a Checkpoint or a LlamaModel, got {type(target).__name__}")
-
-    drafter_cls = Drafter
-    if spec == FEATURE or is_feature_draft_file(spec):
-        path = SHIPPED_FEATURE_WEIGHTS if spec == FEATURE else Path(spec)
-        model = build_feature_model(path, t_config, t_embed, dtype, device, use_vocab_subset)
-        name, drafter_cls = (FEATURE if spec == FEATURE else str(path)), FeatureDrafter
-    elif spec == DISTILLED or spec.endswith(".safetensors") and Path(spec).is_file():
-        path = SHIPPED_WEIGHTS if spec == DISTILLED else Path(spec)
-        model = build_distilled_model(path, t_config, t_embed, t_norm, dtype, device, use_vocab_subset)
-        name = "distilled" if spec == DISTILLED else str(path)
-    else:
-        ckpt = load_checkpoint(spec, cache_dir)
-        if target_tokenizer is None:
-            raise ValueError("an independent draft needs the target's tokenizer for the vocabulary check")
-        if isinstance(target_tokenizer, (str, Path)):
-            target_tokenizer = load_tokenizer(Path(target_tokenizer))
-        draft_tokenizer = load_tokenizer(ckpt.tokenizer_dir)
-        check_same_vocabulary(draft_tokenizer, target_tokenizer, spec)
-        if ckpt.config.vocab_size < t_config.vocab_size:
-            raise ValueError(f"draft {spec!r} has {ckpt.config.vocab_size} vocabulary rows, the target "
-                             f"{t_config.vocab_size}")
-        model = LlamaModel(ckpt.config, ckpt.state_dict, dtype, device)
-        if ckpt.config.vocab_size > t_config.vocab_size:  # padded rows the target can never emit
-            model.lm_head = model.lm_head[: t_config.vocab_size]
-        name = spec
-        del ckpt
-    if num_kv_blocks is None:
-        per_block = model.kv_bytes_per_token() * block_size
-        num_kv_blocks = max(1, int(kv_cache_memory_gb * 2**30) // per_block)
-    return drafter_cls(model, num_kv_blocks, block_size, name=name)
-
-
-def check_same_vocabulary(draft_tokenizer, target_tokenizer, draft_name: str = "draft") -> None:
-    """A clear ValueError unless both tokenizers map the same tokens to the same ids."""
-    dv, tv = len(draft_tokenizer.get_vocab()), len(target_tokenizer.get_vocab())
-    if dv != tv:
-        raise ValueError(f"draft {draft_name!r} has a different vocabulary from the target "
-                         f"({dv} tokens vs {tv}): a draft must use the target's tokenizer")
-    if tokenizer_fingerprint(draft_tokenizer) != tokenizer_fingerprint(target_tokenizer):
-        raise ValueError(f"draft {draft_name!r} has a different vocabulary from the target (same size {dv}, "
-                         f"different token -> id map): a draft must use the target's tokenizer")

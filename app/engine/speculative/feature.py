@@ -28,7 +28,8 @@ from safetensors import safe_open
 
 from app.engine.runner import SeqInput
 from app.engine.speculative.distilled import DraftLlamaModel, check_target, read_draft_weights
-from app.engine.speculative.drafter import Drafter, DraftRequest, _common_prefix
+from app.engine.speculative.drafter import Drafter, common_prefix
+from app.engine.speculative.source import DraftRequest
 from app.engine.weights import ModelConfig
 
 FORMAT = "adaserve-feature-draft/1"
@@ -125,7 +126,7 @@ class FeatureDrafter(Drafter):
             raise ValueError(f"request {r.request_id}: the feature draft needs the target's hidden states of its "
                              f"first {n_pairs} tokens, {have} were recorded")
         pair_tokens = r.token_ids[1:]
-        start = min(_common_prefix(st.token_ids, pair_tokens), n_pairs - 1)  # the root pair always runs
+        start = min(common_prefix(st.token_ids, pair_tokens), n_pairs - 1)  # the root pair always runs
         del st.token_ids[start:]
         if not self.kv.ensure_capacity(st.block_ids, n_pairs + scratch):
             self.kv.trim(st.block_ids, start)

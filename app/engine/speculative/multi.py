@@ -1,8 +1,8 @@
 """Several draft sources, one candidate tree per request: the selection arbitrates between them by f.
 
-`MultiSourceDrafter` has the Drafter's interface (propose / release, plus observe for verify feedback), so the
-Speculator and every selection policy run unchanged. Per step it asks every source for its trees (the model
-draft: beam search; prompt lookup: n-gram continuations) and merges them per request:
+`MultiSourceDrafter` is a DraftSource like the ones it merges (source.py), so the Speculator and every selection
+policy run unchanged. Per step it asks every source for its trees (the model draft: beam search; prompt lookup:
+n-gram continuations) and merges them per request:
 
 - nodes are matched from the root down by (merged parent, token): identical tokens under the same parent become
   one node that records every source that proposed it;
@@ -30,8 +30,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from app.engine.speculative.calibration import BetaCounts, CalibrationTable
-from app.engine.speculative.drafter import CandidateTree, DraftRequest, load_drafter
-from app.engine.speculative.ngram import LEN_EDGES, NgramConfig, NgramSource, cell_features
+from app.engine.speculative.ngram import NgramSource
+from app.engine.speculative.source import CandidateTree, DraftRequest, DraftSource
 from policies import token_tree
 
 DEFAULT_MAX_CANDIDATES = 192
@@ -80,18 +80,17 @@ class _Proposal:
         return c if c is not None else np.full(self.tree.num_nodes, -1, np.int64)
 
 
-class MultiSourceDrafter:
+class MultiSourceDrafter(DraftSource):
     """Runs every draft source and merges their trees per request (see the module docstring)."""
 
-    def __init__(self, sources: Sequence, names: Sequence[str] | None = None,
+    def __init__(self, sources: Sequence[DraftSource], names: Sequence[str] | None = None,
                  max_candidates: int = DEFAULT_MAX_CANDIDATES):
         if not sources:
             raise ValueError("at least one draft source is needed")
         if len(sources) > 8:
             raise ValueError("at most 8 draft sources")
         self.sources = list(sources)
-        self.names = list(names) if names is not None else [getattr(s, "name", f"source{i}")
-                                                             for i, s in enumerate(self.sources)]
+        self.names = list(names) if names is not None else [s.name for s in self.sources]
         if len(set(self.names)) != len(self.names):
             raise ValueError(f"draft sources must be distinct, got {self.names}")
         self.name = ",".join(self.names)
@@ -115,24 +114,19 @@ class MultiSourceDrafter:
         self._fb_acc: list[bool] = []  # ... accepted
         self._fb_parent_acc: list[bool] = []  # ... parent accepted
 
-    # ---- the Drafter interface ----------------------------------------------------------------------------
-    @property
-    def model_drafters(self) -> list:
-        """The sources that run a draft model (they own KV caches)."""
-        return [s for s in self.sources if hasattr(s, "kv")]
-
+    # ---- the DraftSource interface ------------------------------------------------------------------------
     @property
     def num_forwards(self) -> int:
-        return sum(s.num_forwards for s in self.model_drafters)
+        return sum(s.num_forwards for s in self.sources)
 
     @property
     def uses_features(self) -> bool:
-        return any(getattr(s, "uses_features", False) for s in self.sources)
+        return any(s.uses_features for s in self.sources)
 
     def record_hidden(self, request_id: str, start: int, hidden) -> None:
         """The target's hidden states, for the sources that read them (feature drafts)."""
         for s in self.sources:
-            if getattr(s, "uses_features", False):
+            if s.uses_features:
                 s.record_hidden(request_id, start, hidden)
 
     def release(self, request_id: str) -> None:
@@ -204,7 +198,7 @@ class MultiSourceDrafter:
             self.verified_by[s] += int(mine.sum())
             self.accepted_by[s] += int((mine & acc).sum())
             self.accepted_only[s] += int((acc & (bits == (1 << s))).sum())
-            if hasattr(src, "update_stats"):
+            if self.is_lookup[s]:
                 cells = np.concatenate([p.cells_or_none(s) for p in props])[slots]
                 learn = (cells >= 0) & parent_acc
                 src.update_stats(cells[learn], acc[learn])
@@ -335,55 +329,7 @@ class MultiSourceDrafter:
             d, b = divmod(int(c), len(AGREE_Q_EDGES) + 1)
             out["agreement"].append({"depth": d + 1, "model_q_min": edges[b], "model_q_max": edges[b + 1],
                                      "observations": float(counts[c]), "mean": float(means[c])})
-        for name, src in zip(self.names, self.sources):
-            table = getattr(src, "stats", None)
-            if table is None or not hasattr(table, "counts"):
-                continue
-            counts, means = table.counts(), table.means_array()
-            rows = []
-            for c in np.flatnonzero(counts > 0):
-                bucket, depth, branch = cell_features(int(c))
-                rows.append({"match_len": LEN_EDGES[bucket], "depth": depth, "branch": branch,
-                             "observations": float(counts[c]), "mean": float(means[c])})
-            out["lookup_stats"][name] = rows
+        for s, (name, src) in enumerate(zip(self.names, self.sources)):
+            if self.is_lookup[s]:
+                out["lookup_stats"][name] = src.stats()["lookup_stats"]
         return out
-
-
-# ---- loading -------------------------------------------------------------------------------------------------
-
-def parse_sources(spec: str | Sequence[str]) -> list[str]:
-    """"distilled,ngram" / ["distilled", "ngram"] -> ["distilled", "ngram"] (stripped, empty entries dropped)."""
-    items = spec.split(",") if isinstance(spec, str) else list(spec)
-    names = [str(s).strip() for s in items if str(s).strip()]
-    if not names:
-        raise ValueError(f"no draft source in {spec!r}")
-    if len(set(names)) != len(names):
-        raise ValueError(f"draft sources repeat in {spec!r}")
-    return names
-
-
-def is_lookup(name: str) -> bool:
-    return name.strip().lower().partition(":")[0] == "ngram"
-
-
-def load_sources(spec: str | Sequence[str], target, *, max_candidates: int = DEFAULT_MAX_CANDIDATES, **kw):
-    """Build the drafter for a draft spec: one source or a comma list (or a list, as in serve_config.yaml).
-
-    A single model source ("distilled", a path, an HF id) gives the plain Drafter from `load_drafter`, exactly
-    as before. A list, or "ngram" / "ngram:MIN-MAX" anywhere in it (alone: no draft model at all), gives a
-    MultiSourceDrafter over the sources in order; each model source gets `load_drafter(name, target, **kw)`
-    (so its own KV cache of kw's size).
-    """
-    names = parse_sources(spec)
-    if len(names) == 1 and not is_lookup(names[0]):
-        return load_drafter(names[0], target, **kw)
-    sources = []
-    for name in names:
-        if is_lookup(name):
-            sources.append(NgramSource(NgramConfig.parse(name), name="ngram"))
-        else:
-            sources.append(load_drafter(name, target, **kw))
-    if sum(is_lookup(n) for n in names) > 1:
-        raise ValueError(f"at most one n-gram source, got {names}")
-    return MultiSourceDrafter(sources, names=[n if not is_lookup(n) else "ngram" for n in names],
-                              max_candidates=max_candidates)

@@ -26,7 +26,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from app.engine.speculative.calibration import BetaCounts
-from app.engine.speculative.drafter import CandidateTree, DraftRequest
+from app.engine.speculative.source import CandidateTree, DraftRequest, DraftSource
 
 _P = 0x9E3779B97F4A7C15  # odd 64-bit multiplier of the polynomial n-gram hash
 _MASK = (1 << 64) - 1
@@ -234,13 +234,15 @@ class NgramConfig:
         return cfg
 
 
-class NgramSource:
-    """Prompt-lookup draft source with the Drafter's propose/release interface; f from calibrated statistics."""
+class NgramSource(DraftSource):
+    """Prompt-lookup draft source; f from calibrated acceptance statistics (`acceptance`, learnt through
+    `update_stats` when a MultiSourceDrafter feeds verify results back)."""
 
-    def __init__(self, config: NgramConfig = NgramConfig(), stats: BetaCounts | None = None, name: str = "ngram"):
+    def __init__(self, config: NgramConfig = NgramConfig(), acceptance: BetaCounts | None = None,
+                 name: str = "ngram"):
         self.config = config
         self.name = name
-        self.stats = stats if stats is not None else default_stats()
+        self.acceptance = acceptance if acceptance is not None else default_stats()  # q per statistics cell
         self.indexes: dict[str, NgramIndex] = {}
 
     def release(self, request_id: str) -> None:
@@ -248,12 +250,22 @@ class NgramSource:
 
     def update_stats(self, cells: np.ndarray, accepted: np.ndarray) -> None:
         """Verify feedback: one entry per verified lookup node whose parent was accepted."""
-        self.stats.update(cells, accepted)
+        self.acceptance.update(cells, accepted)
+
+    def stats(self) -> dict:
+        """lookup_stats: per (match length, depth, branch) cell with data, its observations and mean q."""
+        counts, means = self.acceptance.counts(), self.acceptance.means_array()
+        rows = []
+        for c in np.flatnonzero(counts > 0):
+            bucket, depth, branch = cell_features(int(c))
+            rows.append({"match_len": LEN_EDGES[bucket], "depth": depth, "branch": branch,
+                         "observations": float(counts[c]), "mean": float(means[c])})
+        return {"lookup_stats": rows}
 
     def propose(self, reqs: list[DraftRequest], depth: int, beam_width: int = 1, topk: int = 1,
                 widths: tuple[int, ...] | None = None, min_path_prob: float = 0.0,
-                min_level_mass: float = 0.0, anchors: list[CandidateTree] | None = None,
-                root_topk: int = 0) -> list[LookupTree]:
+                min_level_mass: float = 0.0, root_topk: int = 0,
+                anchors: list[CandidateTree] | None = None) -> list[LookupTree]:
         """One lookup tree per request, max(depth, min_depth) levels deep (len(widths) for a static shape).
 
         Lookup nodes cost nothing to propose, so their chains do not shrink with the adaptive depth (1 under
@@ -274,7 +286,7 @@ class NgramSource:
         if depth < 1:
             raise ValueError("depth must be at least 1")
         cfg = self.config
-        means = self.stats.means()
+        means = self.acceptance.means()
         out = []
         for i, r in enumerate(reqs):
             if not r.token_ids:

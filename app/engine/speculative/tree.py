@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from app.engine.speculative.drafter import CandidateTree
+from app.engine.speculative.source import CandidateTree
 from policies import token_tree
 
 

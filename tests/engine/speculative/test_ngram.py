@@ -11,9 +11,10 @@ import pytest
 
 from app.engine.config import SamplingParams
 from app.engine.speculative.calibration import BetaCounts, CalibrationTable
-from app.engine.speculative.drafter import CandidateTree, DraftRequest
-from app.engine.speculative.multi import MultiSourceDrafter, agreement_cell, load_sources, parse_sources
+from app.engine.speculative.factory import load_draft_source, parse_sources
+from app.engine.speculative.multi import MultiSourceDrafter, agreement_cell
 from app.engine.speculative.ngram import NgramConfig, NgramIndex, NgramSource, cell_features, cell_index
+from app.engine.speculative.source import CandidateTree, DraftRequest, DraftSource
 from app.engine.engine import LLMEngine
 from app.engine.speculative.tree import VerifyTree
 from policies import token_tree
@@ -96,7 +97,7 @@ def test_lookup_tree_branches_and_chains():
     assert tree.parent.tolist() == [-1, 0, 1, -1, 3, 4]
     assert tree.tokens.tolist() == [x, y, z, c, d, z]
     # f = product of the cells' means along the path, primary above the alternative
-    means = src.stats.means_array()
+    means = src.acceptance.means_array()
     assert tree.path_prob[2] == pytest.approx(np.prod(means[tree.cell[:3]]), rel=1e-5)
     assert tree.path_prob[0] > tree.path_prob[3]
     assert [cell_features(int(k))[1:] for k in tree.cell] == [(1, 0), (2, 0), (3, 0), (1, 1), (2, 1), (3, 1)]
@@ -175,7 +176,7 @@ def test_lookup_statistics_converge_on_a_synthetic_stream():
             node = kids[0]
             path.append(node)
         drafter.observe("r", cand, tree, path)
-    stats = drafter.sources[0].stats
+    stats = drafter.sources[0].acceptance
     counts, means = stats.counts(), stats.means_array()
     seen = np.flatnonzero(counts > 100)
     assert len(seen) >= 3  # depths 1..4 of the longest match's primary chain
@@ -190,7 +191,7 @@ def test_lookup_statistics_converge_on_a_synthetic_stream():
 
 # ---- merging -------------------------------------------------------------------------------------------------
 
-class _FixedSource:
+class _FixedSource(DraftSource):
     def __init__(self, name, trees):
         self.name, self.trees, self.released = name, trees, []
 
@@ -258,7 +259,7 @@ def test_lookup_resumes_under_a_model_draft_node():
     assert tree.parent.tolist() == [-1, 0, 1, 2, 3, -1, 5, 6, 7, 8, 9]
     assert tree.anchor_copy.tolist() == [True] + [False] * 4 + [True, True] + [False] * 4
     assert (tree.cell[tree.anchor_copy] == -1).all() and (tree.cell[~tree.anchor_copy] >= 0).all()
-    means = src.stats.means_array()
+    means = src.acceptance.means_array()
     assert tree.path_prob[1] == pytest.approx(0.6 * means[tree.cell[1]], rel=1e-5)  # anchor f x chain q
     assert tree.path_prob[7] == pytest.approx(0.5 * means[tree.cell[7]], rel=1e-5)
     # merged: the copies fold onto the model's nodes, which stay the model's alone
@@ -295,7 +296,7 @@ def test_agreement_sets_q_of_shared_lookup_nodes_and_learns_apart_from_the_looku
     # feedback: 6 rejected (9 accepted instead). The agreement cell learns it, and so does the lookup's cell of 6
     # (a lookup's cells learn from every node it proposed: learning only from its unshared ones cost 6% of the
     # tokens per tree under the CPU's priced cut); 7's parent was rejected, so 7 teaches nothing.
-    before = src.stats.counts().copy()
+    before = src.acceptance.counts().copy()
     tree = VerifyTree(tokens=[5, 6, 9, 7], parents=[-1, 0, 0, 1], path_prob=[1.0, *out.path_prob[[0, 1, 2]]],
                       slots=[-1, 0, 1, 2])
     for _ in range(20):
@@ -303,7 +304,7 @@ def test_agreement_sets_q_of_shared_lookup_nodes_and_learns_apart_from_the_looku
         drafter.observe("r", drafter._proposals["r"].tree, tree, [0, 2])
     drafter._flush()
     assert drafter.agreement.means_array()[cell] < 0.2 < q6
-    learned = src.stats.counts() - before
+    learned = src.acceptance.counts() - before
     assert learned[look.cell[0]] == pytest.approx(20) and learned.sum() == pytest.approx(20)
 
 
@@ -356,7 +357,7 @@ def test_greedy_is_lossless_for_every_policy_on_staggered_batches(draft, random_
     engine = _spec_engine(spec, max_draft_depth=4, token_budget=24)  # small trees keep the test fast
     outs = _run_staggered(engine, POLICIES, [None, 5.0, 1000.0])
     assert outs == plain_outputs
-    assert engine.totals["tree_nodes"] > 0
+    assert engine.scheduler.totals.tree_nodes > 0
     st = engine.speculator.drafter.stats()
     assert st["accepted_per_step_by_source"]["ngram"] > 0  # lookup nodes were accepted
     _check_released(engine)
@@ -382,13 +383,13 @@ def test_copied_paragraph_is_accepted_from_lookup_nodes():
     assert st["accepted_per_step"] > 3
 
 
-def test_load_sources_routes_specs(embedded_checkpoint):
-    from app.engine.speculative import Drafter, load_drafter
+def test_load_draft_source_routes_specs(embedded_checkpoint):
+    from app.engine.speculative import Drafter
 
-    assert isinstance(load_drafter("ngram", embedded_checkpoint), MultiSourceDrafter)
-    single = load_drafter("distilled", embedded_checkpoint, num_kv_blocks=4)
+    assert isinstance(load_draft_source("ngram", target=embedded_checkpoint), MultiSourceDrafter)
+    single = load_draft_source("distilled", target=embedded_checkpoint, num_blocks=4)
     assert isinstance(single, Drafter)
-    both = load_sources(["distilled", "ngram:2-5"], embedded_checkpoint, num_kv_blocks=4)
+    both = load_draft_source(["distilled", "ngram:2-5"], target=embedded_checkpoint, num_blocks=4)
     assert both.names == ["distilled", "ngram"] and both.sources[1].config == NgramConfig(2, 5)
 
 

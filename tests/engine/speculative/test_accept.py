@@ -7,7 +7,7 @@ import torch
 
 from app.engine.config import SamplingParams
 from app.engine.speculative.accept import accept_tree
-from app.engine.speculative.drafter import CandidateTree
+from app.engine.speculative.source import CandidateTree, DraftSource
 from app.engine.speculative.tree import build_verify_trees, pad
 
 
@@ -74,7 +74,7 @@ def test_acceptance_rate_counts_only_walks_stopped_by_a_rejection():
     from app.engine.speculative.speculator import Speculator
     from app.engine.speculative.tree import VerifyTree
 
-    spec = Speculator(object(), "adaserve", max_tree_nodes=8, max_depth=8, max_width=4)
+    spec = Speculator(_Fixed(), "adaserve", max_tree_nodes=8, max_depth=8, max_width=4)
     chain = VerifyTree(tokens=[1, 2, 3], parents=[-1, 0, 1], path_prob=[1.0, 0.5, 0.2], slots=[-1, 0, 1])
     fan = VerifyTree(tokens=[1, 2, 3], parents=[-1, 0, 0], path_prob=[1.0, 0.5, 0.2], slots=[-1, 0, 1])
     spec.observe("a", None, chain, [0, 1, 2])  # reached the leaf: 2 accepted, nothing said about a 3rd token
@@ -84,7 +84,7 @@ def test_acceptance_rate_counts_only_walks_stopped_by_a_rejection():
     assert abs(spec.acceptance_rate() - 3 / 5) < 1e-12
 
 
-class _Fixed:
+class _Fixed(DraftSource):
     """A drafter that proposes the same 3-level tree (8 nodes, f halving per level) for every request."""
 
     def propose(self, reqs, depth, beam_width, topk, widths=None, **kw):
@@ -92,6 +92,9 @@ class _Fixed:
         f = np.array([0.8, 0.6, 0.4, 0.3, 0.3, 0.2, 0.15, 0.1], np.float32)
         q = f / np.where(parent >= 0, f[np.maximum(parent, 0)], 1.0)
         return [CandidateTree(np.arange(8) + 100, parent, q.astype(np.float32), f) for _ in reqs]
+
+    def release(self, request_id):
+        pass
 
 
 def test_throughput_cut_bounds_every_budgeted_policy_and_the_slo_phase():
