@@ -33,18 +33,24 @@ class SLOError(ValueError):
 
 
 class SLOClass(BaseModel):
-    """One named class. Exactly one TPOT form; the TTFT target is optional and absolute."""
+    """One named class. Exactly one TPOT form; at most one TTFT form: absolute (``ttft_slo_ms``) or relative
+    (``ttft_slo_x_prefill`` x the replica's idle prefill time for the prompt + ``ttft_allowance_ms``). A class with
+    neither gets the settings' default relative TTFT."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     tpot_slo_ms: float | None = Field(default=None, gt=0)
     tpot_slo_x_baseline: float | None = Field(default=None, gt=0)
     ttft_slo_ms: float | None = Field(default=None, gt=0)
+    ttft_slo_x_prefill: float | None = Field(default=None, gt=0)
+    ttft_allowance_ms: float = Field(default=0.0, ge=0)
 
     @model_validator(mode="after")
     def _one_tpot_form(self) -> "SLOClass":
         if (self.tpot_slo_ms is None) == (self.tpot_slo_x_baseline is None):
             raise ValueError("an SLO class needs exactly one of tpot_slo_ms or tpot_slo_x_baseline")
+        if self.ttft_slo_ms is not None and self.ttft_slo_x_prefill is not None:
+            raise ValueError("an SLO class takes at most one of ttft_slo_ms or ttft_slo_x_prefill")
         return self
 
 
@@ -59,6 +65,10 @@ class AppSettings(BaseModel):
     slo_classes: dict[str, SLOClass] = {}
     default_slo_class: str | None = None  # applied when a request names no SLO at all
     min_tpot_slo_x_baseline: float = Field(default=0.5, gt=0)  # below this x unloaded TPOT: impossible, 400
+    # The TTFT of a request with an SLO whose class (or custom target) names none: this x the replica's idle
+    # prefill time for its prompt, plus the allowance (queueing room under load).
+    default_ttft_slo_x_prefill: float = Field(default=10.0, gt=0)
+    default_ttft_allowance_ms: float = Field(default=1000.0, ge=0)
     replica_timeout_s: float = Field(default=60.0, gt=0)  # no answer from any replica by then: 503
     unloaded_tpot_probe_tokens: int = Field(default=8, ge=2)
     unloaded_tpot_reprobes: int = Field(default=3, ge=0)  # idle re-measurements after start-up (the min is kept)
@@ -89,8 +99,10 @@ class ResolvedSLO:
     """The absolute targets a request runs under; ``slo_class`` is the metrics label ("custom", "none" or a name)."""
 
     tpot_slo_ms: float | None
-    ttft_slo_ms: float | None
+    ttft_slo_ms: float | None  # absolute; else the relative form below, resolved by the replica for the prompt
     slo_class: str
+    ttft_slo_x_prefill: float | None = None
+    ttft_allowance_ms: float = 0.0
 
 
 def needs_baseline(settings: AppSettings, slo_class: str | None, tpot_slo_ms: float | None) -> bool:
@@ -133,13 +145,21 @@ def resolve_slo(settings: AppSettings, *, slo_class: str | None, tpot_slo_ms: fl
             ttft = cls.ttft_slo_ms
     elif tpot is None and ttft is None:
         label = "none"
+    x_prefill, allowance = None, 0.0
+    if ttft is None and label != "none":  # every request with an SLO has a TTFT target
+        cls = settings.slo_classes.get(name) if name is not None else None
+        if cls is not None and cls.ttft_slo_x_prefill is not None:
+            x_prefill, allowance = cls.ttft_slo_x_prefill, cls.ttft_allowance_ms
+        else:
+            x_prefill, allowance = settings.default_ttft_slo_x_prefill, settings.default_ttft_allowance_ms
     if tpot is not None and unloaded_tpot_s is not None:
         floor_ms = settings.min_tpot_slo_x_baseline * unloaded_tpot_s * 1e3
         if tpot < floor_ms:
             raise SLOError(f"tpot_slo_ms {tpot:.3g} is impossible on this deployment: the floor is "
                            f"{settings.min_tpot_slo_x_baseline} x the unloaded TPOT = {floor_ms:.3g} ms",
                            "slo_class" if slo_class is not None and tpot_slo_ms is None else "tpot_slo_ms")
-    return ResolvedSLO(tpot_slo_ms=tpot, ttft_slo_ms=ttft, slo_class=label)
+    return ResolvedSLO(tpot_slo_ms=tpot, ttft_slo_ms=ttft, slo_class=label, ttft_slo_x_prefill=x_prefill,
+                       ttft_allowance_ms=allowance)
 
 
 def load_serve_config(path: str | Path = DEFAULT_CONFIG_PATH) -> dict[str, Any]:

@@ -16,6 +16,7 @@ aborts the request, freeing its KV blocks.
 import asyncio
 import json
 import logging
+import math
 import statistics
 import time
 from typing import Any, AsyncIterator
@@ -44,16 +45,24 @@ _ERROR_TYPES = {400: "invalid_request_error", 404: "invalid_request_error", 429:
 
 
 class APIError(Exception):
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 retry_after_s: float | None = None):
         super().__init__(message)
         self.status, self.message, self.param, self.code = status, message, param, code
+        self.retry_after_s = retry_after_s
 
     def body(self) -> dict[str, Any]:
         return ErrorResponse(error=ErrorBody(message=self.message, type=_ERROR_TYPES.get(self.status, "error"),
                                              param=self.param, code=self.code)).model_dump()
 
     def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status)
+        headers = None if self.retry_after_s is None else {"Retry-After": str(max(1, math.ceil(self.retry_after_s)))}
+        return JSONResponse(self.body(), status_code=self.status, headers=headers)
+
+    @classmethod
+    def from_message(cls, msg: dict[str, Any]) -> "APIError":
+        """A replica's error message."""
+        return cls(msg["status"], msg["message"], msg.get("param"), msg.get("code"), msg.get("retry_after_s"))
 
 
 def error_from_handle_exception(exc: BaseException) -> APIError:
@@ -127,7 +136,7 @@ class _Relay:
         try:
             async for msg in self.gen:
                 if msg["type"] == "error":
-                    raise APIError(msg["status"], msg["message"], msg.get("param"))
+                    raise APIError.from_message(msg)
                 self.num_tokens += len(msg["token_ids"])
                 metrics.generation_tokens.inc(len(msg["token_ids"]))
                 yield msg
@@ -145,11 +154,13 @@ class _Relay:
 
     def slo_report(self, metrics: dict[str, Any] | None) -> SLOReport:
         m = metrics or {}
+        attained = m.get("slo_attained")
+        missed = None if attained is None else [k for k in ("ttft", "tpot") if m.get(f"{k}_attained") is False]
         return SLOReport(slo_class=self.slo.slo_class, tpot_slo_ms=self.slo.tpot_slo_ms,
-                         ttft_slo_ms=self.slo.ttft_slo_ms,
+                         ttft_slo_ms=m.get("ttft_slo_ms", self.slo.ttft_slo_ms),  # relative TTFTs resolve on the replica
                          ttft_ms=None if m.get("ttft_s") is None else m["ttft_s"] * 1e3,
                          tpot_ms=None if m.get("tpot_s") is None else m["tpot_s"] * 1e3,
-                         attained=m.get("slo_attained"))
+                         attained=attained, missed=missed)
 
     async def whole(self) -> Response:
         parts: list[str] = []
@@ -268,27 +279,39 @@ class OpenAIIngress:
             return self._fail(endpoint, err)
         request_id = new_id("chatcmpl" if endpoint == "chat" else "cmpl")
         payload = {"request_id": request_id, **prompt, "sampling": body.sampling_kwargs(),
-                   "tpot_slo_ms": slo.tpot_slo_ms, "ttft_slo_ms": slo.ttft_slo_ms}
-        gen = self.stream_replica.generate.remote(payload, tpot_slo_ms=slo.tpot_slo_ms)
-        self.metrics.in_flight.inc()
-        try:
-            first = await asyncio.wait_for(gen.__anext__(), timeout=self.settings.replica_timeout_s)
-        except asyncio.CancelledError:
-            gen.cancel()
-            self.metrics.in_flight.dec()
-            raise
-        except BaseException as exc:  # noqa: BLE001 - every failure becomes an OpenAI-style status
-            gen.cancel()
-            self.metrics.in_flight.dec()
-            if not isinstance(exc, Exception):
+                   "tpot_slo_ms": slo.tpot_slo_ms, "ttft_slo_ms": slo.ttft_slo_ms,
+                   "ttft_slo_x_prefill": slo.ttft_slo_x_prefill, "ttft_allowance_ms": slo.ttft_allowance_ms}
+        avoid: list[str] = []  # replicas that refused its TTFT SLO: the router tries the others first
+        while True:
+            gen = self.stream_replica.generate.remote(payload, tpot_slo_ms=slo.tpot_slo_ms,
+                                                      avoid_replicas=tuple(avoid))
+            self.metrics.in_flight.inc()
+            try:
+                first = await asyncio.wait_for(gen.__anext__(), timeout=self.settings.replica_timeout_s)
+            except asyncio.CancelledError:
+                gen.cancel()
+                self.metrics.in_flight.dec()
                 raise
-            err = error_from_handle_exception(exc)
-            if err.status == 500:
-                logger.exception("replica call failed")
-            return self._fail(endpoint, err)
-        if first["type"] == "error":
+            except BaseException as exc:  # noqa: BLE001 - every failure becomes an OpenAI-style status
+                gen.cancel()
+                self.metrics.in_flight.dec()
+                if not isinstance(exc, Exception):
+                    raise
+                err = error_from_handle_exception(exc)
+                if err.status == 500:
+                    logger.exception("replica call failed")
+                return self._fail(endpoint, err)
+            if first["type"] != "error":
+                break
             self.metrics.in_flight.dec()
-            return self._fail(endpoint, APIError(first["status"], first["message"], first.get("param")))
+            refused_by = first.get("replica_id")
+            if first.get("code") == "slo_unattainable" and refused_by and refused_by not in avoid and \
+                    len(avoid) + 1 < self._num_replicas():
+                avoid.append(refused_by)
+                continue
+            if first.get("code") == "slo_unattainable":
+                self.metrics.observe_rejected(slo.slo_class)
+            return self._fail(endpoint, APIError.from_message(first))
         relay = _Relay(self, endpoint, body, slo, request_id, gen, first["prompt_tokens"])
         if body.stream:
             return StreamingResponse(relay.sse(), media_type="text/event-stream",
@@ -324,6 +347,9 @@ class OpenAIIngress:
             except Exception as exc:  # noqa: BLE001
                 raise error_from_handle_exception(exc) from None
         return self._cached_baseline_s
+
+    def _num_replicas(self) -> int:
+        return max(len(latest_replica_stats()), 1)
 
     def _fail(self, endpoint: str, err: APIError) -> JSONResponse:
         self.metrics.requests.labels(endpoint, str(err.status)).inc()

@@ -107,8 +107,12 @@ class ServeMetrics:
                               buckets=LATENCY_BUCKETS_S, registry=r)
         self.tpot = Histogram("adaserve_tpot_seconds", "Mean time per output token over the decode phase",
                               ["slo_class"], buckets=LATENCY_BUCKETS_S, registry=r)
-        self.slo_requests = Counter("adaserve_slo_requests", "Finished requests with an SLO, by outcome",
+        self.slo_requests = Counter("adaserve_slo_requests",
+                                    "Requests with an SLO, by outcome (attained: true | false | rejected)",
                                     ["slo_class", "attained"], registry=r)
+        self.slo_rejections = Counter("adaserve_slo_rejections",
+                                      "Requests refused because no replica could meet their TTFT SLO (429)",
+                                      ["slo_class"], registry=r)
         self.slo_attainment = Gauge("adaserve_slo_attainment_ratio", "Attained / finished requests with an SLO",
                                     ["slo_class"], registry=r)
         self.goodput_tokens = Counter("adaserve_goodput_tokens", "Tokens of requests that attained their SLO",
@@ -117,6 +121,14 @@ class ServeMetrics:
                                registry=r)
         r.register(ReplicaStatsCollector(replica_stats))
         self._slo_counts: dict[str, list[int]] = {}  # class -> [attained, finished]
+
+    def observe_rejected(self, slo_class: str) -> None:
+        """A request refused for an unattainable TTFT SLO: a miss for its class's attainment."""
+        self.slo_rejections.labels(slo_class).inc()
+        self.slo_requests.labels(slo_class, "rejected").inc()
+        counts = self._slo_counts.setdefault(slo_class, [0, 0])
+        counts[1] += 1
+        self.slo_attainment.labels(slo_class).set(counts[0] / counts[1])
 
     def observe_finished(self, slo_class: str, metrics: dict[str, Any] | None) -> None:
         """Record one finished request from the replica's final metrics (RequestMetrics as a dict)."""

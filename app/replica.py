@@ -28,6 +28,7 @@ from ray import serve
 from ray.serve.config import RequestRouterConfig
 
 from app.config import AppSettings
+from app.engine.errors import SLOUnattainableError
 from app.schemas import param_from_message
 
 logger = logging.getLogger("ray.serve")
@@ -36,8 +37,10 @@ ROUTER_CLASS_PATH = "app.router.SLORequestRouter"
 Sink = Callable[[dict[str, Any]], None]
 
 
-def _error(status: int, message: str, param: str | None = None) -> dict[str, Any]:
-    return {"type": "error", "status": status, "message": message, "param": param}
+def _error(status: int, message: str, param: str | None = None, code: str | None = None,
+           retry_after_s: float | None = None) -> dict[str, Any]:
+    return {"type": "error", "status": status, "message": message, "param": param, "code": code,
+            "retry_after_s": retry_after_s}
 
 
 class EngineLoop:
@@ -63,6 +66,7 @@ class EngineLoop:
         self._idle_wait_s = idle_wait_s
         self.stats: dict[str, Any] = dict(engine.stats())  # replaced whole, read from other threads
         self.num_step_errors = 0
+        self.num_slo_rejections = 0  # requests refused because their TTFT SLO was unattainable here
         self._tokens_per_step_ewma: float | None = None
         self._tpot_ewma_s: float | None = None
         self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
@@ -139,7 +143,13 @@ class EngineLoop:
                 chat = True
             self.engine.add_request(prompt, sampling, request_id, chat=chat,
                                     tpot_slo_ms=payload.get("tpot_slo_ms"), ttft_slo_ms=payload.get("ttft_slo_ms"),
+                                    ttft_slo_x_prefill=payload.get("ttft_slo_x_prefill"),
+                                    ttft_allowance_ms=payload.get("ttft_allowance_ms") or 0.0,
                                     policy=payload.get("policy"), arrival_time=payload.get("arrival_time"))
+        except SLOUnattainableError as exc:  # fail fast: the ingress tries another replica, else answers 429
+            self.num_slo_rejections += 1
+            sink(_error(429, str(exc), "ttft_slo_ms", "slo_unattainable", exc.retry_after_s))
+            return
         except ValueError as exc:  # InvalidRequestError is a ValueError; so are SamplingParams' checks
             sink(_error(400, str(exc), param_from_message(str(exc))))
             return
@@ -232,9 +242,11 @@ class LLMReplica:
         self.loop.start()
         logger.info("replica ready: unloaded TPOT %.1f ms, capacity %d", unloaded_tpot_s * 1e3, self.capacity)
 
-    async def generate(self, request: dict[str, Any], tpot_slo_ms: float | None = None) -> AsyncIterator[dict]:
-        """Stream one request's messages. ``tpot_slo_ms`` is read by the router (the SLO itself travels in
-        ``request``); cancellation (client gone) aborts the request so its KV blocks are freed at once."""
+    async def generate(self, request: dict[str, Any], tpot_slo_ms: float | None = None,
+                       avoid_replicas: tuple[str, ...] = ()) -> AsyncIterator[dict]:
+        """Stream one request's messages. ``tpot_slo_ms`` and ``avoid_replicas`` (replicas that already refused it)
+        are read by the router (the SLO itself travels in ``request``); cancellation (client gone) aborts the
+        request so its KV blocks are freed at once. A refusal for an unattainable TTFT names this replica."""
         if len(self._active) >= self.capacity:
             yield _error(429, f"the replica is full ({self.capacity} requests queued or running); retry later")
             return
@@ -253,6 +265,8 @@ class LLMReplica:
                     batch.append(messages.get_nowait())
                 for msg in merge_deltas(batch):
                     done = msg["type"] == "error" or bool(msg.get("finished"))
+                    if msg["type"] == "error" and msg.get("code") == "slo_unattainable":
+                        msg = {**msg, "replica_id": serve.get_replica_context().replica_id.unique_id}
                     yield msg
         except asyncio.CancelledError:
             self.loop.abort(request_id)
@@ -285,6 +299,8 @@ class LLMReplica:
             "accepted_tokens_per_step": s.get("accepted_tokens_per_step"),
             "num_steps": int(s.get("num_steps", 0)),
             "prefill_held_steps": int(s.get("prefill_held_steps", 0)),
+            "prefill_queue_s": float(s.get("prefill_queue_s", 0.0)),
+            "slo_rejections": self.loop.num_slo_rejections,
             "accepted_per_step_by_source": dict((s.get("draft_sources") or {}).get("accepted_per_step_by_source") or {}),
             "calibration_ece_by_source": {
                 name: table.get("ece") for name, table in

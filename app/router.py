@@ -52,6 +52,10 @@ class SLORequestRouter(RequestRouter):
                          baseline_tpot_s(stats, self.max_stats_age_s), self.tight_ratio)
         self.num_tight_routed += int(tight)
         ranking = rank_replicas(stats, tight, rng=self.rng, max_stats_age_s=self.max_stats_age_s)
+        avoid = request_avoid_replicas(pending_request)
+        if avoid and len(avoid) < len(by_id):  # replicas that refused this request's TTFT SLO go last
+            ranking = [[i for i in g if i not in avoid] for g in ranking] + [[i for i in by_id if i in avoid]]
+            ranking = [g for g in ranking if g]
         return [[by_id[i] for i in group] for group in ranking]
 
     def _replica_stats(self, replica: RunningReplica, now: float) -> ReplicaStats:
@@ -99,3 +103,11 @@ def request_tpot_slo_ms(pending_request: PendingRequest | None) -> float | None:
         return None if value is None else float(value)
     except (TypeError, ValueError):
         return None
+
+
+def request_avoid_replicas(pending_request: PendingRequest | None) -> set[str]:
+    """Replicas (unique ids) that already refused this request, passed by the ingress as ``avoid_replicas``."""
+    if pending_request is None:
+        return set()
+    value = (pending_request.kwargs or {}).get("avoid_replicas") or ()
+    return {str(v) for v in value} if isinstance(value, (list, tuple, set)) else set()

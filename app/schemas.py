@@ -153,7 +153,8 @@ class SLOReport(BaseModel):
     ttft_slo_ms: float | None = None
     ttft_ms: float | None = None
     tpot_ms: float | None = None
-    attained: bool | None = None  # None when the request had no SLO
+    attained: bool | None = None  # both TTFT and TPOT met; None when the request had no SLO
+    missed: list[str] | None = None  # which were missed: "ttft", "tpot" (empty when attained)
 
 
 class ChatMessageOut(BaseModel):

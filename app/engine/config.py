@@ -14,6 +14,8 @@ DEFAULT_DRAFT = "feature,ngram"
 @dataclass(frozen=True)
 class EngineConfig:
     model: str = "embedded"  # "embedded", a Hugging Face id, a local directory or a .gguf file
+    load_format: str = "auto"  # auto | dummy: seeded random weights; model is then a preset (llama-1b, llama-8b,
+    # llama-70b-tp4) or a directory holding a config.json (app/engine/dummy.py). A draft takes "dummy:<model>"
     draft: str | None = None  # draft sources: "feature", "distilled", "ngram", a model id/path, or a comma list to merge
     policy: str = "none"  # speculation policy: none | chain:k | static-tree | dynamic-tree | adaserve
     device: str = "auto"  # cpu | cuda | auto
@@ -48,6 +50,9 @@ class EngineConfig:
     # gain: headroom for unlucky acceptance (70B simulation, 10 req/s: z = 1 / 2 / 3 gives 83% / 91% / 96% attainment,
     # 475 / 436 / 350 tok/s goodput)
     profile_latency: bool = True  # profile the target's step latency at start-up (cached per model+device)
+    on_unattainable: str = "reject"  # a request whose TTFT SLO the latency model says this replica cannot meet:
+    # "reject" refuses it at once (HTTP 429, code slo_unattainable: the router tries another replica), "best_effort"
+    # serves it after every protected request
 
     def __post_init__(self) -> None:
         if isinstance(self.draft, (list, tuple)):  # YAML `draft: [distilled, ngram]` -> "distilled,ngram"
@@ -55,8 +60,12 @@ class EngineConfig:
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "prefill_chunk_tokens"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")
+        if self.load_format not in ("auto", "dummy"):
+            raise ValueError(f"load_format must be auto or dummy, got {self.load_format!r}")
         if not self.slo_prefill_confidence_z >= 0:
             raise ValueError(f"slo_prefill_confidence_z must be >= 0, got {self.slo_prefill_confidence_z}")
+        if self.on_unattainable not in ("reject", "best_effort"):
+            raise ValueError(f"on_unattainable must be reject or best_effort, got {self.on_unattainable!r}")
         if self.max_prefill_wait_s is not None and not self.max_prefill_wait_s >= 0:
             raise ValueError(f"max_prefill_wait_s must be >= 0, got {self.max_prefill_wait_s}")
 

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from app.engine.config import EngineConfig, SamplingParams
+from app.engine.errors import InvalidRequestError, SLOUnattainableError
 from app.engine.kv_cache import KVCache
 from app.engine.model import LlamaModel
 from app.engine.output import append_tokens, make_output
@@ -29,12 +30,9 @@ from app.engine.speculative.accept import accept_tree
 from app.engine.speculative.speculator import ProposeResult, Speculator
 from app.engine.step import StepPlan, StepResult, TreeOutcome
 from app.engine.weights import load_checkpoint, load_tokenizer
+from policies.admission import idle_prefill_s
 from policies.budget import choose_token_budget
 from policies.tree_selection import parse_policy
-
-
-class InvalidRequestError(ValueError):
-    """The client's request cannot be served as given (empty prompt, too long, bad parameters)."""
 
 
 def _default_cache() -> Path:
@@ -156,8 +154,13 @@ class LLMEngine:
 
     def add_request(self, prompt: str | list[int], sampling: SamplingParams | None = None,
                     request_id: str | None = None, *, chat: bool = False, tpot_slo_ms: float | None = None,
-                    ttft_slo_ms: float | None = None, policy: str | None = None,
+                    ttft_slo_ms: float | None = None, ttft_slo_x_prefill: float | None = None,
+                    ttft_allowance_ms: float = 0.0, policy: str | None = None,
                     arrival_time: float | None = None) -> str:
+        """Queue a request. A TTFT SLO is ``ttft_slo_ms``, or relative: ``ttft_slo_x_prefill`` x this replica's idle
+        prefill time for the prompt + ``ttft_allowance_ms``. Raises InvalidRequestError for bad input (a TTFT
+        target below the idle prefill time included) and SLOUnattainableError when the TTFT SLO cannot be met
+        here now and ``on_unattainable`` is "reject"."""
         sampling = sampling or SamplingParams()
         token_ids = self.encode_prompt(prompt, chat)
         if not token_ids:
@@ -167,9 +170,12 @@ class LLMEngine:
         if len(token_ids) >= self.max_model_len:
             raise InvalidRequestError(
                 f"prompt has {len(token_ids)} tokens; the context window is {self.max_model_len}")
-        for name, value in (("tpot_slo_ms", tpot_slo_ms), ("ttft_slo_ms", ttft_slo_ms)):
+        for name, value in (("tpot_slo_ms", tpot_slo_ms), ("ttft_slo_ms", ttft_slo_ms),
+                            ("ttft_slo_x_prefill", ttft_slo_x_prefill)):
             if value is not None and not value > 0:
                 raise InvalidRequestError(f"{name} must be positive, got {value}")
+        if ttft_slo_ms is None and ttft_slo_x_prefill is not None:
+            ttft_slo_ms = ttft_slo_x_prefill * self.idle_prefill_s(len(token_ids)) * 1e3 + ttft_allowance_ms
         request_id = request_id or uuid.uuid4().hex
         if request_id in self.requests:
             raise InvalidRequestError(f"request id {request_id!r} is already running")
@@ -179,9 +185,45 @@ class LLMEngine:
                       eos_token_ids=frozenset() if sampling.ignore_eos else self.eos_token_ids,
                       generator=generator, tpot_slo_ms=tpot_slo_ms, ttft_slo_ms=ttft_slo_ms, policy=policy,
                       arrival_time=arrival_time if arrival_time is not None else time.perf_counter())
+        if ttft_slo_ms is not None:
+            self._admit_ttft(req)
         self.requests[request_id] = req
         self.scheduler.add(req)
         return request_id
+
+    def idle_prefill_s(self, num_prompt_tokens: int) -> float:
+        """What an idle replica needs to prefill a prompt of this length (the latency profile's prediction)."""
+        model = self.scheduler.latency_model
+        if model is None:
+            chunks = -(-num_prompt_tokens // self.config.prefill_chunk_tokens)
+            return chunks * self.scheduler.predicted_step_s(self.config.prefill_chunk_tokens, 0)
+        return idle_prefill_s(model, num_prompt_tokens, self.config.prefill_chunk_tokens,
+                              self.scheduler.step_overhead_ema_s)
+
+    def _admit_ttft(self, req: Request) -> None:
+        """Fail fast: a TTFT target below the idle prefill time is a client error; one that the queue ahead makes
+        unattainable (or that would push an admitted request past its own deadline) is refused or served best
+        effort (``on_unattainable``). Needs the latency profile; without it every request is admitted."""
+        idle_s = self.idle_prefill_s(req.num_prompt_tokens)
+        if req.ttft_slo_ms / 1e3 < idle_s:
+            raise InvalidRequestError(
+                f"ttft_slo_ms {req.ttft_slo_ms:.4g} is below what an idle replica needs to prefill this "
+                f"{req.num_prompt_tokens}-token prompt ({idle_s * 1e3:.4g} ms)")
+        if self.scheduler.latency_model is None:
+            return
+        now = time.perf_counter()
+        before, queued_before = self.scheduler.ttft_feasible(now)
+        after, queued = self.scheduler.ttft_feasible(now, extra=req)
+        was_feasible = {id(r) for r, ok in zip(queued_before, before) if ok}
+        pushed = any(not ok and id(r) in was_feasible for r, ok in zip(queued, after) if r is not req)
+        if after[queued.index(req)] and not pushed:
+            return
+        if self.config.on_unattainable == "best_effort":
+            req.best_effort = True
+            return
+        raise SLOUnattainableError(
+            f"this replica cannot meet ttft_slo_ms {req.ttft_slo_ms:.4g} for a {req.num_prompt_tokens}-token prompt "
+            "now: the prompts queued ahead of it take longer", retry_after_s=self.scheduler.queue_drain_s(now))
 
     def abort(self, request_id: str) -> bool:
         """Stop a request and free its KV blocks; False if it is unknown or already finished."""
@@ -346,9 +388,10 @@ class LLMEngine:
             "tree_nodes_verified": t.tree_nodes,
             "draft_tokens_accepted": t.accepted,
             "prefill_held_steps": t.prefill_held_steps,  # steps the TPOT SLOs kept prompts waiting
+            "prefill_queue_s": self.scheduler.queue_drain_s(time.perf_counter()),  # queued prefill at full speed
             # where the engine's time went, over all steps so far
             "step_time_split_s": {k: getattr(t, k) for k in ("draft_s", "select_s", "verify_s", "accept_s", "step_s")},
         }
-        if self.speculator is not None:
-            out["draft_sources"] = self.speculator.drafter.stats()  # accepted tokens and calibration per source
+        if self.speculator is not None and (source_stats := self.speculator.drafter.stats()):
+            out["draft_sources"] = source_stats  # accepted tokens and calibration per source
         return out

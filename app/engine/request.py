@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -28,7 +29,9 @@ class RequestMetrics:
     tpot_s: float | None  # mean time per output token over the decode phase (first to last token)
     tpot_slo_ms: float | None
     ttft_slo_ms: float | None
-    slo_attained: bool | None
+    slo_attained: bool | None  # both targets met (a missing target counts as met)
+    ttft_attained: bool | None  # None: no TTFT SLO
+    tpot_attained: bool | None  # None: no TPOT SLO
     num_preemptions: int
     num_spec_steps: int
     num_accepted_draft_tokens: int
@@ -57,6 +60,7 @@ class Request:
     ttft_slo_ms: float | None = None
     policy: str | None = None  # per-request speculation policy override (experiments)
     arrival_time: float = field(default_factory=time.perf_counter)
+    best_effort: bool = False  # its TTFT SLO could not be met when it arrived: served after every protected request
 
     token_ids: list[int] = field(init=False)  # prompt, then output
     num_computed_tokens: int = 0  # tokens whose K/V sits in the cache
@@ -101,6 +105,11 @@ class Request:
     def finished(self) -> bool:
         return self.status is RequestStatus.FINISHED
 
+    @property
+    def ttft_deadline(self) -> float:
+        """When its first token is due (``perf_counter`` time); inf without a TTFT SLO."""
+        return self.arrival_time + self.ttft_slo_ms / 1e3 if self.ttft_slo_ms is not None else math.inf
+
     def decode_time_s(self, now: float) -> float:
         """l_r of the SLO maths: time spent since the first output token."""
         return 0.0 if self.first_token_time is None else now - self.first_token_time
@@ -110,16 +119,13 @@ class Request:
         tpot = None
         if len(self.token_times) > 1:
             tpot = (self.token_times[-1] - self.token_times[0]) / (len(self.token_times) - 1)
-        attained = None
-        if self.tpot_slo_ms is not None or self.ttft_slo_ms is not None:
-            attained = True
-            if self.tpot_slo_ms is not None and tpot is not None:
-                attained &= tpot * 1e3 <= self.tpot_slo_ms
-            if self.ttft_slo_ms is not None:
-                attained &= ttft is not None and ttft * 1e3 <= self.ttft_slo_ms
+        tpot_ok = None if self.tpot_slo_ms is None else (tpot is None or tpot * 1e3 <= self.tpot_slo_ms)
+        ttft_ok = None if self.ttft_slo_ms is None else (ttft is not None and ttft * 1e3 <= self.ttft_slo_ms)
+        attained = None if tpot_ok is None and ttft_ok is None else tpot_ok is not False and ttft_ok is not False
         return RequestMetrics(
             arrival_time=self.arrival_time, first_token_time=self.first_token_time, finish_time=self.finish_time,
             num_prompt_tokens=self.num_prompt_tokens, num_output_tokens=self.num_output_tokens, ttft_s=ttft,
             tpot_s=tpot, tpot_slo_ms=self.tpot_slo_ms, ttft_slo_ms=self.ttft_slo_ms, slo_attained=attained,
+            ttft_attained=ttft_ok, tpot_attained=tpot_ok,
             num_preemptions=self.num_preemptions, num_spec_steps=self.num_spec_steps,
             num_accepted_draft_tokens=self.num_accepted_draft_tokens)

@@ -19,6 +19,7 @@ from app.engine.kv_cache import KVCache
 from app.engine.request import Request, RequestStatus
 from app.engine.step import NodePricing, ScheduledChunk, StepPlan, StepResult, StepTotals
 from kernels.metadata import MAX_TREE_TOKENS
+from policies.admission import deadline_order, ttft_prefill_floor
 from policies.budget import min_worthwhile_path_prob, required_nodes, slo_step_plan, spare_budget
 from policies.latency_model import LatencyModel
 from policies.step_plan import split_step_tokens
@@ -66,14 +67,13 @@ class Scheduler:
             if self._grow(req, req.num_computed_tokens + 1, plan):
                 plan.decodes.append(ScheduledChunk(req, 1))
         decodes = [c.request for c in plan.decodes]
+        self._order_waiting()
         cap, slo_nodes = self.prefill_cap(decodes, now) if decodes else (None, 0)
         # 2. Prefill chunks, as the pure split decides; KV decides how far admission gets.
         max_admitted = None
         while True:
-            candidates = [r for r in self.running if r.status is RequestStatus.RUNNING and not r.is_decoding
-                          and r.num_uncomputed_tokens > 0]
-            num_running_prefills = len(candidates)
-            candidates += list(self.waiting)
+            candidates = self._prefill_candidates()
+            num_running_prefills = len(candidates) - len(self.waiting)
             split = split_step_tokens(
                 num_roots=len(plan.decodes), prefill_remaining=[r.num_uncomputed_tokens for r in candidates],
                 num_running_prefills=num_running_prefills,
@@ -103,6 +103,47 @@ class Scheduler:
             self._price(plan)
         return plan
 
+    def _prefill_candidates(self) -> list[Request]:
+        """Running requests still in prefill, then the waiting queue, each in service order."""
+        return _service_order([r for r in self.running if r.status is RequestStatus.RUNNING and not r.is_decoding
+                               and r.num_uncomputed_tokens > 0]) + list(self.waiting)
+
+    def _order_waiting(self) -> None:
+        self.waiting = deque(_service_order(list(self.waiting)))
+
+    def ttft_feasible(self, now: float, extra: Request | None = None) -> tuple[np.ndarray, list[Request]]:
+        """Which queued prompts (``extra``, a newcomer, in its EDF place) the latency model says can still get
+        their first token by their TTFT deadline at full prefill speed, in service order."""
+        queued = self._prefill_candidates()
+        if extra is not None:
+            running = len(queued) - len(self.waiting)
+            queued = queued[:running] + _service_order(queued[running:] + [extra])
+        _, feasible = self._ttft_floor(queued, now)
+        return feasible, queued
+
+    def _ttft_floor(self, queued: list[Request], now: float) -> tuple[int, np.ndarray]:
+        decoding = [r for r in self.running if r.is_decoding]
+        limit = max(self.config.max_num_batched_tokens - len(decoding), 1)
+        if self.latency_model is None or not queued:
+            return 0, np.ones(len(queued), bool)
+        # no deadline for best-effort prompts, nor for preempted ones (their first token is out): both still count
+        # where they are served
+        deadline = np.array([np.inf if r.best_effort or r.num_output_tokens else r.ttft_deadline for r in queued])
+        return ttft_prefill_floor(
+            self.latency_model, now_s=now, deadline_s=deadline,
+            remaining_tokens=np.array([r.num_uncomputed_tokens for r in queued]), num_roots=len(decoding),
+            context_tokens=sum(r.num_computed_tokens for r in decoding), max_prefill_tokens=limit,
+            overhead_s=self.step_overhead_ema_s)
+
+    def queue_drain_s(self, now: float) -> float:
+        """Seconds until every queued prompt is prefilled at full speed: when a refused client may retry."""
+        queued = self._prefill_candidates()
+        if self.latency_model is None or not queued:
+            return 0.0
+        limit = max(self.config.max_num_batched_tokens - sum(r.is_decoding for r in self.running), 1)
+        steps = -(-sum(r.num_uncomputed_tokens for r in queued) // limit)
+        return steps * (self.predicted_step_s(self.config.max_num_batched_tokens, 0) + self.step_overhead_ema_s)
+
     def _allocate(self, candidates: list[Request], num_running_prefills: int, tokens: tuple[int, ...],
                   plan: StepPlan) -> int | None:
         """Give each chunk its KV blocks; returns the index of a waiting candidate that does not fit, else None
@@ -121,9 +162,11 @@ class Scheduler:
 
     def prefill_cap(self, decodes: list[Request], now: float) -> tuple[int | None, int]:
         """(prefill tokens, reserved SLO nodes) the decoding requests' TPOT SLO pace leaves this step
-        (``policies.budget.slo_step_plan``); (None, 0) where prefill is not bounded. A queued prompt whose TTFT SLO
-        (or ``max_prefill_wait_s``) is due lifts the bound. ``slo_prefill=None`` bounds only steps where a decoding
-        request runs adaserve; pricing a chunk needs the latency profile."""
+        (``policies.budget.slo_step_plan``); (None, 0) where prefill is not bounded. The bound never goes below the
+        prefill the queued prompts' TTFT deadlines need (``policies.admission.ttft_prefill_floor``): deadlines
+        that can still be met come first, the TPOT pace takes what is left. A prompt queued for
+        ``max_prefill_wait_s`` lifts the bound. ``slo_prefill=None`` bounds only steps where a decoding request runs
+        adaserve; pricing a chunk needs the latency profile."""
         cfg = self.config
         if cfg.slo_prefill is False or self.latency_model is None:
             return None, 0
@@ -131,16 +174,12 @@ class Scheduler:
                 self.policy_of(r).kind == "adaserve" for r in decodes)):
             return None, 0
         limit = cfg.max_num_batched_tokens
-        queued = list(self.waiting) + [r for r in self.running if r.num_output_tokens == 0]
-        for r in queued:
-            waited_s = now - r.arrival_time
-            if cfg.max_prefill_wait_s is not None and waited_s >= cfg.max_prefill_wait_s:
-                return limit, 0
-            if r.ttft_slo_ms is not None and (waited_s + self.predicted_step_s(r.num_uncomputed_tokens, 0)
-                                              >= r.ttft_slo_ms / 1e3):
-                return limit, 0
+        queued = self._prefill_candidates()
+        if cfg.max_prefill_wait_s is not None and any(now - r.arrival_time >= cfg.max_prefill_wait_s for r in queued):
+            return limit, 0
+        ttft_floor, _ = self._ttft_floor(queued, now)
         gain = self.totals.tokens_per_tree_step
-        return slo_step_plan(
+        prefill, nodes = slo_step_plan(
             self.latency_model, root_tokens=len(decodes), context_tokens=sum(r.num_computed_tokens for r in decodes),
             decode_time_s=np.array([r.decode_time_s(now) for r in decodes]),
             decoded_tokens=np.array([max(r.num_output_tokens - 1, 0) for r in decodes]),
@@ -151,6 +190,7 @@ class Scheduler:
             max_nodes_per_request=self.max_tree_nodes if self.speculative else 0,
             max_tokens=limit, max_prefill_tokens=limit, overhead_s=self.step_overhead_ema_s,
             confidence_z=cfg.slo_prefill_confidence_z)
+        return max(prefill, ttft_floor), nodes
 
     def _price(self, plan: StepPlan) -> None:
         """The step's predicted time (A(r)'s t_step) and, with a latency profile, what a draft node costs."""
@@ -236,3 +276,13 @@ class Scheduler:
             a = required_acceptance(slo, self.step_ema_s or 0.05, self.config.max_draft_depth)
             need = required_nodes(a, expected / (1.0 + expected), self.config.max_tree_nodes)
         return spare_budget(self.token_budget - len(self.running), need)
+
+
+def _service_order(reqs: list[Request]) -> list[Request]:
+    """Earliest TTFT deadline first (``policies.admission.deadline_order``); a preempted request, whose first token
+    is out already, goes first; best-effort requests last."""
+    if len(reqs) < 2:
+        return reqs
+    deadline = np.array([-np.inf if r.num_output_tokens else r.ttft_deadline for r in reqs])
+    order = deadline_order(deadline, np.array([r.arrival_time for r in reqs]), np.array([r.best_effort for r in reqs]))
+    return [reqs[i] for i in order]

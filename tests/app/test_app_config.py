@@ -98,6 +98,27 @@ def test_relative_and_absolute_classes_resolve() -> None:
     assert (none.tpot_slo_ms, none.slo_class) == (None, "none")
 
 
+def test_every_request_with_an_slo_gets_a_ttft_target() -> None:
+    s = AppSettings(slo_classes={"coding": SLOClass(tpot_slo_x_baseline=1.2),
+                                 "chat": SLOClass(tpot_slo_ms=50, ttft_slo_ms=800),
+                                 "batch": SLOClass(tpot_slo_ms=500, ttft_slo_x_prefill=20, ttft_allowance_ms=5000)},
+                    default_ttft_slo_x_prefill=8, default_ttft_allowance_ms=300)
+    chat = resolve_slo(s, slo_class="chat", tpot_slo_ms=None, ttft_slo_ms=None, unloaded_tpot_s=0.03)
+    assert (chat.ttft_slo_ms, chat.ttft_slo_x_prefill) == (800, None)  # absolute
+    batch = resolve_slo(s, slo_class="batch", tpot_slo_ms=None, ttft_slo_ms=None, unloaded_tpot_s=0.03)
+    assert (batch.ttft_slo_ms, batch.ttft_slo_x_prefill, batch.ttft_allowance_ms) == (None, 20, 5000)  # relative
+    coding = resolve_slo(s, slo_class="coding", tpot_slo_ms=None, ttft_slo_ms=None, unloaded_tpot_s=0.03)
+    assert (coding.ttft_slo_x_prefill, coding.ttft_allowance_ms) == (8, 300)  # the class names none: the default
+    custom = resolve_slo(s, slo_class=None, tpot_slo_ms=40, ttft_slo_ms=None, unloaded_tpot_s=0.03)
+    assert custom.ttft_slo_x_prefill == 8
+    explicit = resolve_slo(s, slo_class="batch", tpot_slo_ms=None, ttft_slo_ms=900, unloaded_tpot_s=0.03)
+    assert (explicit.ttft_slo_ms, explicit.ttft_slo_x_prefill) == (900, None)  # the request's own target wins
+    none = resolve_slo(s, slo_class=None, tpot_slo_ms=None, ttft_slo_ms=None, unloaded_tpot_s=None)
+    assert (none.ttft_slo_ms, none.ttft_slo_x_prefill) == (None, None)  # no SLO at all
+    with pytest.raises(ValueError, match="at most one"):
+        SLOClass(tpot_slo_ms=50, ttft_slo_ms=800, ttft_slo_x_prefill=3)
+
+
 def test_default_class_applies_only_without_slo_fields() -> None:
     s = SETTINGS.model_copy(update={"default_slo_class": "chat"})
     assert resolve_slo(s, slo_class=None, tpot_slo_ms=None, ttft_slo_ms=None, unloaded_tpot_s=None).slo_class == "chat"

@@ -6,6 +6,7 @@ import threading
 import time
 from types import SimpleNamespace
 
+from app.engine.errors import SLOUnattainableError
 from app.replica import EngineLoop
 
 
@@ -20,6 +21,8 @@ class FakeEngine:
     def add_request(self, prompt, sampling, request_id, **_):
         if not prompt:
             raise ValueError("prompt is empty")
+        if prompt == "too late":
+            raise SLOUnattainableError("this replica cannot meet ttft_slo_ms 5 now", retry_after_s=2.5)
         self.requests[request_id] = SimpleNamespace(num_prompt_tokens=len(prompt), n=0, max=sampling.max_tokens)
 
     def abort(self, request_id: str) -> bool:
@@ -68,7 +71,8 @@ def test_requests_stream_and_errors_come_back_as_messages() -> None:
         assert good.done.wait(5) and bad.done.wait(5)
         assert good.messages[0] == {"type": "accepted", "prompt_tokens": 2}
         assert "".join(m["text"] for m in good.messages[1:]) == "t1t2t3"
-        assert bad.messages == [{"type": "error", "status": 400, "message": "prompt is empty", "param": "prompt"}]
+        assert bad.messages == [{"type": "error", "status": 400, "message": "prompt is empty", "param": "prompt",
+                                 "code": None, "retry_after_s": None}]
         bad_params = Inbox()
         loop.add("c", {"prompt": "hi", "sampling": {"temperature": -1}}, bad_params)
         assert bad_params.done.wait(5) and bad_params.messages[0]["param"] == "temperature"
@@ -143,5 +147,22 @@ def test_no_reprobe_while_busy() -> None:
         while loop.unloaded_tpot_s != 0.05 and time.monotonic() < deadline:
             time.sleep(0.01)
         assert probes == [0.05] and loop.unloaded_tpot_s == 0.05
+    finally:
+        loop.stop()
+
+
+def test_an_unattainable_ttft_is_refused_with_429_and_the_next_request_is_served() -> None:
+    engine = FakeEngine()
+    loop = EngineLoop(engine, idle_wait_s=0.01)
+    loop.start()
+    try:
+        refused, served = Inbox(), Inbox()
+        loop.add("late", {"prompt": "too late", "sampling": {"max_tokens": 2}, "ttft_slo_ms": 5.0}, refused)
+        loop.add("ok", {"prompt": "hi", "sampling": {"max_tokens": 2}}, served)
+        assert refused.done.wait(5) and served.done.wait(5)
+        assert refused.messages == [{"type": "error", "status": 429, "message": "this replica cannot meet ttft_slo_ms 5 now",
+                                     "param": "ttft_slo_ms", "code": "slo_unattainable", "retry_after_s": 2.5}]
+        assert served.messages[0]["type"] == "accepted" and served.messages[-1]["finished"]
+        assert loop.num_slo_rejections == 1
     finally:
         loop.stop()

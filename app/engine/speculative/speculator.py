@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from app.engine.speculative.drafter import CandidateTree, DraftRequest
+from app.engine.speculative.source import CandidateTree, DraftRequest, DraftSource
 from app.engine.request import Request
 from app.engine.step import StepPlan
 from app.engine.speculative.tree import VerifyTree, build_verify_trees, pad
@@ -29,7 +29,7 @@ class ProposeResult:
 class Speculator:
     """Owns the drafter and the selection policy; the engine owns verify and accept."""
 
-    def __init__(self, drafter, default_policy: str, *, max_tree_nodes: int, max_depth: int, max_width: int,
+    def __init__(self, drafter: DraftSource, default_policy: str, *, max_tree_nodes: int, max_depth: int, max_width: int,
                  root_topk: int = 0, slo_triage: bool = False):
         self.drafter = drafter
         self.default_policy = parse_policy(default_policy)

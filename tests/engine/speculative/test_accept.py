@@ -97,24 +97,30 @@ class _Fixed(DraftSource):
         pass
 
 
-def test_throughput_cut_bounds_every_budgeted_policy_and_the_slo_phase():
+def test_throughput_cut_bounds_every_budgeted_policy_and_the_slo_phase(monkeypatch):
     from app.engine.request import Request
+    from app.engine.speculative import speculator as speculator_module
     from app.engine.speculative.speculator import Speculator
+    from app.engine.step import NodePricing, ScheduledChunk, StepPlan
 
-    def requests(slo_ms):
-        out = []
+    def plan(slo_ms, priced):
+        reqs = []
         for i in range(3):
             r = Request(f"r{i}", [1, 2, 3], SamplingParams(max_tokens=50), frozenset(), tpot_slo_ms=slo_ms)
-            r.output_token_ids.extend([5] * 20)
+            r.token_ids.extend([5] * 20)
             r.first_token_time = 0.0
-            out.append(r)
-        return out
+            reqs.append(r)
+        pricing = NodePricing(latency_model=None, base_tokens=3, context_tokens=69, num_roots=3, min_path_prob=0.0,
+                              tokens_per_s=0.0) if priced else None
+        return StepPlan(decodes=[ScheduledChunk(r, 1) for r in reqs], node_budget=24, predicted_step_s=0.05,
+                        pricing=pricing)
 
     cut_at = 0.3  # nodes with f >= 0.3: 5 per request, 15 in all
+    monkeypatch.setattr(speculator_module, "throughput_cut_path_prob", lambda *a, **k: cut_at)
     for policy, slo_ms in [("dynamic-tree", None), ("adaserve", None), ("adaserve", 1.0)]:
         spec = Speculator(_Fixed(), policy, max_tree_nodes=32, max_depth=3, max_width=4)
-        free = spec.propose(requests(slo_ms), node_budget=24, t_step_s=0.05, now=10.0)
-        cut = spec.propose(requests(slo_ms), node_budget=24, t_step_s=0.05, now=10.0, node_cut=lambda f: cut_at)
+        free = spec.propose(plan(slo_ms, priced=False), now=10.0)
+        cut = spec.propose(plan(slo_ms, priced=True), now=10.0)
         n_free = sum(t.num_nodes for t in free.trees.values())
         n_cut = sum(t.num_nodes for t in cut.trees.values())
         assert n_free == 24  # the budget alone

@@ -1,0 +1,83 @@
+"""TTFT deadlines: the order queued prompts are served in, the prefill a step owes them, and fail-fast admission.
+
+A request's TTFT SLO is a deadline ``arrival + ttft_slo``. Prompts are served earliest deadline first (EDF) among
+those that can still make it; a prompt that cannot is either refused at once (fail fast: the client can go to
+another replica instead of waiting for a miss) or served best effort, after every protected prompt.
+
+The trade with TPOT is explicit: the SLO pace plan (``policies.budget.slo_step_plan``) may hold prompts back to
+keep running requests on their TPOT pace, but never below ``ttft_prefill_floor``: the smallest prefill per step
+that still brings every feasible queued prompt to its first token by its deadline. TTFT deadlines that can be met
+come first; the TPOT pace takes what is left.
+
+The service model: queued prompts are prefilled in order, ``P`` prompt tokens per step, each step taking
+``predict(roots + P) + overhead`` seconds; prompt k (with ``C_k`` tokens up to and including its own in the
+order) gets its first token at the end of step ``ceil(C_k / P)``. It ignores the tree nodes a step may add
+(bounded by the step's token limit) and new arrivals with earlier deadlines (fail fast re-checks on arrival).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from policies.latency_model import LatencyModel
+
+
+def deadline_order(deadline_s: np.ndarray, arrival_s: np.ndarray, best_effort: np.ndarray) -> np.ndarray:
+    """Indices of queued prompts in service order: protected ones by deadline (none = inf), ties and prompts
+    without a deadline by arrival, then the best-effort ones by arrival."""
+    deadline = np.where(np.asarray(best_effort, bool), np.inf, np.asarray(deadline_s, np.float64))
+    return np.lexsort((np.asarray(arrival_s, np.float64), deadline, np.asarray(best_effort, bool)))
+
+
+def first_token_times_s(model: LatencyModel, *, now_s: float, remaining_tokens: np.ndarray, prefill_tokens: np.ndarray,
+                        num_roots: int, context_tokens: float, overhead_s: float = 0.0,
+                        served: np.ndarray | None = None) -> np.ndarray:
+    """[S, Q] when each queued prompt (in service order) gets its first token if every step prefills
+    ``prefill_tokens[s]`` tokens. ``served`` ([Q] bool, default all): the prompts that are prefilled ahead of those
+    after them; an unserved prompt's own time is what it would be if it were served in its place."""
+    r = np.asarray(remaining_tokens, np.float64)
+    counted = r if served is None else r * np.asarray(served, bool)
+    c = np.cumsum(counted) - counted + r  # [Q] tokens ahead of and including each prompt
+    p = np.maximum(np.asarray(prefill_tokens, np.float64), 1.0)  # [S]
+    t = np.asarray(model.predict(num_roots + p, context_tokens), np.float64) + float(overhead_s)  # [S]
+    return now_s + np.ceil(c[None, :] / p[:, None] - 1e-9) * t[:, None]
+
+
+def ttft_prefill_floor(model: LatencyModel, *, now_s: float, deadline_s: np.ndarray, remaining_tokens: np.ndarray,
+                       num_roots: int, context_tokens: float, max_prefill_tokens: int,
+                       overhead_s: float = 0.0) -> tuple[int, np.ndarray]:
+    """(P, feasible): the fewest prefill tokens per step that bring every feasible queued prompt (in service
+    order, ``deadline_s`` inf for none) to its first token by its deadline, and which prompts are feasible at all
+    (on time at the full ``max_prefill_tokens`` a step, after the other feasible ones ahead of them). Infeasible
+    prompts do not raise P: they are refused or served best effort. No feasible deadline: P = 0."""
+    deadline = np.asarray(deadline_s, np.float64)
+    remaining = np.asarray(remaining_tokens, np.float64)
+    q = deadline.size
+    limit = max(int(max_prefill_tokens), 1)
+    if q == 0:
+        return 0, np.zeros(0, bool)
+    kw = dict(now_s=now_s, num_roots=num_roots, context_tokens=context_tokens, overhead_s=overhead_s)
+    # Prompts that miss at full speed are dropped from the queue ahead of the others (they wait), and feasibility
+    # is checked again without them; two passes settle it (dropping prompts only makes the rest earlier).
+    feasible = np.ones(q, bool)
+    for _ in range(2):
+        at_full = first_token_times_s(model, remaining_tokens=remaining, prefill_tokens=[limit], served=feasible,
+                                      **kw)[0]
+        feasible = at_full <= deadline
+    bound = feasible & np.isfinite(deadline)
+    if not bound.any():
+        return 0, feasible
+    sizes = np.arange(1, limit + 1)
+    finish = first_token_times_s(model, remaining_tokens=remaining, prefill_tokens=sizes, served=feasible,
+                                 **kw)  # [S, Q]
+    ok = (finish[:, bound] <= deadline[bound]).all(axis=1)
+    return int(sizes[np.argmax(ok)]) if ok.any() else limit, feasible
+
+
+def idle_prefill_s(model: LatencyModel, num_prompt_tokens: int, chunk_tokens: int, overhead_s: float = 0.0) -> float:
+    """Time an idle replica needs to prefill a prompt (chunk by chunk, each chunk over the context before it):
+    the floor under any TTFT target, and the unit of relative TTFT classes."""
+    n, chunk = int(num_prompt_tokens), max(int(chunk_tokens), 1)
+    starts = np.arange(0, max(n, 1), chunk)
+    sizes = np.minimum(chunk, n - starts)
+    return float(np.sum(np.asarray(model.predict(sizes, starts), np.float64) + float(overhead_s)))
