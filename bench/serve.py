@@ -52,9 +52,10 @@ def write_config(tmp: Path, threads: int, num_replicas: int = 1) -> Path:
 
 
 class Server:
-    """`serve run CONFIG` in the background; stop() sends SIGINT like Ctrl-C."""
+    """`serve run CONFIG` in the background; stop() sends SIGINT like Ctrl-C. port and model: the config's."""
 
-    def __init__(self, config: Path, env: dict[str, str] | None = None):
+    def __init__(self, config: Path, env: dict[str, str] | None = None, port: int = PORT, model: str = MODEL):
+        self.base_url, self.model = f"http://127.0.0.1:{port}", model
         self.started_at = time.perf_counter()
         self.log = open(config.with_suffix(".log"), "w")
         self.proc = subprocess.Popen(
@@ -64,14 +65,14 @@ class Server:
 
     def wait_first_answer(self, timeout_s: float = 600.0) -> float:
         """Seconds from start to the first 200 on a 1-token completion."""
-        body = {"model": MODEL, "prompt": "Hello", "max_tokens": 1}
+        body = {"model": self.model, "prompt": "Hello", "max_tokens": 1}
         deadline = self.started_at + timeout_s
         with httpx.Client(timeout=30) as http:
             while time.perf_counter() < deadline:
                 if self.proc.poll() is not None:
                     raise RuntimeError(f"serve run exited with {self.proc.returncode}; see {self.log.name}")
                 try:
-                    if http.post(f"{BASE_URL}/v1/completions", json=body).status_code == 200:
+                    if http.post(f"{self.base_url}/v1/completions", json=body).status_code == 200:
                         return time.perf_counter() - self.started_at
                 except httpx.HTTPError:
                     pass

@@ -1,9 +1,11 @@
 """The one place that picks Triton kernels or torch references.
 
 CUDA tensors use the Triton kernels; CPU tensors use the torch reference, unless TRITON_INTERPRET=1 is set,
-which forces the Triton path (run by Triton's interpreter) so tests exercise the kernels on CPU. Triton reads
-TRITON_INTERPRET when it is first imported, so the kernel modules are imported lazily: a CPU run that never
-asks for Triton never imports it, and a test that sets the variable first gets the interpreter.
+which forces the Triton path (run by Triton's interpreter) so tests exercise the kernels on CPU.
+ADASERVE_KERNELS=reference forces the torch references on every device (the baseline the CUDA kernels are tested
+and timed against). Both variables are read at each call. Triton reads TRITON_INTERPRET when it is first imported,
+so the kernel modules are imported lazily: a CPU run that never asks for Triton never imports it, and a test that
+sets the variable first gets the interpreter.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ from kernels.reference import kv_commit_reference, tree_attention_reference, wri
 
 
 def use_triton(device: torch.device) -> bool:
+    if os.environ.get("ADASERVE_KERNELS") == "reference":
+        return False
     return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
 
 

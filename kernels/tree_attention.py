@@ -276,6 +276,27 @@ def choose_num_splits(num_programs: int, max_kv_len: int, device: torch.device) 
     return max(1, min(triton.cdiv(2 * sms, num_programs), max_kv_len // 512, 16))
 
 
+def attn_constexprs(dtype: torch.dtype, group: int, head_dim: int, max_query_len: int, num_reqs: int, *,
+                    num_splits: int = 1, on_gpu: bool = True, block_m: int | None = None,
+                    block_n: int | None = None) -> dict:
+    """`_tree_attn_kernel`'s compile-time parameters for one launch (tests/kernels/sm90_compile.py compiles these)."""
+    # Rows per program: up to 64 (query tokens x group heads); fewer when queries are short (decode).
+    if block_m is None:
+        block_m = min(64, triton.next_power_of_2(max(1, max_query_len) * group))
+    block_m = max(16, block_m, triton.next_power_of_2(group))
+    return dict(GROUP=group, HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_Q=block_m // group,
+                BLOCK_M=block_m, BLOCK_N=block_n or (64 if on_gpu else 32),
+                BLOCK_R=triton.next_power_of_2(max(16, num_reqs)), NUM_SPLITS=num_splits,
+                PRECISION="ieee" if dtype == torch.float32 else "tf32")
+
+
+def merge_constexprs(num_heads: int, head_dim: int, num_splits: int, on_gpu: bool = True) -> dict:
+    """`_merge_splits_kernel`'s compile-time parameters."""
+    row = num_heads * head_dim
+    return dict(HEAD_DIM=head_dim, ROW=row, BLOCK_E=min(triton.next_power_of_2(row), 1024 if on_gpu else 1 << 20),
+                BLOCK_S=triton.next_power_of_2(num_splits))
+
+
 def tree_attention(
     q: torch.Tensor,  # [num_tokens, heads, head_dim]
     k_cache: torch.Tensor,  # [num_blocks, block_size, kv_heads, head_dim]
@@ -298,15 +319,12 @@ def tree_attention(
     group = num_heads // kv_heads
     on_gpu = q.device.type == "cuda"
 
-    # Rows per program: up to 64 (query tokens x group heads); fewer when queries are short (decode).
-    if block_m is None:
-        block_m = min(64, triton.next_power_of_2(max(1, meta.max_query_len) * group))
-    block_m = max(16, block_m, triton.next_power_of_2(group))
-    block_q = block_m // group
-    block_n = block_n or (64 if on_gpu else 32)
-    num_qblocks = num_tokens // block_q + meta.num_reqs
+    c = attn_constexprs(q.dtype, group, head_dim, meta.max_query_len, meta.num_reqs, on_gpu=on_gpu,
+                        block_m=block_m, block_n=block_n)
+    num_qblocks = num_tokens // c["BLOCK_Q"] + meta.num_reqs
     if num_splits is None:
         num_splits = choose_num_splits(num_qblocks * kv_heads, meta.max_kv_len, q.device)
+    c["NUM_SPLITS"] = num_splits
 
     if num_splits == 1:
         dst, m_buf, l_buf = out, out, out  # m/l unused
@@ -319,7 +337,6 @@ def tree_attention(
         s_os, s_ot, s_oh = dst.stride(0), dst.stride(1), dst.stride(2)
         s_ms, s_mt = m_buf.stride(0), m_buf.stride(1)
 
-    precision = "ieee" if q.dtype == torch.float32 else "tf32"
     grid = (num_qblocks, kv_heads, num_splits)
     kernel = launchable(_tree_attn_kernel, q.device)
     kernel[grid](
@@ -330,19 +347,12 @@ def tree_attention(
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         s_os, s_ot, s_oh, s_ms, s_mt,
-        meta.block_tables.stride(0),
-        GROUP=group, HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim),
-        BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=block_n,
-        BLOCK_R=triton.next_power_of_2(max(16, meta.num_reqs)), NUM_SPLITS=num_splits, PRECISION=precision,
+        meta.block_tables.stride(0), **c,
     )
     if num_splits > 1:
-        row = num_heads * head_dim
-        block_e = min(triton.next_power_of_2(row), 1024 if on_gpu else 1 << 20)
+        mc = merge_constexprs(num_heads, head_dim, num_splits, on_gpu)
         merge = launchable(_merge_splits_kernel, q.device)
-        merge[(num_tokens, triton.cdiv(row, block_e))](
-            dst, m_buf, l_buf, out, num_splits, num_tokens,
-            HEAD_DIM=head_dim, ROW=row, BLOCK_E=block_e, BLOCK_S=triton.next_power_of_2(num_splits),
-        )
+        merge[(num_tokens, triton.cdiv(mc["ROW"], mc["BLOCK_E"]))](dst, m_buf, l_buf, out, num_splits, num_tokens, **mc)
     return out
 
 
@@ -365,6 +375,11 @@ def write_kv(
         k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        KV_HEADS=kv_heads, HEAD_DIM=head_dim,
-        BLOCK_H=triton.next_power_of_2(kv_heads), BLOCK_D=triton.next_power_of_2(head_dim),
+        **write_kv_constexprs(kv_heads, head_dim),
     )
+
+
+def write_kv_constexprs(kv_heads: int, head_dim: int) -> dict:
+    """`_write_kv_kernel`'s compile-time parameters."""
+    return dict(KV_HEADS=kv_heads, HEAD_DIM=head_dim, BLOCK_H=triton.next_power_of_2(kv_heads),
+                BLOCK_D=triton.next_power_of_2(head_dim))

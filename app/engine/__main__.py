@@ -3,12 +3,15 @@
 Usage:
     python -m app.engine generate --prompt TEXT [--chat] [--max-tokens N] [--temperature T] [--top-p P]
         [--top-k K] [--seed N] [--stop TEXT]... [--tpot-slo-ms MS] [--ttft-slo-ms MS] [--policy POLICY]
-        [--draft SOURCES] [--model MODEL] [--device DEVICE] [--dtype DTYPE] [--threads N] [--json]
+        [--draft SOURCES] [--model MODEL] [--load-format {auto,dummy}] [--device DEVICE] [--dtype DTYPE]
+        [--threads N] [--json]
 
 POLICY is none | chain:k | static-tree | dynamic-tree | adaserve; a speculative one (anything but none) without
 --draft uses DEFAULT_DRAFT (feature,ngram), the draft serve_config.yaml serves. --json prints one JSON object, and
 an error as {"error": {"message": ..., "type": "invalid_request_error"}} on stdout. Without --json an error is one
 line on stderr (after the usage, for arguments that do not parse). Either way an error exits with status 2.
+--load-format dummy runs seeded random weights of a shape, without a download: MODEL is then a preset (llama-1b,
+llama-8b, llama-70b-tp4, smollm2-135m) or a directory holding a config.json; a dummy draft is written dummy:MODEL.
 """
 
 from __future__ import annotations
@@ -65,6 +68,9 @@ def _parser() -> argparse.ArgumentParser:
                           f"(default: {DEFAULT_DRAFT} when --policy speculates, else none)")
     gen.add_argument("--model", default=_DEFAULTS.model, metavar="MODEL",
                      help="'embedded', a Hugging Face id, a directory or .gguf (default: %(default)s)")
+    gen.add_argument("--load-format", default=_DEFAULTS.load_format, choices=["auto", "dummy"],
+                     help="dummy: seeded random weights; MODEL is a preset (llama-1b, llama-8b, llama-70b-tp4, "
+                          "smollm2-135m) or a directory with a config.json (default: %(default)s)")
     gen.add_argument("--device", default=_DEFAULTS.device, metavar="DEVICE",
                      help="cpu | cuda | auto (default: %(default)s)")
     gen.add_argument("--dtype", default=_DEFAULTS.dtype, metavar="DTYPE",
@@ -94,8 +100,8 @@ def generate(args: argparse.Namespace) -> int:
                                   top_k=args.top_k, seed=args.seed, stop=tuple(args.stop))
         speculates = parse_policy(args.policy).kind != "none"  # a bad name fails before the model loads
         draft = args.draft if args.draft is not None else (DEFAULT_DRAFT if speculates else None)
-        config = EngineConfig(model=args.model, draft=draft, policy=args.policy, device=args.device,
-                              dtype=args.dtype)
+        config = EngineConfig(model=args.model, load_format=args.load_format, draft=draft, policy=args.policy,
+                              device=args.device, dtype=args.dtype)
     except ValueError as exc:
         return _fail(str(exc), as_json)
     if not args.prompt:
@@ -124,6 +130,7 @@ def generate(args: argparse.Namespace) -> int:
             "ttft_ms": None if m.ttft_s is None else m.ttft_s * 1e3,
             "tpot_ms": None if m.tpot_s is None else m.tpot_s * 1e3,
             "policy": config.policy, "draft": config.draft, "model": config.model,
+            "load_format": config.load_format,
             "num_prompt_tokens": m.num_prompt_tokens,
             "num_output_tokens": m.num_output_tokens, "slo_attained": m.slo_attained, "wall_s": wall_s,
             "metrics": dataclasses.asdict(m),

@@ -15,7 +15,7 @@ DEFAULT_DRAFT = "feature,ngram"
 class EngineConfig:
     model: str = "embedded"  # "embedded", a Hugging Face id, a local directory or a .gguf file
     load_format: str = "auto"  # auto | dummy: seeded random weights; model is then a preset (llama-1b, llama-8b,
-    # llama-70b-tp4) or a directory holding a config.json (app/engine/dummy.py). A draft takes "dummy:<model>"
+    # llama-70b-tp4, smollm2-135m) or a directory holding a config.json (app/engine/dummy.py); a draft: "dummy:<model>"
     draft: str | None = None  # draft sources: "feature", "distilled", "ngram", a model id/path, or a comma list to merge
     policy: str = "none"  # speculation policy: none | chain:k | static-tree | dynamic-tree | adaserve
     device: str = "auto"  # cpu | cuda | auto

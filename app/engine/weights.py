@@ -1,8 +1,9 @@
-"""Checkpoint loading: Hugging Face ids, local safetensors directories and GGUF files.
+"""Checkpoint loading: Hugging Face ids, local safetensors directories and GGUF files, or dummy weights.
 
 GGUF goes through transformers' de-quantiser once (~20-40 s for the embedded model), then the fp32 weights,
 config and tokenizer are cached as a plain safetensors directory keyed by the file's hash, so warm starts only
-read safetensors.
+read safetensors. Dummy weights (`load_format="dummy"`, or a `dummy:` prefix on the model, the form a draft spec
+takes) are seeded random tensors for a preset shape or a directory holding only a config.json (app/engine/dummy.py).
 """
 
 from __future__ import annotations
@@ -13,14 +14,19 @@ import importlib.util
 import json
 import os
 import shutil
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from app.engine.dummy import DUMMY_SEED, PRESETS, DummyStateDict, IdTokenizer
+
 EMBEDDED_MODEL = "embedded"
 _EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+LOAD_FORMATS = ("auto", "dummy")  # auto: the checkpoint's own weights; dummy: seeded random ones of its shape
+DUMMY_PREFIX = "dummy:"
 
 
 class ModelLoadError(ValueError):
@@ -94,7 +100,7 @@ class ModelConfig:
 @dataclass
 class Checkpoint:
     config: ModelConfig
-    state_dict: dict[str, torch.Tensor]  # Hugging Face parameter names
+    state_dict: Mapping[str, torch.Tensor]  # Hugging Face parameter names (a DummyStateDict makes them on read)
     tokenizer_dir: Path
     source: str
 
@@ -177,7 +183,14 @@ def _gguf_to_cache(gguf: Path, cache_dir: Path) -> Path:
     return out
 
 
-def load_checkpoint(model: str, cache_dir: Path | None = None) -> Checkpoint:
+def load_checkpoint(model: str, cache_dir: Path | None = None, *, load_format: str = "auto",
+                    device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Checkpoint:
+    """The checkpoint `model` names. device/dtype: where and how dummy weights are made (default: CUDA when
+    present, else CPU; float32); real weights load on the CPU as stored."""
+    if load_format not in LOAD_FORMATS:
+        raise ModelLoadError(f"unknown load format {load_format!r}; choose one of {list(LOAD_FORMATS)}")
+    if load_format == "dummy" or model.startswith(DUMMY_PREFIX):
+        return load_dummy_checkpoint(model.removeprefix(DUMMY_PREFIX), cache_dir, device=device, dtype=dtype)
     model_dir = resolve_model_dir(model, cache_dir)
     hf_config = json.loads((model_dir / "config.json").read_text())
     config = ModelConfig.from_hf(hf_config)
@@ -190,8 +203,42 @@ def load_checkpoint(model: str, cache_dir: Path | None = None) -> Checkpoint:
     return Checkpoint(config=config, state_dict=state, tokenizer_dir=model_dir, source=str(model))
 
 
+def load_dummy_checkpoint(model: str, cache_dir: Path | None = None, *, device: torch.device | str | None = None,
+                          dtype: torch.dtype | None = None, seed: int = DUMMY_SEED) -> Checkpoint:
+    """Seeded random weights for a preset (app/engine/dummy.PRESETS: `llama-1b`, `llama-8b`, `llama-70b-tp4`,
+    `smollm2-135m`) or a directory with a config.json (its tokenizer files are used if it has any). A preset's
+    config.json is written under the cache so that the checkpoint has a directory like any other."""
+    model_dir = dummy_model_dir(model, cache_dir)
+    config = ModelConfig.from_hf(json.loads((model_dir / "config.json").read_text()))
+    device = device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
+    state = DummyStateDict(config, seed, device, dtype or torch.float32)
+    return Checkpoint(config=config, state_dict=state, tokenizer_dir=model_dir, source=DUMMY_PREFIX + model)
+
+
+def dummy_model_dir(model: str, cache_dir: Path | None = None) -> Path:
+    """The directory of a dummy model's config.json: a preset's (written under the cache) or the one named."""
+    if model in PRESETS:
+        out = (cache_dir or default_cache_dir()) / "dummy" / model
+        text = json.dumps(PRESETS[model], indent=2)
+        if not (out / "config.json").exists() or (out / "config.json").read_text() != text:
+            out.mkdir(parents=True, exist_ok=True)
+            tmp = out / f"config.{os.getpid()}.tmp.json"  # .json: load_tokenizer still sees a config-only dir
+            tmp.write_text(text)
+            os.replace(tmp, out / "config.json")
+        return out
+    path = Path(model).expanduser()
+    if not (path / "config.json").is_file():
+        raise ModelLoadError(f"dummy weights need a preset ({', '.join(PRESETS)}) or a directory with a "
+                             f"config.json, got {model!r}")
+    return path
+
+
 def load_tokenizer(tokenizer_dir: Path):
-    """A fast tokenizer with the checkpoint's chat template (the plain class imports much faster than Auto*)."""
+    """A fast tokenizer with the checkpoint's chat template (the plain class imports much faster than Auto*); for
+    a dummy model's directory without tokenizer files (nothing but configs), an IdTokenizer."""
+    if (tokenizer_dir / "config.json").is_file() and all(
+            f.suffix == ".json" and not f.name.startswith("tokenizer") for f in tokenizer_dir.iterdir()):
+        return IdTokenizer(json.loads((tokenizer_dir / "config.json").read_text())["vocab_size"])
     from transformers import PreTrainedTokenizerFast
 
     if (tokenizer_dir / "tokenizer.json").exists():
