@@ -8,8 +8,9 @@ Client-side TPOT = (last token time - first token time) / (num_tokens - 1) (vLLM
 engine's); over HTTP the token count of each SSE chunk is unknown (merged deltas), so every token time is
 the chunk's arrival and the count comes from ``usage``.
 
-Metrics (``summarize``): SLO attainment per class and overall (a failed or timed-out request misses its
-SLO), goodput both ways (paper: tokens of SLO-attaining requests / wall time; vLLM: SLO-attaining requests /
+Metrics (``summarize``): SLO attainment per class and overall under two definitions: ``attainment`` (TTFT and TPOT
+both met, as a user feels it) and ``attainment_tpot`` (TPOT only, the paper's); a failed, timed-out or refused
+(``slo_unattainable``) request misses under both. Goodput both ways (paper: tokens of SLO-attaining requests / wall time; vLLM: SLO-attaining requests /
 wall time), throughput, TTFT/TPOT percentiles, mean accepted tokens per speculative step.
 
 CLI (against a running server): ``python -m bench.loadgen --url http://127.0.0.1:8000 --rate 1 -n 20``.
@@ -76,16 +77,16 @@ def ttft_s(rec: dict | RequestRecord) -> float | None:
     return None if r.get("first_token_s") is None else r["first_token_s"] - r["scheduled_s"]
 
 
-def attained(rec: dict | RequestRecord) -> bool:
-    """Finished without error, and TPOT <= its SLO (and TTFT <= its TTFT SLO if set). A one-token request
-    has no decode phase: only the TTFT SLO applies to it."""
+def attained(rec: dict | RequestRecord, ttft: bool = True) -> bool:
+    """Finished without error, and TPOT <= its SLO (and, with ``ttft``, TTFT <= its TTFT SLO if set). A
+    one-token request has no decode phase: only the TTFT SLO applies to it."""
     r = rec if isinstance(rec, dict) else rec.to_dict()
     if r.get("error") or r["num_tokens"] < 1:
         return False
     tp = tpot_s(r)
     if r.get("tpot_slo_ms") is not None and tp is not None and tp * 1e3 > r["tpot_slo_ms"] * (1 + 1e-9):
         return False
-    if r.get("ttft_slo_ms") is not None:
+    if ttft and r.get("ttft_slo_ms") is not None:
         tt = ttft_s(r)
         if tt is None or tt * 1e3 > r["ttft_slo_ms"]:
             return False
@@ -106,6 +107,7 @@ def summarize(records: list, wall_s: float | None = None) -> dict:
 
     def block(rs: list[dict]) -> dict:
         ok = [attained(r) for r in rs]
+        ok_tpot = [attained(r, ttft=False) for r in rs]
         tokens = sum(r["num_tokens"] for r in rs)
         good_tokens = sum(r["num_tokens"] for r, a in zip(rs, ok) if a)
         spec = [(r.get("spec_steps") or 0, r.get("accepted_draft_tokens") or 0) for r in rs]
@@ -117,6 +119,10 @@ def summarize(records: list, wall_s: float | None = None) -> dict:
             "goodput_tok_s": good_tokens / wall_s if wall_s > 0 else 0.0,
             "goodput_req_s": sum(ok) / wall_s if wall_s > 0 else 0.0,
             "throughput_tok_s": tokens / wall_s if wall_s > 0 else 0.0,
+            "attainment_tpot": (sum(ok_tpot) / len(rs)) if rs else None,
+            "goodput_tpot_tok_s": (sum(r["num_tokens"] for r, a in zip(rs, ok_tpot) if a) / wall_s
+                                   if wall_s > 0 else 0.0),
+            "rejected": sum(1 for r in rs if r.get("error") == "slo_unattainable"),
             "errors": sum(1 for r in rs if r.get("error")),
             "accepted_tokens_per_step": (sum(a for _, a in spec) / steps + 1.0) if steps else None,
         }
@@ -134,8 +140,8 @@ def summarize(records: list, wall_s: float | None = None) -> dict:
 def format_summary(summary: dict, title: str = "") -> str:
     rows = [k for k in summary if k != "wall_s"]
     head = (f"{title}  wall {summary['wall_s']:.1f} s\n" if title else "") + (
-        f"{'class':<14}{'n':>4}{'attain':>8}{'goodput':>9}{'good r/s':>9}{'thrpt':>8}{'TTFT p50':>9}{'p99':>7}"
-        f"{'TPOT p50':>9}{'p99':>8}{'acc/st':>7}")
+        f"{'class':<14}{'n':>4}{'attain':>8}{'tpot-only':>10}{'goodput':>9}{'good r/s':>9}{'thrpt':>8}{'TTFT p50':>9}"
+        f"{'p90':>7}{'p99':>7}{'TPOT p50':>9}{'p99':>8}{'acc/st':>7}{'refused':>8}")
     lines = [head]
     for k in rows:
         b = summary[k]
@@ -143,10 +149,12 @@ def format_summary(summary: dict, title: str = "") -> str:
         def f(x, scale=1.0, fmt="{:.0f}"):
             return "-" if x is None else fmt.format(x * scale)
 
-        lines.append(f"{k:<14}{b['requests']:>4}{f(b['attainment'], 100, '{:.0f}%'):>8}{b['goodput_tok_s']:>9.2f}"
+        lines.append(f"{k:<14}{b['requests']:>4}{f(b['attainment'], 100, '{:.0f}%'):>8}"
+                     f"{f(b.get('attainment_tpot'), 100, '{:.0f}%'):>10}{b['goodput_tok_s']:>9.2f}"
                      f"{b['goodput_req_s']:>9.3f}{b['throughput_tok_s']:>8.2f}{f(b['ttft_s_p50'], 1e3):>9}"
-                     f"{f(b['ttft_s_p99'], 1e3):>7}{f(b['tpot_s_p50'], 1e3):>9}{f(b['tpot_s_p99'], 1e3):>8}"
-                     f"{f(b['accepted_tokens_per_step'], 1, '{:.2f}'):>7}")
+                     f"{f(b['ttft_s_p90'], 1e3):>7}{f(b['ttft_s_p99'], 1e3):>7}{f(b['tpot_s_p50'], 1e3):>9}"
+                     f"{f(b['tpot_s_p99'], 1e3):>8}{f(b['accepted_tokens_per_step'], 1, '{:.2f}'):>7}"
+                     f"{b.get('rejected', 0):>8}")
     return "\n".join(lines)
 
 
@@ -161,17 +169,19 @@ def write_jsonl(path: Path, records: list, extra: dict | None = None) -> None:
 # ---- in-process driver ------------------------------------------------------------------------------------
 def run_engine(engine, workload: list[WorkloadRequest], policy: str, slo_ms: dict[str, float], *,
                max_duration_s: float = 600.0, progress: bool = True, prompt_ids: list[list[int]] | None = None,
-               ttft_slo_ms: float | None = None) -> tuple[list[RequestRecord], list]:
+               ttft: tuple[float, float] | None = None) -> tuple[list[RequestRecord], list]:
     """Arrival-driven replay through ``engine`` (an LLMEngine): requests are added at their arrival times
     (between steps, as the replica's loop does), every step's new tokens are stamped when the step returns.
-    Returns the records and the engine's StepStats of this run. Requests still running at
-    ``max_duration_s`` are aborted and recorded with error "timeout"."""
+    ``ttft``: (x idle prefill, allowance ms), every request's relative TTFT SLO, as the server's default.
+    Returns the records and the engine's StepResults of this run. Requests still running at
+    ``max_duration_s`` are aborted and recorded with error "timeout"; refused ones with "slo_unattainable"."""
     from app.engine.config import SamplingParams
+    from app.engine.errors import SLOUnattainableError
 
     if prompt_ids is None:
         prompt_ids = [encode_chat(engine, r.messages) for r in workload]
     pending = sorted(range(len(workload)), key=lambda i: workload[i].arrival_s)
-    recs = {i: RequestRecord(r.index, r.category, r.slo_class, policy, slo_ms.get(r.slo_class), ttft_slo_ms,
+    recs = {i: RequestRecord(r.index, r.category, r.slo_class, policy, slo_ms.get(r.slo_class), None,
                              scheduled_s=r.arrival_s, max_tokens=r.max_tokens, prompt_tokens=len(prompt_ids[i]))
             for i, r in enumerate(workload)}
     bar = _bar(len(workload), f"{policy}", progress)
@@ -191,12 +201,21 @@ def run_engine(engine, workload: list[WorkloadRequest], policy: str, slo_ms: dic
         while pos < len(pending) and workload[pending[pos]].arrival_s <= now:
             i = pending[pos]
             r = workload[i]
-            engine.add_request(prompt_ids[i], SamplingParams(max_tokens=r.max_tokens, ignore_eos=True),
-                               request_id=str(i), tpot_slo_ms=slo_ms.get(r.slo_class), ttft_slo_ms=ttft_slo_ms,
-                               policy=policy, arrival_time=t0 + r.arrival_s)
             recs[i].sent_s = now
-            live.add(str(i))
             pos += 1
+            try:
+                engine.add_request(prompt_ids[i], SamplingParams(max_tokens=r.max_tokens, ignore_eos=True),
+                                   request_id=str(i), tpot_slo_ms=slo_ms.get(r.slo_class),
+                                   ttft_slo_x_prefill=ttft[0] if ttft else None,
+                                   ttft_allowance_ms=ttft[1] if ttft else 0.0,
+                                   policy=policy, arrival_time=t0 + r.arrival_s)
+            except SLOUnattainableError:
+                recs[i].error = "slo_unattainable"
+                recs[i].ttft_slo_ms = ttft[0] * engine.idle_prefill_s(len(prompt_ids[i])) * 1e3 + ttft[1]
+                bar.update(1)
+                continue
+            recs[i].ttft_slo_ms = engine.requests[str(i)].ttft_slo_ms
+            live.add(str(i))
         if not live:
             time.sleep(max(0.0, min(workload[pending[pos]].arrival_s - now, 0.5)))
             continue

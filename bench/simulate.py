@@ -33,6 +33,7 @@ CLI: ``python -m bench.simulate --profile 70b --rates 2 4 8 16 -n 2000 --replica
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import heapq
 import json
 import math
@@ -48,6 +49,8 @@ from bench.paths import RESULTS
 from bench.traces import AcceptanceModel, load_trace
 from bench.workloads import SLO_CLASSES, WorkloadRequest
 from policies import routing, token_tree
+from policies.admission import (deadline_order, idle_prefill_s, running_finish_times_s, slot_ready_times_s,
+                                ttft_prefill_floor)
 from policies.budget import choose_token_budget, slo_step_plan, throughput_cut_path_prob
 from policies.step_plan import split_step_tokens
 from policies.latency_model import LatencyModel, PiecewiseLinear
@@ -99,6 +102,7 @@ POLICY_OPTIONS = {  # "POLICY+name": the engine option a simulated run sets
     "notriage": {"slo_triage": False},
     "slochunk": {"slo_prefill": True},
     "noslochunk": {"slo_prefill": False},
+    "noadmission": {"ttft_admission": False},
 }
 
 
@@ -138,12 +142,21 @@ class SimRequest:
     max_tokens: int
     slo_class: str
     tpot_slo_ms: float | None
+    ttft_slo_ms: float | None = None
 
 
 def from_workload(workload: list[WorkloadRequest], slo_ms: dict[str, float],
                   prompt_tokens: list[int] | None = None) -> list[SimRequest]:
     return [SimRequest(r.arrival_s, prompt_tokens[i] if prompt_tokens else r.prompt_tokens_est, r.max_tokens,
                        r.slo_class, slo_ms.get(r.slo_class)) for i, r in enumerate(workload)]
+
+
+def with_ttft(reqs: list[SimRequest], profile: Profile, x_prefill: float, allowance_ms: float,
+              chunk_tokens: int = EngineConfig.prefill_chunk_tokens) -> list[SimRequest]:
+    """Every request's TTFT SLO as the server's default gives it: ``x_prefill`` x its prompt's idle prefill time
+    (``policies.admission.idle_prefill_s``) + ``allowance_ms``."""
+    return [dataclasses.replace(r, ttft_slo_ms=x_prefill * idle_prefill_s(
+        profile.target, r.prompt_tokens, chunk_tokens, profile.overhead_s) * 1e3 + allowance_ms) for r in reqs]
 
 
 @dataclass
@@ -192,6 +205,9 @@ class Simulator:
         self.prompt = np.array([r.prompt_tokens for r in reqs], dtype=np.int64)
         self.maxtok = np.array([r.max_tokens for r in reqs], dtype=np.int64)
         self.slo_s = np.array([r.tpot_slo_ms / 1e3 if r.tpot_slo_ms else np.inf for r in reqs])
+        self.deadline = np.array([r.arrival_s + r.ttft_slo_ms / 1e3 if r.ttft_slo_ms else np.inf for r in reqs])
+        self.best_effort = np.zeros(n, dtype=bool)
+        self.refused = np.zeros(n, dtype=bool)
         self.computed = np.zeros(n, dtype=np.int64)  # prompt tokens prefilled
         self.out = np.zeros(n, dtype=np.int64)
         self.first_t = np.full(n, np.nan)
@@ -216,7 +232,9 @@ class Simulator:
                 now = t_next_arr
                 i = int(order[ai])
                 ai += 1
-                rep = reps[self._route(reps, i, base_tpot)] if len(reps) > 1 else reps[0]
+                rep = self._admit(reps, i, base_tpot, now)
+                if rep is None:
+                    continue
                 rep.waiting.append(i)
                 if not rep.busy:
                     seq = self._start(rep, now, events, seq, pending)
@@ -234,23 +252,92 @@ class Simulator:
             done = self.out[i] >= self.maxtok[i]
             records.append({
                 "index": i, "slo_class": r.slo_class, "category": r.slo_class, "policy": self.cfg.policy,
-                "tpot_slo_ms": r.tpot_slo_ms, "ttft_slo_ms": None, "scheduled_s": float(self.arrival[i]),
+                "tpot_slo_ms": r.tpot_slo_ms, "ttft_slo_ms": r.ttft_slo_ms, "scheduled_s": float(self.arrival[i]),
                 "first_token_s": None if np.isnan(self.first_t[i]) else float(self.first_t[i]),
                 "last_token_s": None if np.isnan(self.last_t[i]) else float(self.last_t[i]),
-                "num_tokens": int(self.out[i]), "error": None if done else "unfinished",
+                "num_tokens": int(self.out[i]),
+                "error": "slo_unattainable" if self.refused[i] else None if done else "unfinished",
                 "spec_steps": int(self.spec_steps[i]), "accepted_draft_tokens": int(self.accepted[i])})
         info = {"sim_wall_s": time.perf_counter() - t_wall, "token_budget": self.token_budget,
                 "steps": sum(r.steps for r in reps), "select_s": sum(r.select_s for r in reps),
                 "busy_s": [round(r.busy_s, 3) for r in reps], "unloaded_tpot_s": base_tpot}
         return records, info
 
-    def _route(self, reps: list[_Replica], i: int, base_tpot: float) -> int:
+    def _route(self, reps: list[_Replica], i: int, base_tpot: float) -> list[int]:
+        """Replica ids in the router's order of preference."""
+        if len(reps) == 1:
+            return [0]
         stats = [routing.ReplicaStats(str(r.rid), spare_budget=self.token_budget - len(r.running),
                                       running_requests=len(r.running), queue_len=len(r.waiting),
                                       measured_tpot_s=base_tpot, stats_age_s=0.0,
                                       in_flight=len(r.running) + len(r.waiting)) for r in reps]
         tight = routing.is_tight(self.slo_s[i], base_tpot)
-        return int(routing.rank_replicas(stats, tight, rng=self.rng)[0][0])
+        return [int(rid) for group in routing.rank_replicas(stats, tight, rng=self.rng) for rid in group]
+
+    def _admit(self, reps: list[_Replica], i: int, base_tpot: float, now: float) -> _Replica | None:
+        """The engine's fail-fast admission (``LLMEngine._admit_ttft``) on each replica in the router's order: the
+        first whose queue lets request i (in its EDF place) and every prompt it already holds on time takes it;
+        if none does, it is refused (``on_unattainable: reject``) or served best effort by the first choice."""
+        order = self._route(reps, i, base_tpot)
+        e = self.cfg.engine
+        if not e.ttft_admission or not np.isfinite(self.deadline[i]):
+            return reps[order[0]]
+        full = self.deadline[i]
+        for rid in order:
+            rep = reps[rid]
+            queued = self._queued(rep)
+            before = self._feasible(rep, queued, now)
+            after_order = self._queued(rep, extra=i)
+            # the newcomer must fit with headroom (the scheduler's predictions err early under load)
+            self.deadline[i] = self.arrival[i] + (full - self.arrival[i]) * (1.0 - e.ttft_admission_headroom)
+            after = self._feasible(rep, after_order, now)
+            self.deadline[i] = full
+            was = {j for j, ok in zip(queued, before) if ok}
+            pushed = any(not ok and j in was for j, ok in zip(after_order, after) if j != i)
+            if after[after_order.index(i)] and not pushed:
+                return rep
+        if e.on_unattainable == "best_effort":
+            self.best_effort[i] = True
+            return reps[order[0]]
+        self.refused[i] = True
+        return None
+
+    def _queued(self, rep: _Replica, extra: int | None = None) -> list[int]:
+        """Prompts a replica still has to prefill, in service order (the scheduler's ``_prefill_candidates``)."""
+        running = [i for i in rep.running if self.out[i] == 0]
+        waiting = list(rep.waiting) + ([extra] if extra is not None else [])
+        if not self.cfg.engine.ttft_admission:
+            return running + waiting
+        return self._edf(running) + self._edf(waiting)
+
+    def _edf(self, idx: list[int]) -> list[int]:
+        if len(idx) < 2:
+            return idx
+        a = np.asarray(idx, dtype=np.int64)
+        return [idx[k] for k in deadline_order(self.deadline[a], self.arrival[a], self.best_effort[a])]
+
+    def _feasible(self, rep: _Replica, queued: list[int], now: float) -> np.ndarray:
+        return self._ttft_floor(rep, queued, now)[1]
+
+    def _ttft_floor(self, rep: _Replica, queued: list[int], now: float) -> tuple[int, np.ndarray]:
+        if not queued or not self.cfg.engine.ttft_admission:
+            return 0, np.ones(len(queued), bool)
+        q = np.asarray(queued, dtype=np.int64)
+        dec = np.asarray([i for i in rep.running if self.out[i] > 0], dtype=np.int64)
+        context = float((self.prompt[dec] + self.out[dec]).sum())
+        run = np.asarray(rep.running, dtype=np.int64)
+        spec_steps = int(self.spec_steps.sum())
+        gain = 1.0 + float(self.accepted.sum()) / spec_steps if spec_steps else 1.0
+        finish = running_finish_times_s(now, self.maxtok[run] - self.out[run], gain,
+                                        float(self.p.target.predict(dec.size, context)) + self.step_overhead_s)
+        waiting = q.size - sum(1 for i in rep.running if self.out[i] == 0)  # queued without a sequence slot
+        ready = np.full(q.size, now)
+        ready[q.size - waiting:] = slot_ready_times_s(now, finish, self.cfg.engine.max_num_seqs - run.size, waiting)
+        return ttft_prefill_floor(
+            self.p.target, now_s=now, deadline_s=np.where(self.best_effort[q], np.inf, self.deadline[q]),
+            remaining_tokens=self.prompt[q] - self.computed[q], num_roots=dec.size, context_tokens=context,
+            max_prefill_tokens=max(self.cfg.engine.max_num_batched_tokens - dec.size, 1),
+            overhead_s=self.step_overhead_s, ready_s=ready)
 
     # ---- one step ---------------------------------------------------------------------------------------
     def _start(self, rep: _Replica, now: float, events: list, seq: int, pending: dict) -> int:
@@ -259,16 +346,20 @@ class Simulator:
         cap, slo_nodes = None, 0
         if self.slo_prefill and decodes:
             cap, slo_nodes = self._prefill_plan(rep, np.asarray(decodes, dtype=np.int64), now)
-        candidates = [i for i in rep.running if self.out[i] == 0]
-        num_running_prefills = len(candidates)
-        candidates += list(rep.waiting)
+        if e.ttft_admission:  # the scheduler's _demote_late, then EDF
+            queued = self._queued(rep)
+            late = [i for i, ok in zip(queued, self._feasible(rep, queued, now)) if not ok]
+            self.best_effort[late] = True
+            rep.waiting = deque(self._edf(list(rep.waiting)))
+        candidates = self._queued(rep)
+        num_running_prefills = len(candidates) - len(rep.waiting)
         split = split_step_tokens(
             num_roots=len(decodes), prefill_remaining=[int(self.prompt[i] - self.computed[i]) for i in candidates],
             num_running_prefills=num_running_prefills, free_seq_slots=e.max_num_seqs - len(rep.running),
             max_num_batched_tokens=e.max_num_batched_tokens, prefill_chunk_tokens=e.prefill_chunk_tokens,
             token_budget=self.token_budget, prefill_cap=cap, slo_nodes=slo_nodes)
         prefills = [(i, k) for i, k in zip(candidates, split.prefill_tokens) if k]
-        for _ in range(sum(1 for k in split.prefill_tokens[num_running_prefills:] if k)):  # FIFO: a prefix
+        for _ in range(sum(1 for k in split.prefill_tokens[num_running_prefills:] if k)):  # in order: a prefix
             rep.running.append(rep.waiting.popleft())
         prefill_tokens = split.num_prefill_tokens
         dec = np.asarray(decodes, dtype=np.int64)
@@ -295,7 +386,8 @@ class Simulator:
         return seq + 1
 
     def _prefill_plan(self, rep: _Replica, dec: np.ndarray, now: float) -> tuple[int, int]:
-        """(prefill tokens, SLO nodes) the decoding requests' SLO pace leaves this step (the engine's rule)."""
+        """(prefill tokens, SLO nodes) the decoding requests' SLO pace leaves this step, never below what the queued
+        prompts' feasible TTFT deadlines need (the engine's rule, ``Scheduler.prefill_cap``)."""
         cfg = self.cfg.engine
         if cfg.max_prefill_wait_s is not None:
             queued = list(rep.waiting) + [i for i in rep.running if self.out[i] == 0]
@@ -304,7 +396,8 @@ class Simulator:
         spec_steps = int(self.spec_steps.sum())
         e = float(self.accepted.sum()) / spec_steps if spec_steps else 0.0
         sd = math.sqrt(max(self.gain_sq / spec_steps - (1.0 + e) ** 2, 0.0)) if spec_steps else 0.0
-        return slo_step_plan(
+        ttft_floor, _ = self._ttft_floor(rep, self._queued(rep), now)
+        prefill, nodes = slo_step_plan(
             self.p.target, root_tokens=dec.size, context_tokens=float((self.prompt[dec] + self.out[dec]).sum()),
             decode_time_s=now - self.first_t[dec], decoded_tokens=np.maximum(self.out[dec] - 1, 0),
             tpot_slo_s=self.slo_s[dec], remaining_tokens=self.maxtok[dec] - self.out[dec],
@@ -312,6 +405,7 @@ class Simulator:
             max_nodes_per_request=self.n_max,
             max_tokens=cfg.max_num_batched_tokens, max_prefill_tokens=cfg.max_num_batched_tokens,
             overhead_s=self.step_overhead_s, confidence_z=cfg.slo_prefill_confidence_z)
+        return max(prefill, ttft_floor), nodes  # TTFT deadlines that can be met first (the scheduler's prefill_cap)
 
     def _commit(self, rep: _Replica, now: float, plan) -> None:
         dec, gained, spec_mask, prefills, overhead_s = plan
@@ -496,12 +590,15 @@ def sim_sweep(profile: Profile, acc: AcceptanceModel, policies: list[str], rates
               replicas: int = 1, max_tokens: int = 128, max_num_seqs: int = 128, max_batched_tokens: int = 2048,
               token_budget: int | None = None, budget_tolerance: float = 1.5, seed: int = 0,
               arrival: str = "poisson", cv: float = 1.0, verbose: bool = False,
-              confidence_z: float = 2.0, max_prefill_wait_s: float | None = None) -> list[dict]:
+              confidence_z: float = 2.0, max_prefill_wait_s: float | None = None,
+              ttft: tuple[float, float] | None = None) -> list[dict]:
     from bench.loadgen import format_summary, summarize
 
     rows = []
     for rate in rates:
         reqs = synthetic_requests(n, rate, profile, seed=seed, max_tokens_cap=max_tokens, arrival=arrival, cv=cv)
+        if ttft is not None:
+            reqs = with_ttft(reqs, profile, *ttft)
         for pol in policies:
             cfg = SimConfig.of(pol, num_replicas=replicas, seed=seed, max_num_seqs=max_num_seqs,
                                max_num_batched_tokens=max_batched_tokens, token_budget=token_budget,
@@ -512,7 +609,9 @@ def sim_sweep(profile: Profile, acc: AcceptanceModel, policies: list[str], rates
             o = s["overall"]
             rows.append({"policy": pol, "rate": rate, "summary": s, "info": {k: v for k, v in info.items()
                                                                              if k != "busy_s"}})
-            print(f"rate {rate:6.2f} {pol:<13} attain {o['attainment'] * 100:5.1f}%  goodput {o['goodput_tok_s']:8.1f} "
+            print(f"rate {rate:6.2f} {pol:<13} attain {o['attainment'] * 100:5.1f}% (tpot-only "
+                  f"{o['attainment_tpot'] * 100:5.1f}%, refused {o['rejected']:3d}, TTFT p90 "
+                  f"{(o['ttft_s_p90'] or 0) * 1e3:6.0f} ms)  goodput {o['goodput_tok_s']:8.1f} "
                   f"tok/s {o['goodput_req_s']:6.2f} req/s  acc/step {o['accepted_tokens_per_step'] or 1:.2f}  "
                   f"B={info['token_budget']}  sim {info['sim_wall_s']:.2f} s ({info['steps']} steps)", flush=True)
             if verbose:
@@ -697,6 +796,10 @@ def main() -> None:
     ap.add_argument("--max-batched-tokens", type=int, default=2048)
     ap.add_argument("--token-budget", type=int, default=None)
     ap.add_argument("--accept-scale", type=float, default=1.0, help="what-if: conditional acceptance x this")
+    ap.add_argument("--ttft-x-prefill", type=float, default=10.0,
+                    help="every request's TTFT SLO: this x its prompt's idle prefill time ... (the server's default)")
+    ap.add_argument("--ttft-allowance-ms", type=float, default=1000.0, help="... plus this allowance")
+    ap.add_argument("--no-ttft", action="store_true", help="TPOT SLOs only (the paper's setting)")
     ap.add_argument("--budget-tolerance", type=float, default=1.5,
                     help="EngineConfig.budget_tolerance (the 70B scenario's B = 155 comes from 1.5)")
     ap.add_argument("--confidence-z", type=float, default=2.0, help="EngineConfig.slo_prefill_confidence_z")
@@ -739,7 +842,8 @@ def main() -> None:
                      max_batched_tokens=args.max_batched_tokens, token_budget=args.token_budget,
                      budget_tolerance=args.budget_tolerance, seed=args.seed,
                      arrival=args.arrival, cv=args.cv, verbose=args.verbose,
-                     confidence_z=args.confidence_z, max_prefill_wait_s=args.max_prefill_wait_s)
+                     confidence_z=args.confidence_z, max_prefill_wait_s=args.max_prefill_wait_s,
+                     ttft=None if args.no_ttft else (args.ttft_x_prefill, args.ttft_allowance_ms))
     h = {f"{f} vs {'paper baselines' if ex else 'all baselines'}": headline(rows, f, ex)
          for f in sorted({r["policy"] for r in rows if r["policy"].startswith("adaserve")})
          for ex in ((), ("dynamic-tree",))}

@@ -11,8 +11,10 @@ come first; the TPOT pace takes what is left.
 
 The service model: queued prompts are prefilled in order, ``P`` prompt tokens per step, each step taking
 ``predict(roots + P) + overhead`` seconds; prompt k (with ``C_k`` tokens up to and including its own in the
-order) gets its first token at the end of step ``ceil(C_k / P)``. It ignores the tree nodes a step may add
-(bounded by the step's token limit) and new arrivals with earlier deadlines (fail fast re-checks on arrival).
+order) gets its first token at the end of step ``ceil(C_k / P)``, and no earlier than its own tokens take after a
+sequence slot frees for it (a full replica admits a prompt only as running requests finish). It ignores the tree
+nodes a step may add (bounded by the step's token limit) and new arrivals with earlier deadlines (fail fast
+re-checks on arrival).
 """
 
 from __future__ import annotations
@@ -29,23 +31,47 @@ def deadline_order(deadline_s: np.ndarray, arrival_s: np.ndarray, best_effort: n
     return np.lexsort((np.asarray(arrival_s, np.float64), deadline, np.asarray(best_effort, bool)))
 
 
+def slot_ready_times_s(now_s: float, running_finish_s: np.ndarray, free_slots: int, num_queued: int) -> np.ndarray:
+    """[Q] the earliest time the k-th queued prompt can hold a sequence slot: at once for the first ``free_slots``,
+    then as running requests finish (``running_finish_s``, predicted); past those, when the last one does."""
+    finish = np.sort(np.asarray(running_finish_s, np.float64))
+    k = np.arange(int(num_queued)) - max(int(free_slots), 0)
+    if finish.size == 0:
+        return np.full(int(num_queued), float(now_s))
+    return np.where(k < 0, float(now_s), finish[np.clip(k, 0, finish.size - 1)])
+
+
+def running_finish_times_s(now_s: float, remaining_tokens: np.ndarray, tokens_per_step: float,
+                           step_s: float) -> np.ndarray:
+    """[R] when each running request is predicted to finish: its remaining output tokens at ``tokens_per_step``
+    a step of ``step_s``."""
+    steps = np.ceil(np.maximum(np.asarray(remaining_tokens, np.float64), 0.0) / max(float(tokens_per_step), 1.0))
+    return float(now_s) + steps * float(step_s)
+
+
 def first_token_times_s(model: LatencyModel, *, now_s: float, remaining_tokens: np.ndarray, prefill_tokens: np.ndarray,
                         num_roots: int, context_tokens: float, overhead_s: float = 0.0,
-                        served: np.ndarray | None = None) -> np.ndarray:
+                        served: np.ndarray | None = None, ready_s: np.ndarray | None = None) -> np.ndarray:
     """[S, Q] when each queued prompt (in service order) gets its first token if every step prefills
     ``prefill_tokens[s]`` tokens. ``served`` ([Q] bool, default all): the prompts that are prefilled ahead of those
-    after them; an unserved prompt's own time is what it would be if it were served in its place."""
+    after them; an unserved prompt's own time is what it would be if it were served in its place. ``ready_s``
+    ([Q], default now): when each prompt can start at all (``slot_ready_times_s``); from then its own tokens take
+    their steps."""
     r = np.asarray(remaining_tokens, np.float64)
     counted = r if served is None else r * np.asarray(served, bool)
     c = np.cumsum(counted) - counted + r  # [Q] tokens ahead of and including each prompt
     p = np.maximum(np.asarray(prefill_tokens, np.float64), 1.0)  # [S]
     t = np.asarray(model.predict(num_roots + p, context_tokens), np.float64) + float(overhead_s)  # [S]
-    return now_s + np.ceil(c[None, :] / p[:, None] - 1e-9) * t[:, None]
+    done = now_s + np.ceil(c[None, :] / p[:, None] - 1e-9) * t[:, None]
+    if ready_s is None:
+        return done
+    own = np.asarray(ready_s, np.float64)[None, :] + np.ceil(r[None, :] / p[:, None] - 1e-9) * t[:, None]
+    return np.maximum(done, own)
 
 
 def ttft_prefill_floor(model: LatencyModel, *, now_s: float, deadline_s: np.ndarray, remaining_tokens: np.ndarray,
                        num_roots: int, context_tokens: float, max_prefill_tokens: int,
-                       overhead_s: float = 0.0) -> tuple[int, np.ndarray]:
+                       overhead_s: float = 0.0, ready_s: np.ndarray | None = None) -> tuple[int, np.ndarray]:
     """(P, feasible): the fewest prefill tokens per step that bring every feasible queued prompt (in service
     order, ``deadline_s`` inf for none) to its first token by its deadline, and which prompts are feasible at all
     (on time at the full ``max_prefill_tokens`` a step, after the other feasible ones ahead of them). Infeasible
@@ -56,7 +82,8 @@ def ttft_prefill_floor(model: LatencyModel, *, now_s: float, deadline_s: np.ndar
     limit = max(int(max_prefill_tokens), 1)
     if q == 0:
         return 0, np.zeros(0, bool)
-    kw = dict(now_s=now_s, num_roots=num_roots, context_tokens=context_tokens, overhead_s=overhead_s)
+    kw = dict(now_s=now_s, num_roots=num_roots, context_tokens=context_tokens, overhead_s=overhead_s,
+              ready_s=ready_s)
     # Prompts that miss at full speed are dropped from the queue ahead of the others (they wait), and feasibility
     # is checked again without them; two passes settle it (dropping prompts only makes the rest earlier).
     feasible = np.ones(q, bool)

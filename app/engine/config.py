@@ -22,6 +22,7 @@ class EngineConfig:
     dtype: str = "auto"  # float32 | bfloat16 | float16 | auto (bfloat16 on CUDA and AMX CPUs, else float32)
     block_size: int = 16
     num_kv_blocks: int | None = None  # None: sized from kv_cache_memory_gb (CPU) or free GPU memory
+    enable_prefix_caching: bool = True  # reuse the KV of full blocks of a prompt prefix computed before (kv_cache.py)
     kv_cache_memory_gb: float = 2.0
     gpu_memory_fraction: float = 0.85
     max_num_seqs: int = 64
@@ -50,6 +51,10 @@ class EngineConfig:
     # gain: headroom for unlucky acceptance (70B simulation, 10 req/s: z = 1 / 2 / 3 gives 83% / 91% / 96% attainment,
     # 475 / 436 / 350 tok/s goodput)
     profile_latency: bool = True  # profile the target's step latency at start-up (cached per model+device)
+    ttft_admission: bool = True  # serve prompts earliest TTFT deadline first, never let the SLO pace plan hold back
+    # what feasible deadlines need, and act on unattainable ones (on_unattainable); False: FIFO, as before TTFT SLOs
+    ttft_admission_headroom: float = 0.2  # a newcomer is admitted only if predicted to get its first token within
+    # (1 - this) x its TTFT SLO: predictions made at arrival miss the load that arrives after it
     on_unattainable: str = "reject"  # a request whose TTFT SLO the latency model says this replica cannot meet:
     # "reject" refuses it at once (HTTP 429, code slo_unattainable: the router tries another replica), "best_effort"
     # serves it after every protected request
@@ -64,6 +69,8 @@ class EngineConfig:
             raise ValueError(f"load_format must be auto or dummy, got {self.load_format!r}")
         if not self.slo_prefill_confidence_z >= 0:
             raise ValueError(f"slo_prefill_confidence_z must be >= 0, got {self.slo_prefill_confidence_z}")
+        if not 0 <= self.ttft_admission_headroom < 1:
+            raise ValueError(f"ttft_admission_headroom must be in [0, 1), got {self.ttft_admission_headroom}")
         if self.on_unattainable not in ("reject", "best_effort"):
             raise ValueError(f"on_unattainable must be reject or best_effort, got {self.on_unattainable!r}")
         if self.max_prefill_wait_s is not None and not self.max_prefill_wait_s >= 0:

@@ -84,7 +84,9 @@ class LLMEngine:
         del ckpt
         self.max_model_len = min(config.max_model_len or self.model_config.max_position,
                                  self.model_config.max_position)
-        self.kv = KVCache(*self.model.new_kv_cache(self._num_kv_blocks(), config.block_size))
+        self.kv = KVCache(*self.model.new_kv_cache(self._num_kv_blocks(), config.block_size),
+                          prefix_caching=config.enable_prefix_caching,
+                          identity=f"{config.model}|{config.load_format}|{self.dtype}|{config.block_size}")
         if self.kv.allocator.num_blocks * config.block_size < self.max_model_len:
             self.max_model_len = self.kv.allocator.num_blocks * config.block_size
         self.runner = ModelRunner(self.model, self.kv)
@@ -108,6 +110,9 @@ class LLMEngine:
             self.speculator = Speculator(source, config.policy, max_tree_nodes=config.max_tree_nodes,
                                          max_depth=config.max_draft_depth, max_width=config.max_draft_width,
                                          root_topk=config.root_topk, slo_triage=config.slo_triage)
+            if config.enable_prefix_caching and source.uses_features:  # a cached prefix's hidden states, for the draft
+                self.kv.hidden = torch.zeros((*self.kv.k.shape[1:3], self.model_config.hidden_size),
+                                             dtype=self.dtype, device=self.device)
         elif parse_policy(config.policy).kind != "none":
             raise ValueError(f"policy {config.policy!r} needs a draft (--draft)")
         latency_model, token_budget = None, config.token_budget
@@ -209,11 +214,15 @@ class LLMEngine:
             raise InvalidRequestError(
                 f"ttft_slo_ms {req.ttft_slo_ms:.4g} is below what an idle replica needs to prefill this "
                 f"{req.num_prompt_tokens}-token prompt ({idle_s * 1e3:.4g} ms)")
-        if self.scheduler.latency_model is None:
+        if self.scheduler.latency_model is None or not self.config.ttft_admission:
             return
         now = time.perf_counter()
         before, queued_before = self.scheduler.ttft_feasible(now)
+        # the newcomer must fit with headroom: a prediction made now misses the load that arrives after it
+        slo_ms = req.ttft_slo_ms
+        req.ttft_slo_ms = slo_ms * (1.0 - self.config.ttft_admission_headroom)
         after, queued = self.scheduler.ttft_feasible(now, extra=req)
+        req.ttft_slo_ms = slo_ms
         was_feasible = {id(r) for r, ok in zip(queued_before, before) if ok}
         pushed = any(not ok and id(r) in was_feasible for r, ok in zip(queued, after) if r is not req)
         if after[queued.index(req)] and not pushed:
@@ -270,7 +279,8 @@ class LLMEngine:
             if tree is None:
                 continue
             end = req.num_computed_tokens + len(tree.tokens)
-            if end > self.max_model_len or not self.kv.ensure_capacity(req.block_ids, end):
+            if end > self.max_model_len or not self.kv.ensure_capacity(req.block_ids, end,
+                                                                       write_from=req.num_computed_tokens):
                 del proposal.trees[req.request_id]
         return proposal
 
@@ -305,8 +315,7 @@ class LLMEngine:
         if source is not None and source.uses_features:  # feature drafts read the target's hidden states
             for i, c in enumerate(chunks):
                 if c.request.request_id not in trees:
-                    source.record_hidden(c.request.request_id, c.request.num_computed_tokens,
-                                         out.hidden[out.token_rows[i]])
+                    self._record_hidden(source, c.request, out.hidden[out.token_rows[i]])
         greedy = torch.argmax(out.logits, dim=-1).tolist() if trees else []  # one argmax for every greedy walk
         moves = []
         for i, c in enumerate(chunks):
@@ -319,8 +328,7 @@ class LLMEngine:
                                         req.sampling, req.generator, [greedy[j] for j in rows])
             moves.append((req.block_ids, req.num_computed_tokens, path))
             if source.uses_features:
-                source.record_hidden(req.request_id, req.num_computed_tokens,
-                                     out.hidden[[out.token_rows[i][j] for j in path]])
+                self._record_hidden(source, req, out.hidden[[out.token_rows[i][j] for j in path]])
             outcome = TreeOutcome(req.request_id, proposal.candidates[req.request_id], tree, path)
             self.speculator.observe(req.request_id, outcome.candidates, tree, path)
             result.trees.append(outcome)
@@ -332,6 +340,16 @@ class LLMEngine:
         result.num_tokens = sum(len(trees[c.request.request_id].tokens) if c.request.request_id in trees
                                 else c.num_tokens for c in chunks)
         return result
+
+    def _record_hidden(self, source, req: Request, hidden: torch.Tensor) -> None:
+        """The target's hidden states of req's tokens from num_computed_tokens on, for a feature draft; kept beside
+        their KV too, so that a request mapping a cached prefix hands the draft that prefix's states first."""
+        start = req.num_computed_tokens
+        if self.kv.hidden is not None:
+            if start and start == req.num_cached_tokens:  # its first computed chunk follows a cached prefix
+                source.record_hidden(req.request_id, 0, self.kv.read_hidden(req.block_ids, 0, start))
+            self.kv.write_hidden(req.block_ids, start, hidden)
+        source.record_hidden(req.request_id, start, hidden)
 
     def _postprocess(self, plan: StepPlan, result: StepResult) -> list[RequestOutput]:
         now = time.perf_counter()
@@ -380,6 +398,7 @@ class LLMEngine:
             "waiting_requests": len(self.scheduler.waiting),
             "kv_free_blocks": self.kv.allocator.num_free,
             "kv_total_blocks": self.kv.allocator.num_blocks,
+            "prefix_cache": self.kv.prefix_stats(),  # hit rate (tokens), cached blocks, evictions
             "num_steps": t.num_steps,
             "token_budget": self.token_budget,
             "spare_token_budget": self.spare_token_budget(),

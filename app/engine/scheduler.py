@@ -5,7 +5,8 @@ budget, split by ``policies.step_plan.split_step_tokens`` (the simulator calls t
 plan (``policies.budget.slo_step_plan``) bounds the prefill where adaserve runs, and the latency profile prices
 the step's nodes. ``update(plan, result)`` advances the requests and the running statistics the next plans are
 priced with. Running out of KV blocks preempts the newest running request (its KV is dropped and recomputed
-later), so the oldest keep progressing.
+later), so the oldest keep progressing. With prefix caching a waiting request maps its longest cached prefix when it
+is admitted and prefills only the rest; its full blocks join the cache as their tokens are computed.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from app.engine.kv_cache import KVCache
 from app.engine.request import Request, RequestStatus
 from app.engine.step import NodePricing, ScheduledChunk, StepPlan, StepResult, StepTotals
 from kernels.metadata import MAX_TREE_TOKENS
-from policies.admission import deadline_order, ttft_prefill_floor
+from policies.admission import deadline_order, running_finish_times_s, slot_ready_times_s, ttft_prefill_floor
 from policies.budget import min_worthwhile_path_prob, required_nodes, slo_step_plan, spare_budget
 from policies.latency_model import LatencyModel
 from policies.step_plan import split_step_tokens
@@ -67,6 +68,7 @@ class Scheduler:
             if self._grow(req, req.num_computed_tokens + 1, plan):
                 plan.decodes.append(ScheduledChunk(req, 1))
         decodes = [c.request for c in plan.decodes]
+        self._demote_late(now)
         self._order_waiting()
         cap, slo_nodes = self.prefill_cap(decodes, now) if decodes else (None, 0)
         # 2. Prefill chunks, as the pure split decides; KV decides how far admission gets.
@@ -75,7 +77,7 @@ class Scheduler:
             candidates = self._prefill_candidates()
             num_running_prefills = len(candidates) - len(self.waiting)
             split = split_step_tokens(
-                num_roots=len(plan.decodes), prefill_remaining=[r.num_uncomputed_tokens for r in candidates],
+                num_roots=len(plan.decodes), prefill_remaining=[self._remaining(r) for r in candidates],
                 num_running_prefills=num_running_prefills,
                 free_seq_slots=self.config.max_num_seqs - len(self.running),
                 max_num_batched_tokens=limit, prefill_chunk_tokens=self.config.prefill_chunk_tokens,
@@ -96,7 +98,13 @@ class Scheduler:
                 self.waiting.remove(req)
                 req.status = RequestStatus.RUNNING
                 self.running.append(req)
+                req.num_cached_tokens = req.num_computed_tokens
+                self.kv.count_admission(len(req.token_ids), req.num_cached_tokens)
             plan.prefills.append(ScheduledChunk(req, n))
+        for req in self.waiting:  # a waiting request holds no KV: what the passes above took for it goes back
+            if req.block_ids:
+                self.kv.release_request(req)
+                req.num_computed_tokens = 0
         plan.node_budget, plan.slo_node_budget, plan.prefill_held = (
             split.node_budget, split.slo_node_budget, split.prefill_held)
         if self.speculative and plan.decodes:
@@ -105,11 +113,29 @@ class Scheduler:
 
     def _prefill_candidates(self) -> list[Request]:
         """Running requests still in prefill, then the waiting queue, each in service order."""
-        return _service_order([r for r in self.running if r.status is RequestStatus.RUNNING and not r.is_decoding
-                               and r.num_uncomputed_tokens > 0]) + list(self.waiting)
+        running = [r for r in self.running if r.status is RequestStatus.RUNNING and not r.is_decoding
+                   and r.num_uncomputed_tokens > 0]
+        return (_service_order(running) if self.config.ttft_admission else running) + list(self.waiting)
+
+    def _remaining(self, req: Request) -> int:
+        """Tokens req still has to prefill: a waiting request's cached prefix does not count (it is mapped, not
+        computed, when the request is admitted)."""
+        if req.block_ids or req.status is not RequestStatus.WAITING:
+            return req.num_uncomputed_tokens
+        return req.num_uncomputed_tokens - self.kv.num_cached_prefix_tokens(req)
+
+    def _demote_late(self, now: float) -> None:
+        """A queued prompt that can no longer make its TTFT deadline (even at full prefill speed, after the feasible
+        ones ahead) becomes best effort: served after every protected prompt, so one late prompt does not make the
+        ones behind it late too."""
+        feasible, queued = self.ttft_feasible(now)
+        for r, ok in zip(queued, feasible):
+            if not ok and not r.num_output_tokens:
+                r.best_effort = True
 
     def _order_waiting(self) -> None:
-        self.waiting = deque(_service_order(list(self.waiting)))
+        if self.config.ttft_admission:
+            self.waiting = deque(_service_order(list(self.waiting)))
 
     def ttft_feasible(self, now: float, extra: Request | None = None) -> tuple[np.ndarray, list[Request]]:
         """Which queued prompts (``extra``, a newcomer, in its EDF place) the latency model says can still get
@@ -124,16 +150,24 @@ class Scheduler:
     def _ttft_floor(self, queued: list[Request], now: float) -> tuple[int, np.ndarray]:
         decoding = [r for r in self.running if r.is_decoding]
         limit = max(self.config.max_num_batched_tokens - len(decoding), 1)
-        if self.latency_model is None or not queued:
+        if self.latency_model is None or not queued or not self.config.ttft_admission:
             return 0, np.ones(len(queued), bool)
         # no deadline for best-effort prompts, nor for preempted ones (their first token is out): both still count
         # where they are served
         deadline = np.array([np.inf if r.best_effort or r.num_output_tokens else r.ttft_deadline for r in queued])
+        context = sum(r.num_computed_tokens for r in decoding)
+        waiting = [r for r in queued if r.status is RequestStatus.WAITING]
+        finish = running_finish_times_s(
+            now, np.array([r.sampling.max_tokens - r.num_output_tokens for r in self.running]),
+            self.totals.tokens_per_tree_step if self.speculative else 1.0,
+            self.step_ema_s or self.predicted_step_s(len(decoding), context))
+        ready = np.full(len(queued), now)
+        ready[len(queued) - len(waiting):] = slot_ready_times_s(
+            now, finish, self.config.max_num_seqs - len(self.running), len(waiting))
         return ttft_prefill_floor(
             self.latency_model, now_s=now, deadline_s=deadline,
-            remaining_tokens=np.array([r.num_uncomputed_tokens for r in queued]), num_roots=len(decoding),
-            context_tokens=sum(r.num_computed_tokens for r in decoding), max_prefill_tokens=limit,
-            overhead_s=self.step_overhead_ema_s)
+            remaining_tokens=np.array([self._remaining(r) for r in queued]), num_roots=len(decoding),
+            context_tokens=context, max_prefill_tokens=limit, overhead_s=self.step_overhead_ema_s, ready_s=ready)
 
     def queue_drain_s(self, now: float) -> float:
         """Seconds until every queued prompt is prefilled at full speed: when a refused client may retry."""
@@ -141,7 +175,7 @@ class Scheduler:
         if self.latency_model is None or not queued:
             return 0.0
         limit = max(self.config.max_num_batched_tokens - sum(r.is_decoding for r in self.running), 1)
-        steps = -(-sum(r.num_uncomputed_tokens for r in queued) // limit)
+        steps = -(-sum(self._remaining(r) for r in queued) // limit)
         return steps * (self.predicted_step_s(self.config.max_num_batched_tokens, 0) + self.step_overhead_ema_s)
 
     def _allocate(self, candidates: list[Request], num_running_prefills: int, tokens: tuple[int, ...],
@@ -156,9 +190,20 @@ class Scheduler:
                 self._grow(req, req.num_computed_tokens + n, plan)
                 if len(plan.preempted) > before:
                     return None
-            elif not self.kv.ensure_capacity(req.block_ids, req.num_computed_tokens + n):
+            elif not self._admit(req, n):
                 return i
         return None
+
+    def _admit(self, req: Request, n: int) -> bool:
+        """KV for a waiting request's first chunk of n tokens: its cached prefix (which the chunk follows), then
+        blocks for the chunk; False, holding nothing, if they ran out."""
+        if not req.block_ids:
+            self.kv.acquire_prefix(req)  # sets num_computed_tokens to the cached length
+        if self.kv.ensure_capacity(req.block_ids, req.num_computed_tokens + n, write_from=req.num_computed_tokens):
+            return True
+        self.kv.release_request(req)
+        req.num_computed_tokens = 0
+        return False
 
     def prefill_cap(self, decodes: list[Request], now: float) -> tuple[int | None, int]:
         """(prefill tokens, reserved SLO nodes) the decoding requests' TPOT SLO pace leaves this step
@@ -212,7 +257,7 @@ class Scheduler:
 
     def _grow(self, req: Request, num_tokens: int, plan: StepPlan) -> bool:
         """Make req's blocks hold num_tokens, preempting newer requests; False if req itself was preempted."""
-        while not self.kv.ensure_capacity(req.block_ids, num_tokens):
+        while not self.kv.ensure_capacity(req.block_ids, num_tokens, write_from=req.num_computed_tokens):
             victim = self.running[-1]
             self.preempt(victim)
             plan.preempted.append(victim)
@@ -235,6 +280,8 @@ class Scheduler:
                 c.request.num_computed_tokens += len(tree.path)
                 c.request.num_spec_steps += 1
                 c.request.num_accepted_draft_tokens += tree.num_accepted
+            if c.request.status is RequestStatus.RUNNING:
+                self.kv.cache_full_blocks(c.request)  # full blocks of computed tokens join the prefix cache
         self.totals.add(plan, result)
         ema = self.step_ema_s
         self.step_ema_s = result.step_s if ema is None else 0.8 * ema + 0.2 * result.step_s
@@ -244,7 +291,7 @@ class Scheduler:
 
     def preempt(self, req: Request) -> None:
         self.running.remove(req)
-        self.kv.release(req.block_ids)
+        self.kv.release_request(req)  # its registered blocks stay cached: re-admission maps them again
         req.num_computed_tokens = 0
         req.num_preemptions += 1
         req.status = RequestStatus.WAITING
@@ -255,7 +302,10 @@ class Scheduler:
             self.running.remove(req)
         elif req in self.waiting:
             self.waiting.remove(req)
-        self.kv.release(req.block_ids)
+        # A request that finished by the step that just ran (not aborted between steps) holds the K/V of every token
+        # but the last sampled one, though update() has not counted them yet: its full blocks join the cache now.
+        self.kv.cache_full_blocks(req, req.num_computed_tokens if reason == "abort" else len(req.token_ids) - 1)
+        self.kv.release_request(req)
         req.status = RequestStatus.FINISHED
         req.finish_reason = reason
 

@@ -93,3 +93,29 @@ def test_earliest_deadline_is_prefilled_first_and_output_is_unchanged():
     plain = LLMEngine(EngineConfig(num_kv_blocks=256, dtype="float32"))
     ref = plain.generate(list(prompts.values()), params)
     assert [outs[k] for k in prompts] == [o.token_ids for o in ref]
+
+
+def test_a_prompt_that_became_late_is_demoted_behind_the_ones_still_on_time(engine):
+    engine.config = engine.scheduler.config = dataclasses.replace(engine.config, prefill_chunk_tokens=32)
+    engine.add_request(LONG, SamplingParams(max_tokens=1), request_id="late", ttft_slo_ms=60_000.0)
+    engine.add_request(LONG, SamplingParams(max_tokens=1), request_id="ok", ttft_slo_ms=60_000.0)
+    engine.requests["late"].ttft_slo_ms = 1.0  # its deadline has passed while it waited
+    first = {}
+    while engine.has_unfinished():
+        for o in engine.step():
+            first.setdefault(o.request_id, engine.num_steps)
+    assert engine.requests.get("late") is None and first["ok"] < first["late"]
+
+
+def test_admission_keeps_headroom_for_load_that_arrives_later():
+    n = len(_engine().encode_prompt(LONG))
+    for headroom, admitted in ((0.0, True), (0.6, False)):
+        engine = _engine(ttft_admission_headroom=headroom)
+        # a deadline 1.5x what the prompt needs at full speed now: on time without headroom, not with 60% of it
+        need_s = -(-n // 40) * (0.01 + 0.04)
+        try:
+            engine.add_request(LONG, SamplingParams(max_tokens=1), ttft_slo_ms=need_s * 1.5 * 1e3)
+            ok = True
+        except SLOUnattainableError:
+            ok = False
+        assert ok == admitted
