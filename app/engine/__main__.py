@@ -4,7 +4,7 @@ Usage:
     python -m app.engine generate --prompt TEXT [--chat] [--max-tokens N] [--temperature T] [--top-p P]
         [--top-k K] [--seed N] [--stop TEXT]... [--tpot-slo-ms MS] [--ttft-slo-ms MS] [--policy POLICY]
         [--draft SOURCES] [--model MODEL] [--load-format {auto,dummy}] [--device DEVICE] [--dtype DTYPE]
-        [--threads N] [--json]
+        [--threads N] [--no-prefix-caching] [--json]
 
 POLICY is none | chain:k | static-tree | dynamic-tree | adaserve; a speculative one (anything but none) without
 --draft uses DEFAULT_DRAFT (feature,ngram), the draft serve_config.yaml serves. --json prints one JSON object, and
@@ -12,6 +12,7 @@ an error as {"error": {"message": ..., "type": "invalid_request_error"}} on stdo
 line on stderr (after the usage, for arguments that do not parse). Either way an error exits with status 2.
 --load-format dummy runs seeded random weights of a shape, without a download: MODEL is then a preset (llama-1b,
 llama-8b, llama-70b-tp4, smollm2-135m) or a directory holding a config.json; a dummy draft is written dummy:MODEL.
+--no-prefix-caching recomputes every prompt (prefix caching, on by default, matters only across requests).
 """
 
 from __future__ import annotations
@@ -77,6 +78,8 @@ def _parser() -> argparse.ArgumentParser:
                      help="float32 | bfloat16 | float16 | auto (default: %(default)s)")
     gen.add_argument("--threads", type=int, default=None, metavar="N",
                      help="torch CPU threads (default: torch's choice; 1 is faster on a busy shared machine)")
+    gen.add_argument("--no-prefix-caching", action="store_true",
+                     help="turn off prefix caching (reusing a computed prompt prefix's KV blocks; on by default)")
     gen.add_argument("--json", action="store_true",
                      help="print one JSON object instead of the text (errors too)")
     return parser
@@ -101,7 +104,8 @@ def generate(args: argparse.Namespace) -> int:
         speculates = parse_policy(args.policy).kind != "none"  # a bad name fails before the model loads
         draft = args.draft if args.draft is not None else (DEFAULT_DRAFT if speculates else None)
         config = EngineConfig(model=args.model, load_format=args.load_format, draft=draft, policy=args.policy,
-                              device=args.device, dtype=args.dtype)
+                              device=args.device, dtype=args.dtype,
+                              enable_prefix_caching=not args.no_prefix_caching)
     except ValueError as exc:
         return _fail(str(exc), as_json)
     if not args.prompt:

@@ -35,6 +35,7 @@ class RequestMetrics:
     num_preemptions: int
     num_spec_steps: int
     num_accepted_draft_tokens: int
+    num_cached_tokens: int = 0  # prompt tokens the prefix cache supplied (at its last admission)
 
 
 @dataclass
@@ -65,6 +66,9 @@ class Request:
     token_ids: list[int] = field(init=False)  # prompt, then output
     num_computed_tokens: int = 0  # tokens whose K/V sits in the cache
     block_ids: list[int] = field(default_factory=list)
+    num_cached_tokens: int = 0  # of those, what the prefix cache supplied at its (last) admission
+    block_hashes: list[bytes] = field(default_factory=list)  # prefix-cache hashes of its full blocks, as needed
+    num_registered_blocks: int = 0  # leading blocks registered in the prefix cache
     status: RequestStatus = RequestStatus.WAITING
     finish_reason: str | None = None
     first_token_time: float | None = None
@@ -128,4 +132,4 @@ class Request:
             tpot_s=tpot, tpot_slo_ms=self.tpot_slo_ms, ttft_slo_ms=self.ttft_slo_ms, slo_attained=attained,
             ttft_attained=ttft_ok, tpot_attained=tpot_ok,
             num_preemptions=self.num_preemptions, num_spec_steps=self.num_spec_steps,
-            num_accepted_draft_tokens=self.num_accepted_draft_tokens)
+            num_accepted_draft_tokens=self.num_accepted_draft_tokens, num_cached_tokens=self.num_cached_tokens)

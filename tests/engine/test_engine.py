@@ -71,6 +71,7 @@ def test_staggered_greedy_batch_equals_transformers(engine, hf_embedded):
 
 
 def test_chunked_prefill_and_decode_share_steps(engine):
+    engine.kv.reset_prefix_cache()  # the chunk sizes below are a cold cache's
     long_ids = engine.encode_prompt(PROMPTS[4])
     engine.add_request(engine.encode_prompt("Hello there"), SamplingParams(max_tokens=30), request_id="short")
     engine.step()  # short request prefilled
@@ -86,6 +87,7 @@ def test_chunked_prefill_and_decode_share_steps(engine):
 
 def test_prefill_cap_bounds_the_steps_prefill_and_leaves_the_rest_to_speculation(engine, monkeypatch):
     sched = engine.scheduler
+    engine.kv.reset_prefix_cache()  # the chunk sizes below are a cold cache's
     long_ids = engine.encode_prompt(PROMPTS[4])
     engine.add_request(engine.encode_prompt("Hello there"), SamplingParams(max_tokens=30), request_id="short")
     seen = []
