@@ -136,6 +136,8 @@ class _Relay:
         try:
             async for msg in self.gen:
                 if msg["type"] == "error":
+                    if msg.get("code") == "slo_unattainable":
+                        metrics.observe_rejected(self.slo.slo_class)
                     raise APIError.from_message(msg)
                 self.num_tokens += len(msg["token_ids"])
                 metrics.generation_tokens.inc(len(msg["token_ids"]))

@@ -346,11 +346,14 @@ class Simulator:
         cap, slo_nodes = None, 0
         if self.slo_prefill and decodes:
             cap, slo_nodes = self._prefill_plan(rep, np.asarray(decodes, dtype=np.int64), now)
-        if e.ttft_admission:  # the scheduler's _demote_late, then EDF
+        if e.ttft_admission:  # the scheduler's _demote_late (refuse unstarted late prompts, else demote), then EDF
             queued = self._queued(rep)
-            late = [i for i, ok in zip(queued, self._feasible(rep, queued, now)) if not ok]
-            self.best_effort[late] = True
-            rep.waiting = deque(self._edf(list(rep.waiting)))
+            late = [i for i, ok in zip(queued, self._feasible(rep, queued, now))
+                    if not ok and not self.best_effort[i]]
+            refuse = {i for i in late if e.on_unattainable == "reject" and i in rep.waiting and self.computed[i] == 0}
+            self.refused[list(refuse)] = True
+            self.best_effort[[i for i in late if i not in refuse]] = True
+            rep.waiting = deque(self._edf([i for i in rep.waiting if i not in refuse]))
         candidates = self._queued(rep)
         num_running_prefills = len(candidates) - len(rep.waiting)
         split = split_step_tokens(

@@ -251,8 +251,9 @@ class LLMEngine:
         plan = self.scheduler.schedule(t_start)
         for req in plan.preempted:
             self._release_draft(req.request_id)
+        refused = [self._refused_output(req, t_start) for req in plan.refused]
         if not plan:
-            return []
+            return refused
         proposal = self._speculate(plan, t_start)
         t_verify = time.perf_counter()
         out = self._run(plan, proposal.trees)
@@ -265,7 +266,14 @@ class LLMEngine:
         self.step_history.append(result)
         for observe in self.step_observers:
             observe(plan, result)
-        return outputs
+        return refused + outputs
+
+    def _refused_output(self, req: Request, now: float) -> RequestOutput:
+        """A queued request the scheduler refused (finish reason "slo_unattainable"): its last output."""
+        req.finish_time = now
+        self._release_draft(req.request_id)
+        self.requests.pop(req.request_id, None)
+        return make_output(req)
 
     def _speculate(self, plan: StepPlan, t_start: float) -> ProposeResult:
         """Draft and select a tree per decoding request within the plan's node budget; a tree needs KV room (and

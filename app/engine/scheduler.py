@@ -68,7 +68,7 @@ class Scheduler:
             if self._grow(req, req.num_computed_tokens + 1, plan):
                 plan.decodes.append(ScheduledChunk(req, 1))
         decodes = [c.request for c in plan.decodes]
-        self._demote_late(now)
+        self._demote_late(now, plan)
         self._order_waiting()
         cap, slo_nodes = self.prefill_cap(decodes, now) if decodes else (None, 0)
         # 2. Prefill chunks, as the pure split decides; KV decides how far admission gets.
@@ -124,13 +124,20 @@ class Scheduler:
             return req.num_uncomputed_tokens
         return req.num_uncomputed_tokens - self.kv.num_cached_prefix_tokens(req)
 
-    def _demote_late(self, now: float) -> None:
+    def _demote_late(self, now: float, plan: StepPlan) -> None:
         """A queued prompt that can no longer make its TTFT deadline (even at full prefill speed, after the feasible
-        ones ahead) becomes best effort: served after every protected prompt, so one late prompt does not make the
-        ones behind it late too."""
+        ones ahead) is refused if it has not started (``on_unattainable: reject``: the client hears at once, and the
+        queue stays bounded under overload), else becomes best effort: served after every protected prompt, so one
+        late prompt does not make the ones behind it late too."""
         feasible, queued = self.ttft_feasible(now)
+        reject = self.config.on_unattainable == "reject"
         for r, ok in zip(queued, feasible):
-            if not ok and not r.num_output_tokens:
+            if ok or r.num_output_tokens or r.best_effort:
+                continue
+            if reject and r.status is RequestStatus.WAITING and r.num_computed_tokens == 0:
+                self.finish(r, "slo_unattainable")
+                plan.refused.append(r)
+            else:
                 r.best_effort = True
 
     def _order_waiting(self) -> None:
@@ -304,7 +311,9 @@ class Scheduler:
             self.waiting.remove(req)
         # A request that finished by the step that just ran (not aborted between steps) holds the K/V of every token
         # but the last sampled one, though update() has not counted them yet: its full blocks join the cache now.
-        self.kv.cache_full_blocks(req, req.num_computed_tokens if reason == "abort" else len(req.token_ids) - 1)
+        # (aborted or refused between steps: only what was computed)
+        self.kv.cache_full_blocks(req, req.num_computed_tokens if reason in ("abort", "slo_unattainable")
+                                  else len(req.token_ids) - 1)
         self.kv.release_request(req)
         req.status = RequestStatus.FINISHED
         req.finish_reason = reason

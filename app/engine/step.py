@@ -47,6 +47,7 @@ class StepPlan:
     decodes: list[ScheduledChunk] = field(default_factory=list)  # one root token each; may grow a tree
     prefills: list[ScheduledChunk] = field(default_factory=list)
     preempted: list[Request] = field(default_factory=list)
+    refused: list[Request] = field(default_factory=list)  # finished unstarted: their TTFT SLO became unattainable
     node_budget: int = 0  # draft nodes (roots excluded) the step may verify
     slo_node_budget: int = 0  # of which the SLO pace plan reserved this many for the decoding requests' SLOs
     prefill_held: bool = False  # the SLO pace plan, not the step's limits, kept prompt tokens out of this step

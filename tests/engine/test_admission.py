@@ -95,16 +95,24 @@ def test_earliest_deadline_is_prefilled_first_and_output_is_unchanged():
     assert [outs[k] for k in prompts] == [o.token_ids for o in ref]
 
 
-def test_a_prompt_that_became_late_is_demoted_behind_the_ones_still_on_time(engine):
+@pytest.mark.parametrize("on_unattainable", ["reject", "best_effort"])
+def test_a_prompt_that_became_late_is_refused_or_demoted_behind_the_ones_still_on_time(on_unattainable):
+    engine = _engine(on_unattainable=on_unattainable)
     engine.config = engine.scheduler.config = dataclasses.replace(engine.config, prefill_chunk_tokens=32)
     engine.add_request(LONG, SamplingParams(max_tokens=1), request_id="late", ttft_slo_ms=60_000.0)
     engine.add_request(LONG, SamplingParams(max_tokens=1), request_id="ok", ttft_slo_ms=60_000.0)
     engine.requests["late"].ttft_slo_ms = 1.0  # its deadline has passed while it waited
-    first = {}
+    first, last = {}, {}
     while engine.has_unfinished():
         for o in engine.step():
             first.setdefault(o.request_id, engine.num_steps)
-    assert engine.requests.get("late") is None and first["ok"] < first["late"]
+            last[o.request_id] = o
+    assert not engine.requests and engine.kv.allocator.num_free == engine.kv.allocator.num_blocks
+    if on_unattainable == "reject":  # refused before it started: the client hears at once, nothing computed
+        assert last["late"].finish_reason == "slo_unattainable" and not last["late"].token_ids
+        assert first["late"] <= first["ok"] and last["ok"].finish_reason == "length"
+    else:
+        assert first["ok"] < first["late"] and last["late"].finish_reason == "length"
 
 
 def test_admission_keeps_headroom_for_load_that_arrives_later():
