@@ -2,7 +2,7 @@
 
 Request-level figures (tokens, TTFT/TPOT, SLO attainment and goodput per class) are counted by the ingress
 from the streams it relays, so they are exact. Replica state (KV usage, queue length, accepted tokens per step,
-spare budget) comes from the replicas' latest routing stats, read at scrape time by a custom collector, so a
+spare budget, prefix cache hits) comes from the replicas' latest routing stats, read at scrape time by a custom collector, so a
 replica that goes away stops being reported instead of leaving a stale gauge behind.
 
 Goodput follows the paper: tokens of requests that attained their SLO (``adaserve_goodput_tokens_total``;
@@ -33,6 +33,11 @@ _REPLICA_GAUGES = (
     ("measured_tpot_seconds", "measured_tpot_s", "Recent mean TPOT measured on the replica"),
     ("unloaded_tpot_seconds", "unloaded_tpot_s", "TPOT of one request on the idle replica (SLO baseline)"),
     ("prefill_held_steps", "prefill_held_steps", "Engine steps whose prompts waited for the running TPOT SLOs"),
+    ("prefix_cache_hit_ratio", "prefix_cache_hit_rate",
+     "Admitted prompt tokens whose KV the prefix cache supplied / all admitted prompt tokens, since start"),
+    ("prefix_cache_hit_tokens", "prefix_cache_hit_tokens", "Prompt tokens the prefix cache supplied, since start"),
+    ("prefix_cache_blocks", "prefix_cache_blocks", "KV blocks registered in the prefix cache (in use or evictable)"),
+    ("prefix_cache_evictions", "prefix_cache_evictions", "Cached KV blocks reused for other tokens, since start"),
 )
 
 

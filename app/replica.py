@@ -30,6 +30,7 @@ from ray.serve.config import RequestRouterConfig
 from app.config import AppSettings
 from app.engine.errors import SLOUnattainableError
 from app.schemas import param_from_message
+from policies.routing import PREFIX_CHUNK_CHARS, PrefixSummary, prefix_chunk_hashes, routing_text
 
 logger = logging.getLogger("ray.serve")
 
@@ -69,6 +70,15 @@ class EngineLoop:
         self.num_slo_rejections = 0  # requests refused because their TTFT SLO was unattainable here
         self._tokens_per_step_ewma: float | None = None
         self._tpot_ewma_s: float | None = None
+        # What the router matches prompts against (policies.routing): text-chunk hashes of the prompts served here,
+        # bounded by about as many characters as the KV cache holds tokens x 4. Empty without prefix caching.
+        config = getattr(engine, "config", None)
+        self.prefix_caching = bool(getattr(config, "enable_prefix_caching", False))
+        kv_chars = 4 * int(self.stats.get("kv_total_blocks", 0)) * int(getattr(config, "block_size", 16))
+        self.prefix_summary = PrefixSummary(min(max(kv_chars // PREFIX_CHUNK_CHARS, 64), 2048))
+        self.prefix_hashes: list[int] = []  # its copy for other threads, replaced whole (like stats)
+        self._prefix_version = 0
+        self._chats: dict[str, list] = {}  # running chat requests' messages: the reply extends their prefix
         self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
 
     def start(self) -> None:
@@ -124,6 +134,7 @@ class EngineLoop:
             else:
                 self.engine.abort(request_id)
                 self._sinks.pop(request_id, None)
+                self._chats.pop(request_id, None)
             try:
                 cmd = self._commands.get_nowait()
             except queue.Empty:
@@ -158,6 +169,10 @@ class EngineLoop:
             sink(_error(400, f"could not process the prompt: {exc}"))
             return
         self._sinks[request_id] = sink
+        if self.prefix_caching:
+            self.prefix_summary.add(prefix_chunk_hashes(routing_text(payload)))
+            if isinstance(payload.get("messages"), list):
+                self._chats[request_id] = payload["messages"]
         sink({"type": "accepted", "prompt_tokens": self.engine.requests[request_id].num_prompt_tokens})
 
     def _step(self) -> None:
@@ -170,6 +185,7 @@ class EngineLoop:
                 self.engine.abort(request_id)
                 sink(_error(500, "the engine failed while serving this request"))
             self._sinks.clear()
+            self._chats.clear()
             return
         emitted = 0
         for out in outputs:
@@ -177,9 +193,18 @@ class EngineLoop:
             sink = self._sinks.get(out.request_id)
             if out.finished:
                 self._sinks.pop(out.request_id, None)
+                messages = self._chats.pop(out.request_id, None)
+                if messages is not None and out.text:  # the next turn resends this conversation with the reply
+                    self.prefix_summary.add(prefix_chunk_hashes(routing_text(
+                        {"messages": [*messages, {"role": "assistant", "content": out.text}]})))
                 if out.metrics is not None and out.metrics.tpot_s is not None:
                     self._tpot_ewma_s = _ewma(self._tpot_ewma_s, out.metrics.tpot_s, 0.2)
             if sink is None:
+                continue
+            if out.finish_reason == "slo_unattainable":  # refused in the queue: its TTFT SLO can no longer be met
+                self.num_slo_rejections += 1
+                sink(_error(429, "this replica can no longer meet the request's TTFT SLO", "ttft_slo_ms",
+                            "slo_unattainable", self.engine.scheduler.queue_drain_s(time.perf_counter())))
                 continue
             sink({"type": "delta", "text": out.new_text, "token_ids": list(out.new_token_ids),
                   "finished": out.finished, "finish_reason": out.finish_reason,
@@ -188,6 +213,9 @@ class EngineLoop:
             self._tokens_per_step_ewma = _ewma(self._tokens_per_step_ewma, emitted / len(outputs), 0.1)
 
     def _publish_stats(self) -> None:
+        if self.prefix_summary.version != self._prefix_version:
+            self._prefix_version = self.prefix_summary.version
+            self.prefix_hashes = self.prefix_summary.hashes()
         stats = dict(self.engine.stats())
         stats.setdefault("accepted_tokens_per_step", self._tokens_per_step_ewma)
         stats.setdefault("measured_tpot_s", self._tpot_ewma_s)
@@ -285,6 +313,7 @@ class LLMReplica:
         s = self.loop.stats
         running = int(s.get("running_requests", 0))
         spare = s.get("spare_token_budget")
+        prefix = s.get("prefix_cache") or {}
         if spare is None:  # until the engine reports SLO-aware spare budget: step budget left after one token each
             spare = int(s.get("token_budget") or self.engine.config.max_num_batched_tokens) - running
         return {
@@ -301,6 +330,11 @@ class LLMReplica:
             "prefill_held_steps": int(s.get("prefill_held_steps", 0)),
             "prefill_queue_s": float(s.get("prefill_queue_s", 0.0)),
             "slo_rejections": self.loop.num_slo_rejections,
+            "prefix_cache_hit_rate": float(prefix.get("hit_rate", 0.0)),  # of admitted prompt tokens, so far
+            "prefix_cache_hit_tokens": int(prefix.get("hit_tokens", 0)),
+            "prefix_cache_blocks": int(prefix.get("cached_blocks", 0)),
+            "prefix_cache_evictions": int(prefix.get("evictions", 0)),
+            "prefix_hashes": self.loop.prefix_hashes,  # what the router matches prompts against
             "accepted_per_step_by_source": dict((s.get("draft_sources") or {}).get("accepted_per_step_by_source") or {}),
             "calibration_ece_by_source": {
                 name: table.get("ece") for name, table in

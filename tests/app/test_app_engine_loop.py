@@ -166,3 +166,42 @@ def test_an_unattainable_ttft_is_refused_with_429_and_the_next_request_is_served
         assert loop.num_slo_rejections == 1
     finally:
         loop.stop()
+
+
+class CachingEngine(FakeEngine):
+    """A fake engine with prefix caching on, a chat template and a long final text."""
+
+    config = SimpleNamespace(enable_prefix_caching=True, block_size=16)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tokenizer = SimpleNamespace(apply_chat_template=lambda messages, **_: [1] * len(messages))
+
+    def step(self):
+        outs = super().step()
+        for o in outs:
+            o.text = "Arr, matey. " * 40 if o.finished else None
+        return outs
+
+
+def test_the_prefix_summary_holds_served_prompts_and_finished_chats_with_their_reply() -> None:
+    from policies.routing import prefix_chunk_hashes, prefix_match, routing_text
+
+    loop = EngineLoop(CachingEngine(), idle_wait_s=0.01)
+    assert loop.prefix_caching and loop.prefix_summary.capacity == 64  # 10 blocks: the floor
+    loop.start()
+    try:
+        messages = [{"role": "system", "content": "Answer like a pirate. " * 30}, {"role": "user", "content": "Hi"}]
+        inbox = Inbox()
+        loop.add("chat", {"messages": messages, "sampling": {"max_tokens": 2}}, inbox)
+        assert inbox.done.wait(5)
+        deadline = time.monotonic() + 5
+        follow_up = messages + [{"role": "assistant", "content": "Arr, matey. " * 40}, {"role": "user", "content": "?"}]
+        want = prefix_chunk_hashes(routing_text({"messages": follow_up}))
+        while prefix_match(want, frozenset(loop.prefix_hashes)) < len(want) - 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert prefix_match(want, frozenset(loop.prefix_hashes)) >= len(want) - 1 > 2  # all but the new turn
+        assert not loop._chats
+    finally:
+        loop.stop()
+    assert not EngineLoop(FakeEngine()).prefix_caching  # an engine without prefix caching reports no prefixes

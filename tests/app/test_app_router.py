@@ -6,7 +6,8 @@ import asyncio
 import time
 from types import SimpleNamespace
 
-from app.router import SLORequestRouter, request_tpot_slo_ms
+from app.router import SLORequestRouter, request_prefix_hashes, request_tpot_slo_ms
+from policies.routing import prefix_chunk_hashes, routing_text
 
 
 def _replica(rid: str, **stats) -> SimpleNamespace:
@@ -71,3 +72,19 @@ def test_slo_kwarg_is_read_defensively() -> None:
     assert request_tpot_slo_ms(None) is None
     assert request_tpot_slo_ms(SimpleNamespace(kwargs={"tpot_slo_ms": "40"})) == 40.0
     assert request_tpot_slo_ms(SimpleNamespace(kwargs={"tpot_slo_ms": "fast"})) is None
+
+
+def test_loose_request_goes_to_the_replica_holding_its_prompt_prefix() -> None:
+    """The router hashes the payload's text (the ingress does not tokenize) and matches the replicas' summaries."""
+    router = _router()
+    messages = [{"role": "system", "content": "Answer like a pirate. " * 60}, {"role": "user", "content": "Hi"}]
+    payload = {"request_id": "x", "messages": messages, "sampling": {}}
+    held = prefix_chunk_hashes(routing_text({"messages": messages[:1]}))
+    assert held and request_prefix_hashes(SimpleNamespace(args=[payload]))[:len(held)] == held
+    replicas = [_replica("idle", **dict(IDLE, running_requests=0)),  # power of two alone would pick this one
+                _replica("warm", **dict(LOADED, running_requests=5, prefix_hashes=held))]
+    pending = SimpleNamespace(args=[payload], kwargs={}, metadata=SimpleNamespace(internal_request_id="r2"))
+    for _ in range(10):
+        ranking = asyncio.run(router.choose_replicas(replicas, pending))
+        assert ranking[0][0].replica_id.unique_id == "warm"
+    assert request_prefix_hashes(None) == [] and request_prefix_hashes(SimpleNamespace(args=["text"])) == []

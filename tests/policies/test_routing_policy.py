@@ -1,14 +1,16 @@
-"""routing: full rankings; tight requests by spare budget, others by power of two choices; stale stats."""
+"""routing: full rankings; tight requests by spare budget, others by prefix affinity within headroom, else power of
+two choices; stale stats; prompt prefixes as chained text-chunk hashes."""
 
 from __future__ import annotations
 
 import numpy as np
 
-from policies.routing import ReplicaStats, baseline_tpot_s, is_tight, rank_replicas
+from policies.routing import (PREFIX_CHUNK_CHARS, PrefixSummary, ReplicaStats, baseline_tpot_s, is_tight,
+                              prefix_chunk_hashes, prefix_choice, prefix_match, rank_replicas, routing_text)
 
 
-def rep(rid, spare=None, running=None, queue=0, age=0.1, healthy=True, in_flight=0, tpot=0.03):
-    return ReplicaStats(rid, spare, running, queue, tpot, healthy, age, in_flight)
+def rep(rid, spare=None, running=None, queue=0, age=0.1, healthy=True, in_flight=0, tpot=0.03, prefix=()):
+    return ReplicaStats(rid, spare, running, queue, tpot, healthy, age, in_flight, frozenset(prefix))
 
 
 def flat(groups):
@@ -85,3 +87,82 @@ def test_is_tight_and_baseline():
     assert is_tight(0.05, 0.04) and not is_tight(0.2, 0.04)
     assert not is_tight(None, 0.04) and not is_tight(float("inf"), 0.04) and not is_tight(0.01, None)
     assert baseline_tpot_s([rep("x", tpot=None)]) is None
+
+
+# ---- prefix affinity --------------------------------------------------------------------------------------------
+SYSTEM = "You are a meticulous assistant. " * 40  # ~1.3k characters: 5 chunks
+CHAT = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "Plan a trip to Lisbon."}]
+
+
+def _hashes(messages):
+    return prefix_chunk_hashes(routing_text({"messages": messages}))
+
+
+def test_chunk_hashes_chain_so_a_follow_up_turn_shares_the_first_turns_hashes():
+    turn1 = _hashes(CHAT)
+    turn2 = _hashes(CHAT + [{"role": "assistant", "content": "Sure. " * 100}, {"role": "user", "content": "More?"}])
+    text = routing_text({"messages": CHAT})
+    assert len(turn1) == len(text) // PREFIX_CHUNK_CHARS >= 5 and turn2[:len(turn1)] == turn1
+    assert len(turn2) > len(turn1)
+    other = _hashes([{"role": "system", "content": "x" + SYSTEM}, CHAT[1]])
+    assert not set(other) & set(turn1)  # chained: one early difference changes every later hash
+    assert prefix_chunk_hashes(routing_text({"prompt": SYSTEM})) == prefix_chunk_hashes("\x1etext\x1f" + SYSTEM)
+    assert prefix_chunk_hashes(routing_text({"prompt": [1, 2, 3] * 200}))
+    assert routing_text({}) is None and prefix_chunk_hashes(None) == [] and prefix_chunk_hashes("short") == []
+    assert len(prefix_chunk_hashes("y" * 10**6)) == 64  # a request's first 16k characters at most
+
+
+def test_prefix_match_counts_leading_chunks():
+    h = [1, 2, 3, 4]
+    assert prefix_match(h, frozenset({1, 2, 4})) == 2 and prefix_match(h, frozenset({2, 3})) == 0
+    assert prefix_match([], frozenset({1})) == 0
+
+
+def test_loose_request_goes_to_the_longest_prefix_match_within_headroom():
+    h = _hashes(CHAT)
+    reps = [rep("idle", spare=40, running=0), rep("some", spare=30, running=3, prefix=h[:2]),
+            rep("most", spare=20, running=5, prefix=h)]
+    for seed in range(20):  # power of two would put "idle" first; the cache wins within 8 requests of it
+        assert flat(rank_replicas(reps, tight=False, rng=np.random.default_rng(seed), prefix_hashes=h))[0] == "most"
+    # ... and the rest keep their power-of-two order
+    rest = flat(rank_replicas(reps, tight=False, rng=np.random.default_rng(3), prefix_hashes=h))[1:]
+    assert sorted(rest) == ["idle", "some"]
+
+
+def test_an_overloaded_or_slo_bound_replica_is_not_chosen_for_its_cache():
+    h = _hashes(CHAT)
+    busy = [rep("idle", spare=40, running=0), rep("cached", spare=20, running=9, prefix=h)]
+    assert prefix_choice(busy, h, max_load_imbalance=8) is None  # 9 > 0 + 8
+    assert prefix_choice(busy, h, max_load_imbalance=9).replica_id == "cached"
+    no_headroom = [rep("idle", spare=40, running=0), rep("cached", spare=0, running=1, prefix=h)]
+    assert prefix_choice(no_headroom, h) is None
+    stale = [rep("idle", spare=40, running=0), rep("cached", spare=9, running=1, prefix=h, age=60.0)]
+    assert prefix_choice(stale, h) is None
+    sick = [rep("idle", spare=40, running=0), rep("cached", spare=9, running=0, prefix=h, healthy=False)]
+    assert flat(rank_replicas(sick, tight=False, prefix_hashes=h))[-1] == "cached"
+    # without a match the ranking is exactly power of two choices
+    for seed in range(10):
+        plain = rank_replicas(busy, tight=False, rng=np.random.default_rng(seed))
+        assert rank_replicas(busy, tight=False, rng=np.random.default_rng(seed), prefix_hashes=h) == plain
+
+
+def test_tight_request_still_goes_by_spare_budget_and_the_match_breaks_ties():
+    h = _hashes(CHAT)
+    reps = [rep("spare", spare=50, running=4), rep("cached", spare=20, running=0, prefix=h)]
+    assert flat(rank_replicas(reps, tight=True, prefix_hashes=h)) == ["spare", "cached"]
+    tie = [rep("a", spare=20, running=0), rep("b", spare=20, running=3, prefix=h)]
+    assert flat(rank_replicas(tie, tight=True, prefix_hashes=h)) == ["b", "a"]
+    assert flat(rank_replicas(tie, tight=True)) == ["a", "b"]
+
+
+def test_prefix_summary_is_a_bounded_lru_that_drops_a_prefix_from_its_end():
+    summary = PrefixSummary(capacity=6)
+    a, b = [1, 2, 3, 4], [10, 11, 12]
+    summary.add(a)
+    summary.add(b)
+    assert len(summary) == 6 and prefix_match(a, frozenset(summary.hashes())) == 3  # a's deepest chunk went first
+    summary.add(a[:1])  # served again: refreshed
+    summary.add([20, 21])
+    held = frozenset(summary.hashes())
+    assert prefix_match(a, held) == 1 and prefix_match(b, held) == 3
+    assert ReplicaStats.from_mapping("r", {"prefix_hashes": [1, 2]}).prefix_hashes == frozenset({1, 2})

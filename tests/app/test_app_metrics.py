@@ -1,0 +1,30 @@
+"""The ingress's /metrics: per-replica gauges come from the replicas' latest routing stats."""
+
+from __future__ import annotations
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from app.metrics import ServeMetrics
+
+
+def _gauges(metrics: ServeMetrics) -> dict[tuple[str, str], float]:
+    out = {}
+    for family in text_string_to_metric_families(metrics.render().decode()):
+        for s in family.samples:
+            if s.name.startswith("adaserve_replica_"):
+                out[(s.name, s.labels.get("replica", ""))] = s.value
+    return out
+
+
+def test_prefix_cache_gauges_per_replica():
+    stats = {"r1": {"prefix_cache_hit_rate": 0.75, "prefix_cache_hit_tokens": 300, "prefix_cache_blocks": 42,
+                    "prefix_cache_evictions": 7, "prefix_hashes": [1, 2, 3], "kv_total_blocks": 100,
+                    "kv_free_blocks": 90},
+             "r2": {"kv_total_blocks": 100, "kv_free_blocks": 100}}  # caching off or not reported yet
+    g = _gauges(ServeMetrics(lambda: stats))
+    assert g[("adaserve_replica_prefix_cache_hit_ratio", "r1")] == 0.75
+    assert g[("adaserve_replica_prefix_cache_hit_tokens", "r1")] == 300
+    assert g[("adaserve_replica_prefix_cache_blocks", "r1")] == 42
+    assert g[("adaserve_replica_prefix_cache_evictions", "r1")] == 7
+    assert ("adaserve_replica_prefix_cache_blocks", "r2") not in g
+    assert abs(g[("adaserve_replica_kv_usage_ratio", "r1")] - 0.1) < 1e-9
