@@ -62,3 +62,20 @@ def test_deltas_that_arrive_together_become_one_message() -> None:
     merged = merge_deltas([{"type": "accepted", "prompt_tokens": 3}, d("a", [1]), d("b", [2]), d("c", [3], True)])
     assert [m["type"] for m in merged] == ["accepted", "delta"]
     assert merged[1]["text"] == "abc" and merged[1]["token_ids"] == [1, 2, 3] and merged[1]["finished"]
+
+
+def test_slo_report_says_which_target_was_missed():
+    from app.config import ResolvedSLO
+    from app.ingress import _Relay
+
+    relay = _Relay.__new__(_Relay)  # only the SLO it ran under matters here
+    relay.slo = ResolvedSLO(tpot_slo_ms=50.0, ttft_slo_ms=None, slo_class="chat", ttft_slo_x_prefill=10.0)
+    base = {"ttft_s": 0.2, "tpot_s": 0.04, "ttft_slo_ms": 900.0}
+    cases = [((True, True, True), []), ((False, False, True), ["ttft"]), ((False, True, False), ["tpot"]),
+             ((False, False, False), ["ttft", "tpot"])]
+    for (attained, ttft_ok, tpot_ok), missed in cases:
+        report = relay.slo_report({**base, "slo_attained": attained, "ttft_attained": ttft_ok,
+                                   "tpot_attained": tpot_ok})
+        assert (report.attained, report.missed) == (attained, missed)
+        assert report.ttft_slo_ms == 900.0  # the replica resolved the relative TTFT for this prompt
+    assert relay.slo_report(None).missed is None  # no SLO: nothing to miss

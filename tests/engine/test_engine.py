@@ -181,10 +181,18 @@ def test_streaming_deltas_add_up_to_the_final_text(engine):
 
 
 def test_slo_fields_and_attainment(engine):
-    out = engine.generate(["Hello"], SamplingParams(max_tokens=4), tpot_slo_ms=1e6, ttft_slo_ms=1e6)[0]
-    assert out.metrics.slo_attained is True and out.metrics.tpot_slo_ms == 1e6
-    out = engine.generate(["Hello"], SamplingParams(max_tokens=4), ttft_slo_ms=1e-6)[0]
-    assert out.metrics.slo_attained is False
+    params = SamplingParams(max_tokens=4, ignore_eos=True)
+    out = engine.generate(["Hello"], params, tpot_slo_ms=1e6, ttft_slo_ms=1e6)[0]
+    m = out.metrics
+    assert (m.slo_attained, m.ttft_attained, m.tpot_attained, m.tpot_slo_ms) == (True, True, True, 1e6)
+    # arrived 100 s ago with a 10 s TTFT SLO: the first token is late, the pace is fine
+    late = time.perf_counter() - 100.0
+    m = engine.generate(["Hello"], params, tpot_slo_ms=1e6, ttft_slo_ms=1e4, arrival_time=late)[0].metrics
+    assert (m.slo_attained, m.ttft_attained, m.tpot_attained) == (False, False, True)
+    m = engine.generate(["Hello"], params, tpot_slo_ms=1e-3, ttft_slo_ms=1e6)[0].metrics  # 1 us a token: missed
+    assert (m.slo_attained, m.ttft_attained, m.tpot_attained) == (False, True, False)
+    with pytest.raises(InvalidRequestError, match="idle replica"):  # below what an idle replica can do
+        engine.add_request("Hello", params, ttft_slo_ms=1e-6)
 
 
 @pytest.mark.parametrize("kwargs, match", [
