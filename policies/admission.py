@@ -74,8 +74,9 @@ def ttft_prefill_floor(model: LatencyModel, *, now_s: float, deadline_s: np.ndar
                        overhead_s: float = 0.0, ready_s: np.ndarray | None = None) -> tuple[int, np.ndarray]:
     """(P, feasible): the fewest prefill tokens per step that bring every feasible queued prompt (in service
     order, ``deadline_s`` inf for none) to its first token by its deadline, and which prompts are feasible at all
-    (on time at the full ``max_prefill_tokens`` a step, after the other feasible ones ahead of them). Infeasible
-    prompts do not raise P: they are refused or served best effort. No feasible deadline: P = 0."""
+    (on time at some prefill size up to ``max_prefill_tokens`` a step, after the other feasible ones ahead of them:
+    the largest step is not always the fastest, e.g. where a CPU's step time jumps past a tile). Infeasible prompts
+    do not raise P: they are refused or served best effort. No feasible deadline: P = 0."""
     deadline = np.asarray(deadline_s, np.float64)
     remaining = np.asarray(remaining_tokens, np.float64)
     q = deadline.size
@@ -84,21 +85,23 @@ def ttft_prefill_floor(model: LatencyModel, *, now_s: float, deadline_s: np.ndar
         return 0, np.zeros(0, bool)
     kw = dict(now_s=now_s, num_roots=num_roots, context_tokens=context_tokens, overhead_s=overhead_s,
               ready_s=ready_s)
-    # Prompts that miss at full speed are dropped from the queue ahead of the others (they wait), and feasibility
+    sizes = np.arange(1, limit + 1)
+    # Prompts that miss at every size are dropped from the queue ahead of the others (they wait), and feasibility
     # is checked again without them; two passes settle it (dropping prompts only makes the rest earlier).
     feasible = np.ones(q, bool)
     for _ in range(2):
-        at_full = first_token_times_s(model, remaining_tokens=remaining, prefill_tokens=[limit], served=feasible,
-                                      **kw)[0]
-        feasible = at_full <= deadline
+        finish = first_token_times_s(model, remaining_tokens=remaining, prefill_tokens=sizes, served=feasible,
+                                     **kw)  # [S, Q]
+        feasible = (finish <= deadline).any(axis=0)
     bound = feasible & np.isfinite(deadline)
     if not bound.any():
         return 0, feasible
-    sizes = np.arange(1, limit + 1)
-    finish = first_token_times_s(model, remaining_tokens=remaining, prefill_tokens=sizes, served=feasible,
-                                 **kw)  # [S, Q]
-    ok = (finish[:, bound] <= deadline[bound]).all(axis=1)
-    return int(sizes[np.argmax(ok)]) if ok.any() else limit, feasible
+    finish = first_token_times_s(model, remaining_tokens=remaining, prefill_tokens=sizes, served=feasible, **kw)
+    on_time = finish[:, bound] <= deadline[bound]  # [S, K]
+    ok = on_time.all(axis=1)
+    if ok.any():
+        return int(sizes[np.argmax(ok)]), feasible
+    return int(sizes[np.argmax(on_time.sum(axis=1))]), feasible  # no one size for all: the one most keep
 
 
 def idle_prefill_s(model: LatencyModel, num_prompt_tokens: int, chunk_tokens: int, overhead_s: float = 0.0) -> float:

@@ -164,7 +164,7 @@ def test_simulator_and_engine_make_the_same_admission_decision():
     from bench.simulate import Simulator, _Replica
 
     linear = LatencyModel(PiecewiseLinear((0.0, 1000.0), (0.01, 1.01)), 0.0)  # 10 ms + 1 ms a token
-    lengths, ttft_s = [120, 40, 200, 60], [0.5, 0.2, 0.45, 0.25]  # the last one is the newcomer
+    lengths, ttft_s = [120, 40, 200, 60], [0.4, 0.2, 0.45, 0.25]  # the last one is the newcomer
     now = time.perf_counter()
     engine = LLMEngine(EngineConfig(num_kv_blocks=64, dtype="float32", max_num_batched_tokens=64))
     sched = engine.scheduler
@@ -183,7 +183,7 @@ def test_simulator_and_engine_make_the_same_admission_decision():
     rep = _Replica(0)
     rep.waiting.extend(range(3))
     order = sim._queued(rep, extra=3)
-    assert [int(r.request_id) for r in queued] == order == [1, 3, 2, 0]  # earliest deadline first
+    assert [int(r.request_id) for r in queued] == order == [1, 3, 0, 2]  # earliest deadline first
     assert sim._feasible(rep, order, 0.0).tolist() == feasible.tolist()
     assert not feasible.all() and feasible.any()  # a real decision: some make it, some do not
 

@@ -61,3 +61,11 @@ def test_a_new_arrival_that_would_push_others_past_their_deadline_shows_as_infea
 def test_idle_prefill_sums_its_chunks():
     assert idle_prefill_s(LINEAR, 300, 256) == pytest.approx((0.01 + 0.256) + (0.01 + 0.044))
     assert idle_prefill_s(LINEAR, 10, 256, overhead_s=0.005) == pytest.approx(0.01 + 0.01 + 0.005)
+
+
+def test_feasibility_looks_at_every_step_size_not_only_the_largest():
+    # 1 ms a token up to 40, then a cliff: the largest step (256) is the slowest way to prefill a short prompt
+    cliff = LatencyModel(PiecewiseLinear((0.0, 40.0, 41.0), (0.0, 0.04, 10.0), tail_slope=0.1), 0.0)
+    p, feasible = ttft_prefill_floor(cliff, now_s=0.0, deadline_s=[0.1], remaining_tokens=[8], num_roots=0,
+                                     context_tokens=0, max_prefill_tokens=256)
+    assert feasible.tolist() == [True] and p <= 40
