@@ -74,9 +74,9 @@ def ttft_prefill_floor(model: LatencyModel, *, now_s: float, deadline_s: np.ndar
                        overhead_s: float = 0.0, ready_s: np.ndarray | None = None) -> tuple[int, np.ndarray]:
     """(P, feasible): the fewest prefill tokens per step that bring every feasible queued prompt (in service
     order, ``deadline_s`` inf for none) to its first token by its deadline, and which prompts are feasible at all
-    (on time at some prefill size up to ``max_prefill_tokens`` a step, after the other feasible ones ahead of them:
-    the largest step is not always the fastest, e.g. where a CPU's step time jumps past a tile). Infeasible prompts
-    do not raise P: they are refused or served best effort. No feasible deadline: P = 0."""
+    (on time at full speed, after the other feasible ones ahead of them; full speed is the step an unbounded
+    scheduler takes: all queued tokens up to ``max_prefill_tokens``). Infeasible prompts do not raise P: they are
+    refused or served best effort. No feasible deadline: P = 0."""
     deadline = np.asarray(deadline_s, np.float64)
     remaining = np.asarray(remaining_tokens, np.float64)
     q = deadline.size
@@ -86,13 +86,16 @@ def ttft_prefill_floor(model: LatencyModel, *, now_s: float, deadline_s: np.ndar
     kw = dict(now_s=now_s, num_roots=num_roots, context_tokens=context_tokens, overhead_s=overhead_s,
               ready_s=ready_s)
     sizes = np.arange(1, limit + 1)
-    # Prompts that miss at every size are dropped from the queue ahead of the others (they wait), and feasibility
-    # is checked again without them; two passes settle it (dropping prompts only makes the rest earlier).
+    # Full speed is what an unbounded step takes: every queued token up to the step's limit (a lone short prompt
+    # in one small step). Prompts that miss even then are dropped from the queue ahead of the others (they wait),
+    # and feasibility is checked again without them; two passes settle it (dropping prompts only makes the rest
+    # earlier).
     feasible = np.ones(q, bool)
     for _ in range(2):
-        finish = first_token_times_s(model, remaining_tokens=remaining, prefill_tokens=sizes, served=feasible,
-                                     **kw)  # [S, Q]
-        feasible = (finish <= deadline).any(axis=0)
+        full = int(min(limit, max(remaining[feasible].sum(), 1.0)))
+        finish = first_token_times_s(model, remaining_tokens=remaining, prefill_tokens=[full], served=feasible,
+                                     **kw)[0]
+        feasible = finish <= deadline
     bound = feasible & np.isfinite(deadline)
     if not bound.any():
         return 0, feasible
