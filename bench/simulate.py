@@ -49,8 +49,8 @@ from bench.paths import RESULTS
 from bench.traces import AcceptanceModel, load_trace
 from bench.workloads import SLO_CLASSES, WorkloadRequest
 from policies import routing, token_tree
-from policies.admission import (deadline_order, idle_prefill_s, running_finish_times_s, slot_ready_times_s,
-                                ttft_prefill_floor)
+from policies.admission import (deadline_order, idle_prefill_s, newcomer_fits, running_finish_times_s,
+                                slot_ready_times_s, ttft_feasible, ttft_prefill_floor)
 from policies.budget import choose_token_budget, slo_step_plan, throughput_cut_path_prob
 from policies.step_plan import split_step_tokens
 from policies.latency_model import LatencyModel, PiecewiseLinear
@@ -282,19 +282,12 @@ class Simulator:
         e = self.cfg.engine
         if not e.ttft_admission or not np.isfinite(self.deadline[i]):
             return reps[order[0]]
-        full = self.deadline[i]
         for rid in order:
             rep = reps[rid]
-            queued = self._queued(rep)
+            queued, after_order = self._queued(rep), self._queued(rep, extra=i)
             before = self._feasible(rep, queued, now)
-            after_order = self._queued(rep, extra=i)
-            # the newcomer must fit with headroom (the scheduler's predictions err early under load)
-            self.deadline[i] = self.arrival[i] + (full - self.arrival[i]) * (1.0 - e.ttft_admission_headroom)
-            after = self._feasible(rep, after_order, now)
-            self.deadline[i] = full
-            was = {j for j, ok in zip(queued, before) if ok}
-            pushed = any(not ok and j in was for j, ok in zip(after_order, after) if j != i)
-            if after[after_order.index(i)] and not pushed:
+            after = self._feasible(rep, after_order, now, newcomer=i, headroom=e.ttft_admission_headroom)
+            if newcomer_fits(queued, before, after_order, after, i):
                 return rep
         if e.on_unattainable == "best_effort":
             self.best_effort[i] = True
@@ -316,12 +309,27 @@ class Simulator:
         a = np.asarray(idx, dtype=np.int64)
         return [idx[k] for k in deadline_order(self.deadline[a], self.arrival[a], self.best_effort[a])]
 
-    def _feasible(self, rep: _Replica, queued: list[int], now: float) -> np.ndarray:
-        return self._ttft_floor(rep, queued, now)[1]
+    def _feasible(self, rep: _Replica, queued: list[int], now: float, newcomer: int | None = None,
+                  headroom: float = 0.0) -> np.ndarray:
+        """The scheduler's ``ttft_feasible``: the newcomer judged against ``1 - headroom`` of its TTFT SLO."""
+        args = self._ttft_inputs(rep, queued, now)
+        if args is None:
+            return np.ones(len(queued), bool)
+        if newcomer is not None:
+            i = newcomer
+            args["deadline_s"][queued.index(i)] = self.arrival[i] + (self.deadline[i] - self.arrival[i]) * (1 - headroom)
+        return ttft_feasible(self.p.target, **args)
 
     def _ttft_floor(self, rep: _Replica, queued: list[int], now: float) -> tuple[int, np.ndarray]:
-        if not queued or not self.cfg.engine.ttft_admission:
+        args = self._ttft_inputs(rep, queued, now)
+        if args is None:
             return 0, np.ones(len(queued), bool)
+        return ttft_prefill_floor(self.p.target, **args)
+
+    def _ttft_inputs(self, rep: _Replica, queued: list[int], now: float) -> dict | None:
+        """The scheduler's ``_ttft_inputs`` from the simulator's arrays."""
+        if not queued or not self.cfg.engine.ttft_admission:
+            return None
         q = np.asarray(queued, dtype=np.int64)
         dec = np.asarray([i for i in rep.running if self.out[i] > 0], dtype=np.int64)
         context = float((self.prompt[dec] + self.out[dec]).sum())
@@ -333,11 +341,10 @@ class Simulator:
         waiting = q.size - sum(1 for i in rep.running if self.out[i] == 0)  # queued without a sequence slot
         ready = np.full(q.size, now)
         ready[q.size - waiting:] = slot_ready_times_s(now, finish, self.cfg.engine.max_num_seqs - run.size, waiting)
-        return ttft_prefill_floor(
-            self.p.target, now_s=now, deadline_s=np.where(self.best_effort[q], np.inf, self.deadline[q]),
-            remaining_tokens=self.prompt[q] - self.computed[q], num_roots=dec.size, context_tokens=context,
-            max_prefill_tokens=max(self.cfg.engine.max_num_batched_tokens - dec.size, 1),
-            overhead_s=self.step_overhead_s, ready_s=ready)
+        return dict(now_s=now, deadline_s=np.where(self.best_effort[q], np.inf, self.deadline[q]),
+                    remaining_tokens=self.prompt[q] - self.computed[q], num_roots=dec.size, context_tokens=context,
+                    max_prefill_tokens=max(self.cfg.engine.max_num_batched_tokens - dec.size, 1),
+                    overhead_s=self.step_overhead_s, ready_s=ready)
 
     # ---- one step ---------------------------------------------------------------------------------------
     def _start(self, rep: _Replica, now: float, events: list, seq: int, pending: dict) -> int:

@@ -69,42 +69,58 @@ def first_token_times_s(model: LatencyModel, *, now_s: float, remaining_tokens: 
     return np.maximum(done, own)
 
 
+def ttft_feasible(model: LatencyModel, *, now_s: float, deadline_s: np.ndarray, remaining_tokens: np.ndarray,
+                  num_roots: int, context_tokens: float, max_prefill_tokens: int, overhead_s: float = 0.0,
+                  ready_s: np.ndarray | None = None) -> np.ndarray:
+    """[Q] which queued prompts (in service order, ``deadline_s`` inf for none) get their first token by their
+    deadline at full speed, after the other feasible ones ahead of them. Full speed is what an unbounded step takes:
+    every queued token up to ``max_prefill_tokens`` (a lone short prompt in one small step). Prompts that miss even
+    then are dropped from the queue ahead of the others (they wait), and feasibility is checked again without them;
+    two passes settle it (dropping prompts only makes the rest earlier)."""
+    deadline = np.asarray(deadline_s, np.float64)
+    remaining = np.asarray(remaining_tokens, np.float64)
+    limit = max(int(max_prefill_tokens), 1)
+    feasible = np.ones(deadline.size, bool)
+    if deadline.size == 0:
+        return feasible
+    for _ in range(2):
+        full = int(min(limit, max(remaining[feasible].sum(), 1.0)))
+        finish = first_token_times_s(model, now_s=now_s, remaining_tokens=remaining, prefill_tokens=[full],
+                                     num_roots=num_roots, context_tokens=context_tokens, overhead_s=overhead_s,
+                                     served=feasible, ready_s=ready_s)[0]
+        feasible = finish <= deadline
+    return feasible
+
+
 def ttft_prefill_floor(model: LatencyModel, *, now_s: float, deadline_s: np.ndarray, remaining_tokens: np.ndarray,
                        num_roots: int, context_tokens: float, max_prefill_tokens: int,
                        overhead_s: float = 0.0, ready_s: np.ndarray | None = None) -> tuple[int, np.ndarray]:
-    """(P, feasible): the fewest prefill tokens per step that bring every feasible queued prompt (in service
-    order, ``deadline_s`` inf for none) to its first token by its deadline, and which prompts are feasible at all
-    (on time at full speed, after the other feasible ones ahead of them; full speed is the step an unbounded
-    scheduler takes: all queued tokens up to ``max_prefill_tokens``). Infeasible prompts do not raise P: they are
-    refused or served best effort. No feasible deadline: P = 0."""
+    """(P, feasible): the fewest prefill tokens per step that bring every feasible queued prompt (``ttft_feasible``)
+    to its first token by its deadline. Infeasible prompts do not raise P: they are refused or served best effort.
+    No feasible deadline: P = 0."""
+    kw = dict(now_s=now_s, remaining_tokens=remaining_tokens, num_roots=num_roots, context_tokens=context_tokens,
+              overhead_s=overhead_s, ready_s=ready_s)
     deadline = np.asarray(deadline_s, np.float64)
-    remaining = np.asarray(remaining_tokens, np.float64)
-    q = deadline.size
-    limit = max(int(max_prefill_tokens), 1)
-    if q == 0:
-        return 0, np.zeros(0, bool)
-    kw = dict(now_s=now_s, num_roots=num_roots, context_tokens=context_tokens, overhead_s=overhead_s,
-              ready_s=ready_s)
-    sizes = np.arange(1, limit + 1)
-    # Full speed is what an unbounded step takes: every queued token up to the step's limit (a lone short prompt
-    # in one small step). Prompts that miss even then are dropped from the queue ahead of the others (they wait),
-    # and feasibility is checked again without them; two passes settle it (dropping prompts only makes the rest
-    # earlier).
-    feasible = np.ones(q, bool)
-    for _ in range(2):
-        full = int(min(limit, max(remaining[feasible].sum(), 1.0)))
-        finish = first_token_times_s(model, remaining_tokens=remaining, prefill_tokens=[full], served=feasible,
-                                     **kw)[0]
-        feasible = finish <= deadline
+    feasible = ttft_feasible(model, deadline_s=deadline, max_prefill_tokens=max_prefill_tokens, **kw)
     bound = feasible & np.isfinite(deadline)
     if not bound.any():
         return 0, feasible
-    finish = first_token_times_s(model, remaining_tokens=remaining, prefill_tokens=sizes, served=feasible, **kw)
+    sizes = np.arange(1, max(int(max_prefill_tokens), 1) + 1)
+    finish = first_token_times_s(model, prefill_tokens=sizes, served=feasible, **kw)  # [S, Q]
     on_time = finish[:, bound] <= deadline[bound]  # [S, K]
     ok = on_time.all(axis=1)
     if ok.any():
         return int(sizes[np.argmax(ok)]), feasible
     return int(sizes[np.argmax(on_time.sum(axis=1))]), feasible  # no one size for all: the one most keep
+
+
+def newcomer_fits(keys_before: list, feasible_before: np.ndarray, keys_after: list, feasible_after: np.ndarray,
+                  newcomer) -> bool:
+    """Fail fast's rule: the newcomer is on time in its place (checked with headroom by the caller), and no prompt
+    that was on time before it came is late after. Keys identify the queued prompts on both sides."""
+    was_on_time = {k for k, ok in zip(keys_before, feasible_before) if ok}
+    after = dict(zip(keys_after, feasible_after))
+    return bool(after[newcomer]) and all(after.get(k, True) for k in was_on_time)
 
 
 def idle_prefill_s(model: LatencyModel, num_prompt_tokens: int, chunk_tokens: int, overhead_s: float = 0.0) -> float:

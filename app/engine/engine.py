@@ -30,7 +30,7 @@ from app.engine.speculative.accept import accept_tree
 from app.engine.speculative.speculator import ProposeResult, Speculator
 from app.engine.step import StepPlan, StepResult, TreeOutcome
 from app.engine.weights import load_checkpoint, load_tokenizer
-from policies.admission import idle_prefill_s
+from policies.admission import idle_prefill_s, newcomer_fits
 from policies.budget import choose_token_budget
 from policies.tree_selection import parse_policy
 
@@ -219,13 +219,9 @@ class LLMEngine:
         now = time.perf_counter()
         before, queued_before = self.scheduler.ttft_feasible(now)
         # the newcomer must fit with headroom: a prediction made now misses the load that arrives after it
-        slo_ms = req.ttft_slo_ms
-        req.ttft_slo_ms = slo_ms * (1.0 - self.config.ttft_admission_headroom)
-        after, queued = self.scheduler.ttft_feasible(now, extra=req)
-        req.ttft_slo_ms = slo_ms
-        was_feasible = {id(r) for r, ok in zip(queued_before, before) if ok}
-        pushed = any(not ok and id(r) in was_feasible for r, ok in zip(queued, after) if r is not req)
-        if after[queued.index(req)] and not pushed:
+        after, queued = self.scheduler.ttft_feasible(now, extra=req, headroom=self.config.ttft_admission_headroom)
+        if newcomer_fits([r.request_id for r in queued_before], before, [r.request_id for r in queued], after,
+                         req.request_id):
             return
         if self.config.on_unattainable == "best_effort":
             req.best_effort = True

@@ -20,7 +20,8 @@ from app.engine.kv_cache import KVCache
 from app.engine.request import Request, RequestStatus
 from app.engine.step import NodePricing, ScheduledChunk, StepPlan, StepResult, StepTotals
 from kernels.metadata import MAX_TREE_TOKENS
-from policies.admission import deadline_order, running_finish_times_s, slot_ready_times_s, ttft_prefill_floor
+from policies.admission import (deadline_order, running_finish_times_s, slot_ready_times_s, ttft_feasible,
+                                ttft_prefill_floor)
 from policies.budget import min_worthwhile_path_prob, required_nodes, slo_step_plan, spare_budget
 from policies.latency_model import LatencyModel
 from policies.step_plan import split_step_tokens
@@ -144,24 +145,33 @@ class Scheduler:
         if self.config.ttft_admission:
             self.waiting = deque(_service_order(list(self.waiting)))
 
-    def ttft_feasible(self, now: float, extra: Request | None = None) -> tuple[np.ndarray, list[Request]]:
-        """Which queued prompts (``extra``, a newcomer, in its EDF place) the latency model says can still get
-        their first token by their TTFT deadline at full prefill speed, in service order."""
+    def ttft_feasible(self, now: float, extra: Request | None = None,
+                      headroom: float = 0.0) -> tuple[np.ndarray, list[Request]]:
+        """Which queued prompts (``extra``, a newcomer, in its EDF place, judged against ``1 - headroom`` of its TTFT
+        SLO) the latency model says can still get their first token by their TTFT deadline at full prefill speed,
+        in service order."""
         queued = self._prefill_candidates()
         if extra is not None:
             running = len(queued) - len(self.waiting)
             queued = queued[:running] + _service_order(queued[running:] + [extra])
-        _, feasible = self._ttft_floor(queued, now)
-        return feasible, queued
+        args = self._ttft_inputs(queued, now)
+        if args is None:
+            return np.ones(len(queued), bool), queued
+        if extra is not None:
+            args["deadline_s"][queued.index(extra)] = extra.arrival_time + extra.ttft_slo_ms / 1e3 * (1.0 - headroom)
+        return ttft_feasible(self.latency_model, **args), queued
 
     def _ttft_floor(self, queued: list[Request], now: float) -> tuple[int, np.ndarray]:
-        decoding = [r for r in self.running if r.is_decoding]
-        limit = max(self.config.max_num_batched_tokens - len(decoding), 1)
-        if self.latency_model is None or not queued or not self.config.ttft_admission:
+        args = self._ttft_inputs(queued, now)
+        if args is None:
             return 0, np.ones(len(queued), bool)
-        # no deadline for best-effort prompts, nor for preempted ones (their first token is out): both still count
-        # where they are served
-        deadline = np.array([np.inf if r.best_effort or r.num_output_tokens else r.ttft_deadline for r in queued])
+        return ttft_prefill_floor(self.latency_model, **args)
+
+    def _ttft_inputs(self, queued: list[Request], now: float) -> dict | None:
+        """The service model's inputs for ``policies.admission`` (None: TTFT scheduling is off or has no profile)."""
+        if self.latency_model is None or not queued or not self.config.ttft_admission:
+            return None
+        decoding = [r for r in self.running if r.is_decoding]
         context = sum(r.num_computed_tokens for r in decoding)
         waiting = [r for r in queued if r.status is RequestStatus.WAITING]
         finish = running_finish_times_s(
@@ -171,10 +181,13 @@ class Scheduler:
         ready = np.full(len(queued), now)
         ready[len(queued) - len(waiting):] = slot_ready_times_s(
             now, finish, self.config.max_num_seqs - len(self.running), len(waiting))
-        return ttft_prefill_floor(
-            self.latency_model, now_s=now, deadline_s=deadline,
-            remaining_tokens=np.array([self._remaining(r) for r in queued]), num_roots=len(decoding),
-            context_tokens=context, max_prefill_tokens=limit, overhead_s=self.step_overhead_ema_s, ready_s=ready)
+        # no deadline for best-effort prompts, nor for preempted ones (their first token is out): both still count
+        # where they are served
+        deadline = np.array([np.inf if r.best_effort or r.num_output_tokens else r.ttft_deadline for r in queued])
+        return dict(now_s=now, deadline_s=deadline, remaining_tokens=np.array([self._remaining(r) for r in queued]),
+                    num_roots=len(decoding), context_tokens=context,
+                    max_prefill_tokens=max(self.config.max_num_batched_tokens - len(decoding), 1),
+                    overhead_s=self.step_overhead_ema_s, ready_s=ready)
 
     def queue_drain_s(self, now: float) -> float:
         """Seconds until every queued prompt is prefilled at full speed: when a refused client may retry."""

@@ -79,11 +79,6 @@ class TreeOutcome:
     def num_accepted(self) -> int:
         return len(self.path) - 1
 
-    @property
-    def stopped_by_rejection(self) -> bool:
-        """The walk ended at a node that had children in the tree (it says something about the next level)."""
-        return self.path[-1] in self.tree.parents
-
 
 @dataclass
 class StepResult:
@@ -123,7 +118,6 @@ class StepTotals:
     """Running sums over every step so far (the scheduler's pricing and the replica's metrics read them)."""
 
     num_steps: int = 0
-    spec_steps: int = 0  # steps that verified at least one draft node
     tree_requests: int = 0  # verified trees
     tree_nodes: int = 0
     accepted: int = 0
@@ -137,7 +131,6 @@ class StepTotals:
 
     def add(self, plan: StepPlan, result: StepResult) -> None:
         self.num_steps += 1
-        self.spec_steps += 1 if result.num_tree_nodes else 0
         self.tree_requests += result.num_trees
         self.tree_nodes += result.num_tree_nodes
         self.accepted += result.num_accepted
