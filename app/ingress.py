@@ -29,6 +29,7 @@ from ray import serve
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
 from ray.serve.handle import DeploymentHandle
 
+from app.autoscaling import ScalingBoardReader
 from app.config import AppSettings, ResolvedSLO, SLOError, needs_baseline, resolve_slo
 from app.engine.config import SamplingParams  # light: dataclasses only, no torch
 from app.metrics import CONTENT_TYPE, ServeMetrics, latest_replica_stats
@@ -235,6 +236,7 @@ class OpenAIIngress:
         self.stream_replica = replica.options(stream=True)
         self.metrics = ServeMetrics(latest_replica_stats)
         fastapi_app.state.metrics = self.metrics  # for the schema-error handler, which has no `self`
+        self._scaling_board = ScalingBoardReader()  # the autoscaler's last decision, for /metrics
         self._cached_baseline_s: float | None = None
 
     # ---- plain endpoints ------------------------------------------------------------------------------------
@@ -258,6 +260,7 @@ class OpenAIIngress:
     async def metrics_endpoint(self) -> Response:
         if not latest_replica_stats():  # nothing routed yet: make the router appear, then report
             await self._unloaded_tpot_s()
+        self.metrics.scaling_decisions = await self._scaling_board.latest()
         return Response(self.metrics.render(), media_type=CONTENT_TYPE)
 
     # ---- generation -----------------------------------------------------------------------------------------
@@ -282,7 +285,8 @@ class OpenAIIngress:
         request_id = new_id("chatcmpl" if endpoint == "chat" else "cmpl")
         payload = {"request_id": request_id, **prompt, "sampling": body.sampling_kwargs(),
                    "tpot_slo_ms": slo.tpot_slo_ms, "ttft_slo_ms": slo.ttft_slo_ms,
-                   "ttft_slo_x_prefill": slo.ttft_slo_x_prefill, "ttft_allowance_ms": slo.ttft_allowance_ms}
+                   "ttft_slo_x_prefill": slo.ttft_slo_x_prefill, "ttft_allowance_ms": slo.ttft_allowance_ms,
+                   "slo_class": slo.slo_class}  # the replica counts attainment per class for the autoscaler
         avoid: list[str] = []  # replicas that refused its TTFT SLO: the router tries the others first
         while True:
             gen = self.stream_replica.generate.remote(payload, tpot_slo_ms=slo.tpot_slo_ms,

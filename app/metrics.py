@@ -29,6 +29,7 @@ _REPLICA_GAUGES = (
     ("running_requests", "running_requests", "Requests decoding or prefilling on the replica"),
     ("queue_length", "queue_len", "Requests accepted by the replica but not yet running"),
     ("spare_token_budget", "spare_token_budget", "Step tokens left after the running requests' SLO needs"),
+    ("load_ratio", "load", "Share of the replica in use: SLO step budget or sequence slots (the autoscaler's signal)"),
     ("accepted_tokens_per_step", "accepted_tokens_per_step", "Tokens a request gains per engine step (EWMA)"),
     ("measured_tpot_seconds", "measured_tpot_s", "Recent mean TPOT measured on the replica"),
     ("unloaded_tpot_seconds", "unloaded_tpot_s", "TPOT of one request on the idle replica (SLO baseline)"),
@@ -97,6 +98,30 @@ class ReplicaStatsCollector(Collector):
             yield family
 
 
+class ScalingDecisionCollector(Collector):
+    """The autoscaler's last decision per deployment (app.autoscaling publishes it), read at scrape time."""
+
+    def __init__(self, source: Callable[[], dict[str, dict[str, Any]]]):
+        self.source = source
+
+    def collect(self) -> Iterable[GaugeMetricFamily]:
+        decisions = self.source()
+        for suffix, key, help_text in (
+                ("running_replicas", "running_replicas", "Replicas running when the autoscaler last decided"),
+                ("target_replicas", "target_replicas", "Replica count Serve is moving to (after its delays)"),
+                ("desired_replicas", "desired_replicas", "Replica count the SLO-headroom policy asks for"),
+                ("decided_at_seconds", "decided_at", "Unix time of the autoscaler's last published decision")):
+            family = GaugeMetricFamily(f"adaserve_autoscaling_{suffix}", help_text, labels=["deployment"])
+            for deployment, d in sorted(decisions.items()):
+                family.add_metric([deployment], float(d[key]))
+            yield family
+        reason = GaugeMetricFamily("adaserve_autoscaling_reason", "1 for the reason of the autoscaler's last decision",
+                                   labels=["deployment", "reason"])
+        for deployment, d in sorted(decisions.items()):
+            reason.add_metric([deployment, str(d["reason"])], 1.0)
+        yield reason
+
+
 class ServeMetrics:
     """All ingress metrics on a private registry (several apps in one process must not collide)."""
 
@@ -125,6 +150,8 @@ class ServeMetrics:
         self.aborted = Counter("adaserve_aborted_requests", "Requests cancelled before finishing (client gone)",
                                registry=r)
         r.register(ReplicaStatsCollector(replica_stats))
+        self.scaling_decisions: dict[str, dict[str, Any]] = {}  # set by the ingress before each render
+        r.register(ScalingDecisionCollector(lambda: self.scaling_decisions))
         self._slo_counts: dict[str, list[int]] = {}  # class -> [attained, finished]
 
     def observe_rejected(self, slo_class: str) -> None:

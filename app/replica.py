@@ -27,9 +27,11 @@ from typing import Any, AsyncIterator, Callable
 from ray import serve
 from ray.serve.config import RequestRouterConfig
 
+from app.autoscaling import autoscaling_stats
 from app.config import AppSettings
 from app.engine.errors import SLOUnattainableError
 from app.schemas import param_from_message
+from policies.autoscaling import replica_load
 from policies.routing import PREFIX_CHUNK_CHARS, PrefixSummary, prefix_chunk_hashes, routing_text
 
 logger = logging.getLogger("ray.serve")
@@ -79,6 +81,10 @@ class EngineLoop:
         self.prefix_hashes: list[int] = []  # its copy for other threads, replaced whole (like stats)
         self._prefix_version = 0
         self._chats: dict[str, list] = {}  # running chat requests' messages: the reply extends their prefix
+        # For the autoscaler (app.autoscaling): finished requests with an SLO per class, (attained, finished), since
+        # start; replaced whole, read from other threads. _classes: each held request's class.
+        self.slo_outcomes: dict[str, tuple[int, int]] = {}
+        self._classes: dict[str, str] = {}
         self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
 
     def start(self) -> None:
@@ -135,6 +141,7 @@ class EngineLoop:
                 self.engine.abort(request_id)
                 self._sinks.pop(request_id, None)
                 self._chats.pop(request_id, None)
+                self._classes.pop(request_id, None)
             try:
                 cmd = self._commands.get_nowait()
             except queue.Empty:
@@ -169,6 +176,7 @@ class EngineLoop:
             sink(_error(400, f"could not process the prompt: {exc}"))
             return
         self._sinks[request_id] = sink
+        self._classes[request_id] = str(payload.get("slo_class") or "none")
         if self.prefix_caching:
             self.prefix_summary.add(prefix_chunk_hashes(routing_text(payload)))
             if isinstance(payload.get("messages"), list):
@@ -186,6 +194,7 @@ class EngineLoop:
                 sink(_error(500, "the engine failed while serving this request"))
             self._sinks.clear()
             self._chats.clear()
+            self._classes.clear()
             return
         emitted = 0
         for out in outputs:
@@ -199,6 +208,11 @@ class EngineLoop:
                         {"messages": [*messages, {"role": "assistant", "content": out.text}]})))
                 if out.metrics is not None and out.metrics.tpot_s is not None:
                     self._tpot_ewma_s = _ewma(self._tpot_ewma_s, out.metrics.tpot_s, 0.2)
+                slo_class = self._classes.pop(out.request_id, "none")
+                if out.metrics is not None and out.metrics.slo_attained is not None:
+                    attained, finished = self.slo_outcomes.get(slo_class, (0, 0))
+                    self.slo_outcomes = {**self.slo_outcomes,
+                                         slo_class: (attained + int(out.metrics.slo_attained), finished + 1)}
             if sink is None:
                 continue
             if out.finish_reason == "slo_unattainable":  # refused in the queue: its TTFT SLO can no longer be met
@@ -314,10 +328,14 @@ class LLMReplica:
         running = int(s.get("running_requests", 0))
         spare = s.get("spare_token_budget")
         prefix = s.get("prefix_cache") or {}
+        token_budget = int(s.get("token_budget") or self.engine.config.max_num_batched_tokens)
         if spare is None:  # until the engine reports SLO-aware spare budget: step budget left after one token each
-            spare = int(s.get("token_budget") or self.engine.config.max_num_batched_tokens) - running
+            spare = token_budget - running
         return {
             "spare_token_budget": int(spare),
+            "token_budget": token_budget,
+            "load": replica_load(spare, token_budget, running, self.engine.config.max_num_seqs),
+            "slo_outcomes": self.loop.slo_outcomes,  # class -> (attained, finished) since start
             "running_requests": running,
             "queue_len": max(0, len(self._active) - running),
             "waiting_requests": int(s.get("waiting_requests", 0)),
@@ -342,6 +360,10 @@ class LLMReplica:
             "healthy": self.loop.alive,
             "recorded_at": time.time(),
         }
+
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        """Polled by Serve's autoscaler when the deployment has an ``autoscaling_config`` (app.autoscaling)."""
+        return autoscaling_stats(self.state())
 
     def get_unloaded_tpot_s(self) -> float:
         return self.loop.unloaded_tpot_s

@@ -8,10 +8,11 @@ import pytest
 from ray.serve.config import AutoscalingConfig, RequestRouterConfig
 from ray.serve.schema import DeploymentSchema, RayActorOptionsSchema, ServeDeploySchema
 
+from app.autoscaling import SLOHeadroomPolicy
 from app.config import AppSettings, SLOClass, SLOError, app_settings_from_config, load_serve_config, resolve_slo
 
 ROOT = Path(__file__).resolve().parents[2]
-CONFIGS = [ROOT / "serve_config.yaml", ROOT / "serve_config.gpu.yaml"]
+CONFIGS = [ROOT / "serve_config.yaml", ROOT / "serve_config.gpu.yaml", ROOT / "serve_config.autoscale.yaml"]
 
 
 def _field_names(model) -> set[str]:
@@ -66,6 +67,28 @@ def test_gpu_config_scales_on_gpus() -> None:
     assert dep["ray_actor_options"]["num_gpus"] == 1
     assert dep["autoscaling_config"]["min_replicas"] <= dep["autoscaling_config"]["max_replicas"]
     assert app_settings_from_config(raw).engine["draft"]
+
+
+@pytest.mark.parametrize("path", CONFIGS[1:], ids=lambda p: p.name)
+def test_autoscaled_configs_scale_on_slo_headroom(path: Path) -> None:
+    """The GPU and autoscale YAMLs use Serve's autoscaler with our policy; its kwargs build it; a removed replica
+    may finish its streams for longer than Serve's 20 s default."""
+    raw = load_serve_config(path)
+    dep = {d["name"]: d for d in raw["applications"][0]["deployments"]}["LLMReplica"]
+    config = AutoscalingConfig.model_validate(dep["autoscaling_config"])
+    assert config.policy.policy_function == "app.autoscaling:SLOHeadroomPolicy"
+    policy = SLOHeadroomPolicy(publish_decisions=False, **config.policy.policy_kwargs)
+    assert policy.thresholds == config.policy.policy_kwargs
+    assert config.look_back_period_s > config.metrics_interval_s
+    assert dep["graceful_shutdown_timeout_s"] >= 60
+
+
+def test_autoscale_config_is_the_cpu_config_with_1_to_3_replicas() -> None:
+    raw = load_serve_config(ROOT / "serve_config.autoscale.yaml")
+    dep = {d["name"]: d for d in raw["applications"][0]["deployments"]}["LLMReplica"]
+    assert (dep["autoscaling_config"]["min_replicas"], dep["autoscaling_config"]["max_replicas"]) == (1, 3)
+    assert dep["ray_actor_options"]["num_cpus"] == 0.5
+    assert app_settings_from_config(raw).engine["model"] == "embedded"
 
 
 def test_misspelled_app_args_fail_loudly() -> None:

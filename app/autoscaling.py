@@ -1,0 +1,186 @@
+"""Ray Serve's own autoscaler, driven by the replicas' SLO headroom (policies.autoscaling).
+
+Ray Serve 2.60 supports both halves this needs, so nothing here runs a control loop of its own:
+
+- custom metrics: each ``LLMReplica`` defines ``record_autoscaling_stats()``; Serve samples it every
+  ``min(look_back_period_s * 0.2, metrics_interval_s)`` seconds and pushes the look-back window's samples to the
+  controller every ``metrics_interval_s`` (``autoscaling_stats`` builds the flat number dict it must return);
+- a custom policy: ``autoscaling_config.policy: {policy_function: "app.autoscaling:SLOHeadroomPolicy",
+  policy_kwargs: {...}}``. Serve instantiates the class once with ``policy_kwargs`` and calls it every control
+  loop tick in the controller with an ``AutoscalingContext``; its ``raw_metrics`` hold each running replica's
+  samples over the window. Serve then applies ``upscale_delay_s`` / ``downscale_delay_s`` and the replica bounds.
+
+Removal is Serve's graceful shutdown: the replica leaves the routers' set, Serve waits (polling every
+``graceful_shutdown_wait_loop_s``) until its ongoing requests -- our streams -- are done, for at most
+``graceful_shutdown_timeout_s``, and only then calls ``LLMReplica.__del__``; so that timeout must exceed the
+longest stream (max_tokens x TPOT).
+
+The controller is a separate process, so the last decision (running, target and desired replica counts and its
+reason) is published to a small named actor, ``ScalingBoard``, that the ingress reads when /metrics is scraped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import time
+from typing import Any, Iterable, Mapping
+
+from policies.autoscaling import ReplicaWindow, ScalingConfig, ScalingDecision, decide_replicas
+
+logger = logging.getLogger("ray.serve")
+
+BOARD_NAME = "adaserve-autoscaling-board"
+BOARD_NAMESPACE = "adaserve"
+REPUBLISH_S = 5.0  # the board gets the decision again this often even when unchanged (a restarted board refills)
+
+# custom metric names (Serve wants a flat str -> number dict)
+LOAD = "load"
+WAITING = "waiting_requests"
+REJECTIONS = "slo_rejections_total"
+FINISHED_PREFIX = "slo_finished_total:"  # + class name
+ATTAINED_PREFIX = "slo_attained_total:"
+
+
+def autoscaling_stats(state: Mapping[str, Any]) -> dict[str, float]:
+    """What a replica reports to Serve's autoscaler, from ``LLMReplica.state()``: its load, queue, and cumulative
+    SLO counters (the policy takes their increase over the window)."""
+    stats = {LOAD: float(state["load"]), WAITING: float(state["queue_len"]),
+             REJECTIONS: float(state["slo_rejections"])}
+    for slo_class, (attained, finished) in (state.get("slo_outcomes") or {}).items():
+        stats[FINISHED_PREFIX + slo_class] = float(finished)
+        stats[ATTAINED_PREFIX + slo_class] = float(attained)
+    return stats
+
+
+def replica_window(series: Mapping[str, Iterable[Any]]) -> ReplicaWindow | None:
+    """One replica's window from its raw samples (metric -> [TimeStampedValue]); None before its first sample."""
+    loads = _values(series.get(LOAD))
+    if not loads:
+        return None
+    waiting = _values(series.get(WAITING))
+    attainment: dict[str, tuple[int, int]] = {}
+    for name in series:
+        if name.startswith(FINISHED_PREFIX):
+            slo_class = name[len(FINISHED_PREFIX):]
+            finished = _increase(_values(series[name]))
+            if finished > 0:
+                attainment[slo_class] = (_increase(_values(series.get(ATTAINED_PREFIX + slo_class))), finished)
+    return ReplicaWindow(load_mean=sum(loads) / len(loads), load_peak=max(loads),
+                         waiting_mean=sum(waiting) / len(waiting) if waiting else 0.0,
+                         slo_rejections=_increase(_values(series.get(REJECTIONS))), attainment=attainment)
+
+
+def _values(series: Iterable[Any] | None) -> list[float]:
+    return [float(p.value) for p in sorted(series or (), key=lambda p: p.timestamp)]
+
+
+def _increase(values: list[float]) -> int:
+    """A cumulative counter's increase over the window (a restarted replica's counter starts again from 0)."""
+    if not values:
+        return 0
+    return int(round(values[-1] - values[0])) if values[-1] >= values[0] else int(round(values[-1]))
+
+
+class SLOHeadroomPolicy:
+    """The class-callable custom autoscaling policy: Serve builds it once from ``policy_kwargs`` (the
+    ``ScalingConfig`` thresholds; the bounds come from ``autoscaling_config``) and calls it each control tick."""
+
+    def __init__(self, publish_decisions: bool = True, **thresholds: float):
+        unknown = set(thresholds) - {f.name for f in dataclasses.fields(ScalingConfig)} | (
+            set(thresholds) & {"min_replicas", "max_replicas"})
+        if unknown:
+            raise ValueError(f"unknown SLOHeadroomPolicy policy_kwargs {sorted(unknown)} (min/max replicas come from "
+                             "autoscaling_config)")
+        self.thresholds = thresholds
+        ScalingConfig(**thresholds)  # fail at deploy time, not at the first tick
+        self.publish_decisions = publish_decisions
+        self._board: Any = None
+        self._last: tuple | None = None
+        self._last_published_at = 0.0
+
+    def __call__(self, ctx: Any) -> tuple[int, dict[str, Any]]:
+        config = ScalingConfig(min_replicas=max(1, ctx.capacity_adjusted_min_replicas),
+                               max_replicas=max(1, ctx.capacity_adjusted_max_replicas), **self.thresholds)
+        raw = ctx.raw_metrics or {}
+        windows = []
+        for replica_id in ctx.running_replicas:
+            window = replica_window({name: per_replica[replica_id] for name, per_replica in raw.items()
+                                     if replica_id in per_replica})
+            if window is not None:
+                windows.append(window)
+        decision = decide_replicas(windows, config, current_replicas=ctx.current_num_replicas)
+        self._report(ctx, decision)
+        return decision.desired_replicas, {"reason": decision.reason}
+
+    def _report(self, ctx: Any, decision: ScalingDecision) -> None:
+        key = (ctx.current_num_replicas, ctx.target_num_replicas, decision.desired_replicas, decision.reason)
+        now = time.time()
+        if key != self._last:
+            logger.info("autoscaling %s: %d running, target %d, desired %d (%s: %s)", ctx.deployment_name,
+                        ctx.current_num_replicas, ctx.target_num_replicas, decision.desired_replicas,
+                        decision.reason, decision.message)
+        elif now - self._last_published_at < REPUBLISH_S:
+            return
+        self._last = key
+        self._last_published_at = now
+        if self.publish_decisions:
+            self._publish(ctx.deployment_name, {
+                "running_replicas": ctx.current_num_replicas, "target_replicas": ctx.target_num_replicas,
+                "desired_replicas": decision.desired_replicas, "reason": decision.reason,
+                "message": decision.message, "decided_at": now})
+
+    def _publish(self, deployment: str, decision: dict[str, Any]) -> None:
+        """Fire and forget: the controller's loop never waits on the board."""
+        try:
+            if self._board is None:
+                import ray
+
+                self._board = ray.remote(num_cpus=0)(ScalingBoard).options(
+                    name=BOARD_NAME, namespace=BOARD_NAMESPACE, get_if_exists=True).remote()
+            self._board.publish.remote(deployment, decision)
+        except Exception:  # the board is for visibility only; scaling goes on without it
+            logger.exception("could not publish the autoscaling decision")
+            self._board = None
+
+
+class ScalingBoard:
+    """The latest autoscaling decision per deployment (a named Ray actor; made by the policy in the controller)."""
+
+    def __init__(self) -> None:
+        self.decisions: dict[str, dict[str, Any]] = {}
+
+    def publish(self, deployment: str, decision: dict[str, Any]) -> None:
+        self.decisions[deployment] = decision
+
+    def latest(self) -> dict[str, dict[str, Any]]:
+        return self.decisions
+
+
+class ScalingBoardReader:
+    """The ingress side: the board's decisions at scrape time, or {} when there is no board (fixed replica count)
+    or it does not answer within ``timeout_s``. A missing board is looked up again after ``retry_s``."""
+
+    def __init__(self, timeout_s: float = 1.0, retry_s: float = 10.0):
+        self.timeout_s = timeout_s
+        self.retry_s = retry_s
+        self._board: Any = None
+        self._looked_up_at = -float("inf")
+
+    async def latest(self) -> dict[str, dict[str, Any]]:
+        if self._board is None:
+            if time.monotonic() - self._looked_up_at < self.retry_s:
+                return {}
+            self._looked_up_at = time.monotonic()
+            import ray
+
+            try:
+                self._board = ray.get_actor(BOARD_NAME, namespace=BOARD_NAMESPACE)
+            except ValueError:
+                return {}
+        try:
+            return await asyncio.wait_for(self._board.latest.remote(), timeout=self.timeout_s)
+        except Exception:
+            self._board = None  # gone (controller restarted) or slow: look it up again later
+            return {}
