@@ -54,6 +54,19 @@ class SLOClass(BaseModel):
         return self
 
 
+class RequestLimits(BaseModel):
+    """What one client request may ask for (``limits:`` in serve_config.yaml); beyond each, a 4xx naming it. The
+    context window (prompt + max_tokens) is the engine's own limit and is checked by the replica."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_body_bytes: int = Field(default=4 * 2**20, ge=1024)  # a larger request body: 413
+    max_messages: int = Field(default=512, ge=1)
+    max_stop_sequences: int = Field(default=4, ge=0)  # OpenAI's own limit
+    max_stop_chars: int = Field(default=256, ge=1)  # per stop string: stop matching scans this much text each step
+    min_ttft_slo_ms: float = Field(default=10.0, ge=0)  # below this no replica can answer (network, one step)
+
+
 class AppSettings(BaseModel):
     """Everything under ``applications[].args`` in serve_config.yaml."""
 
@@ -73,6 +86,13 @@ class AppSettings(BaseModel):
     unloaded_tpot_probe_tokens: int = Field(default=8, ge=2)
     unloaded_tpot_reprobes: int = Field(default=3, ge=0)  # idle re-measurements after start-up (the min is kept)
     replica_torch_threads: int | None = Field(default=None, ge=1)  # None: Ray's OMP_NUM_THREADS (num_cpus)
+    limits: RequestLimits = RequestLimits()
+    # A replica whose engine step has run this long, or whose last max_consecutive_step_errors steps all failed,
+    # fails Serve's health check and is replaced.
+    replica_stall_timeout_s: float = Field(default=120.0, gt=0)
+    max_consecutive_step_errors: int = Field(default=3, ge=1)
+    # With ADASERVE_API_KEY set in the environment, /v1/* needs the key; /metrics too when this is true.
+    metrics_require_api_key: bool = False
 
     @field_validator("engine")
     @classmethod
@@ -158,6 +178,10 @@ def resolve_slo(settings: AppSettings, *, slo_class: str | None, tpot_slo_ms: fl
             raise SLOError(f"tpot_slo_ms {tpot:.3g} is impossible on this deployment: the floor is "
                            f"{settings.min_tpot_slo_x_baseline} x the unloaded TPOT = {floor_ms:.3g} ms",
                            "slo_class" if slo_class is not None and tpot_slo_ms is None else "tpot_slo_ms")
+    if ttft is not None and ttft < settings.limits.min_ttft_slo_ms:  # the replica checks the prompt's own floor
+        raise SLOError(f"ttft_slo_ms {ttft:.3g} is impossible on this deployment: the floor is "
+                       f"{settings.limits.min_ttft_slo_ms:.3g} ms",
+                       "slo_class" if slo_class is not None and ttft_slo_ms is None else "ttft_slo_ms")
     return ResolvedSLO(tpot_slo_ms=tpot, ttft_slo_ms=ttft, slo_class=label, ttft_slo_x_prefill=x_prefill,
                        ttft_allowance_ms=allowance)
 

@@ -14,17 +14,21 @@ aborts the request, freeing its KV blocks.
 
 # No `from __future__ import annotations`: FastAPI must see real classes on the endpoints that Serve rewrites.
 import asyncio
+import hmac
 import json
 import logging
 import math
+import os
 import statistics
+import threading
 import time
 from typing import Any, AsyncIterator
 
 import ray
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from ray import serve
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
 from ray.serve.handle import DeploymentHandle
@@ -41,8 +45,10 @@ from app.schemas import (ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatC
 
 logger = logging.getLogger("ray.serve")
 
-_ERROR_TYPES = {400: "invalid_request_error", 404: "invalid_request_error", 429: "rate_limit_error",
+_ERROR_TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 404: "invalid_request_error",
+                405: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error",
                 500: "server_error", 503: "service_unavailable"}
+API_KEY_ENV = "ADASERVE_API_KEY"  # one key or a comma-separated list, in the environment of `serve run`
 
 
 class APIError(Exception):
@@ -88,19 +94,106 @@ fastapi_app = FastAPI(title="adaserve", description="OpenAI-compatible, SLO-awar
 async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
     """OpenAI answers schema errors with 400 and a readable message naming the parameter."""
     err = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
+    metrics = getattr(request.app.state, "metrics", None)
+    if metrics is not None:
+        metrics.requests.labels(_ENDPOINTS.get(request.url.path, "other"), "400").inc()
+    if err.get("type") == "json_invalid":  # loc is the character offset here, not a field
+        reason = (err.get("ctx") or {}).get("error", "")
+        return APIError(400, f"could not parse the request body as JSON ({reason})" if reason else
+                        "could not parse the request body as JSON").response()
     loc = [str(p) for p in err.get("loc", ()) if p != "body"]
     msg = str(err.get("msg", "invalid request")).removeprefix("Value error, ")
     param = loc[0] if loc else None
     where = ".".join(loc)
-    metrics = getattr(request.app.state, "metrics", None)
-    if metrics is not None:
-        metrics.requests.labels(_ENDPOINTS.get(request.url.path, "other"), "400").inc()
     return APIError(400, f"{where}: {msg}" if where else msg, param).response()
 
 
 @fastapi_app.exception_handler(APIError)
 async def _api_error(_: Request, exc: APIError) -> JSONResponse:
     return exc.response()
+
+
+@fastapi_app.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    """The framework's own errors (unknown route, wrong method, a body that is not JSON) in OpenAI's shape."""
+    if exc.status_code == 404:
+        message = f"Invalid URL ({request.method} {request.url.path})"
+    elif exc.status_code == 405:
+        message = f"method {request.method} is not allowed on {request.url.path}"
+    elif exc.status_code == 400:
+        message = "could not parse the request body as JSON"
+    else:
+        message = str(exc.detail)
+    err = APIError(exc.status_code, message)
+    response = err.response()
+    for key, value in (exc.headers or {}).items():  # e.g. Allow on a 405
+        response.headers[key] = value
+    return response
+
+
+def _api_keys() -> frozenset[str]:
+    return frozenset(k.strip() for k in os.environ.get(API_KEY_ENV, "").split(",") if k.strip())
+
+
+class GuardMiddleware:
+    """Runs before FastAPI parses anything: the body-size limit (413) and the API key (401), as plain ASGI so that
+    an oversized body is refused while it streams in, not after it was buffered. Reads its settings from
+    ``app.state`` (set by the ingress at start): ``max_body_bytes``, ``api_keys``, ``metrics_require_api_key``."""
+
+    def __init__(self, app: Any):
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        state = scope["app"].state if "app" in scope else fastapi_app.state
+        path = scope.get("path", "")
+        keys: frozenset[str] = getattr(state, "api_keys", frozenset())
+        needs_key = path.startswith("/v1/") or (path == "/metrics" and getattr(state, "metrics_require_api_key", False))
+        if keys and needs_key:
+            err = _check_api_key(dict(scope.get("headers") or []).get(b"authorization"), keys)
+            if err is not None:
+                await err.response()(scope, receive, send)
+                return
+        limit = int(getattr(state, "max_body_bytes", 0) or 0)
+        if not limit:
+            await self.app(scope, receive, send)
+            return
+        length = dict(scope.get("headers") or []).get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > limit:
+            await _too_large(limit).response()(scope, receive, send)
+            return
+        received = 0
+
+        async def limited_receive() -> dict:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:  # FastAPI re-raises an HTTPException from body reading to its handlers
+                    raise HTTPException(413, detail=_too_large(limit).message)
+            return message
+
+        await self.app(scope, limited_receive, send)
+
+
+def _too_large(limit: int) -> APIError:
+    return APIError(413, f"the request body is larger than this server's limit of {limit} bytes")
+
+
+def _check_api_key(header: bytes | None, keys: frozenset[str]) -> APIError | None:
+    if not header:
+        return APIError(401, "You didn't provide an API key. Send it in an Authorization header using Bearer auth "
+                             "(Authorization: Bearer YOUR_KEY).", code="missing_api_key")
+    scheme, _, token = header.decode("latin-1").partition(" ")
+    token = token.strip()
+    if scheme.lower() != "bearer" or not any(hmac.compare_digest(token.encode(), k.encode()) for k in keys):
+        return APIError(401, "Incorrect API key provided.", code="invalid_api_key")
+    return None
+
+
+fastapi_app.add_middleware(GuardMiddleware)
 
 
 def _sse(payload: dict[str, Any]) -> str:
@@ -237,20 +330,56 @@ class OpenAIIngress:
         self.metrics = ServeMetrics(latest_replica_stats)
         fastapi_app.state.metrics = self.metrics  # for the schema-error handler, which has no `self`
         self._scaling_board = ScalingBoardReader()  # the autoscaler's last decision, for /metrics
+        fastapi_app.state.max_body_bytes = self.settings.limits.max_body_bytes  # for GuardMiddleware
+        fastapi_app.state.api_keys = _api_keys()
+        fastapi_app.state.metrics_require_api_key = self.settings.metrics_require_api_key
+        if fastapi_app.state.api_keys:
+            logger.info("API keys required on /v1/* (%d configured in %s)", len(fastapi_app.state.api_keys),
+                        API_KEY_ENV)
         self._cached_baseline_s: float | None = None
+        self._starting_probe: asyncio.Task | None = None
+        threading.Thread(target=self._announce_ready, name="adaserve-ready", daemon=True).start()
+
+    def _announce_ready(self) -> None:
+        """Log one line once a replica has loaded the model and measured its unloaded TPOT: where to send requests.
+        A thread, because it blocks on the replica (minutes on a cold start) and the constructor must return."""
+        try:
+            tpot_s = self.replica.get_unloaded_tpot_s.remote().result(timeout_s=3600)
+        except Exception as exc:  # noqa: BLE001 - the replica's own logs say why it did not start
+            logger.warning("no replica became ready: %s", exc)
+            return
+        url = "http://<host>:<port>"
+        try:
+            http = serve.context._get_global_client().http_config
+            host = "127.0.0.1" if http.host in ("0.0.0.0", "::") else http.host
+            url = f"http://{host}:{http.port}"
+        except Exception:  # noqa: BLE001 - the line is still useful without the address
+            pass
+        key = " (API key required)" if fastapi_app.state.api_keys else ""
+        logger.info("adaserve ready: %s/v1 serves %s, unloaded TPOT %.1f ms%s", url,
+                    self.settings.served_model_name, tpot_s * 1e3, key)
+        print(f"adaserve ready: {url}/v1 serves {self.settings.served_model_name}, "
+              f"unloaded TPOT {tpot_s * 1e3:.1f} ms{key}", flush=True)
 
     # ---- plain endpoints ------------------------------------------------------------------------------------
     @fastapi_app.get("/health")
     async def health(self) -> JSONResponse:
-        """200 once a replica has answered (the ingress alone is up seconds before the engine is loaded)."""
-        if not latest_replica_stats() and self._cached_baseline_s is None:
-            try:
-                await self._unloaded_tpot_s(timeout_s=5.0)
-            except APIError as err:
-                return APIError(503, f"no replica is ready yet ({err.message})").response()
+        """Answers at once: 200 only while a replica reports itself healthy; 503 ``starting`` until a replica has
+        reported (the ingress is up long before a model is loaded), 503 ``no healthy replica`` after."""
         stats = latest_replica_stats()
-        return JSONResponse({"status": "ok", "replicas_reporting": len(stats),
-                             "replicas_healthy": sum(bool(s.get("healthy", True)) for s in stats.values())})
+        healthy = sum(bool(s.get("healthy", True)) for s in stats.values())
+        body = {"replicas_reporting": len(stats), "replicas_healthy": healthy}
+        if not stats:
+            self._start_probe()  # replicas report through the router, which exists after the first call
+            return JSONResponse({"status": "starting", **body}, status_code=503)
+        if not healthy:
+            return JSONResponse({"status": "no healthy replica", **body}, status_code=503)
+        return JSONResponse({"status": "ok", **body})
+
+    def _start_probe(self) -> None:
+        if self._starting_probe is None or self._starting_probe.done():
+            self._starting_probe = asyncio.ensure_future(self._unloaded_tpot_s())
+            self._starting_probe.add_done_callback(lambda t: t.cancelled() or t.exception())  # no "never retrieved"
 
     @fastapi_app.get("/v1/models")
     async def models(self) -> dict[str, Any]:
@@ -258,8 +387,9 @@ class OpenAIIngress:
 
     @fastapi_app.get("/metrics")
     async def metrics_endpoint(self) -> Response:
-        if not latest_replica_stats():  # nothing routed yet: make the router appear, then report
-            await self._unloaded_tpot_s()
+        if not latest_replica_stats():  # nothing routed yet: make the router appear, then report (bounded wait)
+            self._start_probe()
+            await asyncio.wait({self._starting_probe}, timeout=5.0)
         self.metrics.scaling_decisions = await self._scaling_board.latest()
         return Response(self.metrics.render(), media_type=CONTENT_TYPE)
 
@@ -328,6 +458,18 @@ class OpenAIIngress:
         if body.model != self.settings.served_model_name:
             raise APIError(404, f"the model {body.model!r} does not exist; this server serves "
                                 f"{self.settings.served_model_name!r}", "model", "model_not_found")
+        unsupported = body.unsupported_field()
+        if unsupported is not None:
+            raise APIError(400, unsupported[1], unsupported[0], "unsupported_parameter")
+        limits = self.settings.limits
+        if isinstance(body, ChatCompletionRequest) and len(body.messages) > limits.max_messages:
+            raise APIError(400, f"messages: at most {limits.max_messages} messages per request, got "
+                                f"{len(body.messages)}", "messages")
+        stops = body.stop or []
+        if len(stops) > limits.max_stop_sequences:
+            raise APIError(400, f"stop: at most {limits.max_stop_sequences} stop sequences, got {len(stops)}", "stop")
+        if any(len(stop) > limits.max_stop_chars for stop in stops):
+            raise APIError(400, f"stop: a stop sequence may have at most {limits.max_stop_chars} characters", "stop")
         try:
             SamplingParams(**body.sampling_kwargs())
         except ValueError as exc:

@@ -15,7 +15,7 @@ import weakref
 from typing import Any, Callable, Iterable, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 LATENCY_BUCKETS_S = (0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.5, 5.0,
@@ -39,6 +39,9 @@ _REPLICA_GAUGES = (
     ("prefix_cache_hit_tokens", "prefix_cache_hit_tokens", "Prompt tokens the prefix cache supplied, since start"),
     ("prefix_cache_blocks", "prefix_cache_blocks", "KV blocks registered in the prefix cache (in use or evictable)"),
     ("prefix_cache_evictions", "prefix_cache_evictions", "Cached KV blocks reused for other tokens, since start"),
+    ("step_errors", "step_errors", "Engine steps that raised on the replica (their requests failed), since start"),
+    ("loop_errors", "loop_errors", "Engine-loop failures outside a step (commands, stats), since start"),
+    ("healthy", "healthy", "1 while the replica passes its own health check (no stalled step, no error streak)"),
 )
 
 
@@ -71,9 +74,18 @@ class ReplicaStatsCollector(Collector):
 
     def __init__(self, source: Callable[[], dict[str, dict[str, Any]]]):
         self.source = source
+        self.seen_replicas: set[str] = set()  # every replica that has reported: starts, restarts and scale-ups
 
     def collect(self) -> Iterable[GaugeMetricFamily]:
         stats = self.source()
+        self.seen_replicas.update(stats)
+        starts = CounterMetricFamily("adaserve_replica_starts", "Replicas that have reported since the ingress "
+                                     "started (a restart or a scale-up adds one)")
+        starts.add_metric([], float(len(self.seen_replicas)))
+        yield starts
+        reporting = GaugeMetricFamily("adaserve_replicas_reporting", "Replicas whose routing stats are current")
+        reporting.add_metric([], float(len(stats)))
+        yield reporting
         for suffix, key, help_text in _REPLICA_GAUGES:
             family = GaugeMetricFamily(f"adaserve_replica_{suffix}", help_text, labels=["replica"])
             for replica, s in sorted(stats.items()):

@@ -56,8 +56,16 @@ class EngineLoop:
     """
 
     def __init__(self, engine: Any, idle_wait_s: float = 0.05, unloaded_tpot_s: float | None = None,
-                 probe: Callable[[], float] | None = None, reprobe_idle_s: float = 2.0, max_reprobes: int = 3):
+                 probe: Callable[[], float] | None = None, reprobe_idle_s: float = 2.0, max_reprobes: int = 3,
+                 stall_timeout_s: float = 120.0, max_consecutive_step_errors: int = 3):
         self.engine = engine
+        # Liveness (``health_problem``): a step running longer than stall_timeout_s, or that many failed steps in a
+        # row, make Serve's health check fail and restart the replica rather than leave clients waiting on it.
+        self.stall_timeout_s = stall_timeout_s
+        self.max_consecutive_step_errors = max_consecutive_step_errors
+        self.step_started_at: float | None = None  # monotonic; set while a step runs
+        self.num_consecutive_step_errors = 0
+        self.num_loop_errors = 0  # failures outside a step (commands, stats): logged, counted, the loop goes on
         self.unloaded_tpot_s = unloaded_tpot_s
         self._probe = probe
         self._reprobes_left = max_reprobes if probe is not None else 0
@@ -106,13 +114,43 @@ class EngineLoop:
     # ---- loop thread ----------------------------------------------------------------------------------------
     def _run(self) -> None:
         while not self._stop.is_set():
-            self._apply_commands(block=not self.engine.has_unfinished())
+            try:
+                self._apply_commands(block=not self.engine.has_unfinished())
+            except Exception:
+                self.num_loop_errors += 1
+                logger.exception("applying queued commands failed; the loop goes on")
             if self.engine.has_unfinished():
-                self._step()
+                errors_before = self.num_step_errors
+                self.step_started_at = time.monotonic()
+                try:
+                    self._step()
+                finally:
+                    self.step_started_at = None
+                self.num_consecutive_step_errors = (
+                    self.num_consecutive_step_errors + 1 if self.num_step_errors > errors_before else 0)
                 self._last_busy = time.monotonic()
             elif self._reprobes_left and time.monotonic() - self._last_busy >= self._reprobe_idle_s:
                 self._reprobe()
-            self._publish_stats()
+            try:
+                self._publish_stats()
+            except Exception:
+                self.num_loop_errors += 1
+                if self.num_loop_errors & (self.num_loop_errors - 1) == 0:  # 1st, 2nd, 4th, ...: a stuck fault
+                    logger.exception("publishing replica stats failed (%d times); the loop goes on",  # cannot flood
+                                     self.num_loop_errors)
+
+    def health_problem(self, now: float | None = None) -> str | None:
+        """Why this replica should be restarted, or None: its loop thread died, one step has run for longer than
+        ``stall_timeout_s`` (a hung forward), or ``max_consecutive_step_errors`` steps failed in a row."""
+        if not self.alive:
+            return "the engine loop thread has stopped"
+        started = self.step_started_at
+        now = time.monotonic() if now is None else now
+        if started is not None and now - started > self.stall_timeout_s:
+            return f"an engine step has made no progress for {now - started:.0f} s"
+        if self.num_consecutive_step_errors >= self.max_consecutive_step_errors:
+            return f"{self.num_consecutive_step_errors} engine steps failed in a row"
+        return None
 
     def _reprobe(self) -> None:
         self._reprobes_left -= 1
@@ -280,7 +318,9 @@ class LLMReplica:
         self._active: set[str] = set()  # requests this replica holds: queued commands, waiting, running
         self.loop = EngineLoop(self.engine, unloaded_tpot_s=unloaded_tpot_s,
                                probe=lambda: measure_unloaded_tpot_s(self.engine, probe_tokens, num_probes=1),
-                               max_reprobes=self.settings.unloaded_tpot_reprobes)
+                               max_reprobes=self.settings.unloaded_tpot_reprobes,
+                               stall_timeout_s=self.settings.replica_stall_timeout_s,
+                               max_consecutive_step_errors=self.settings.max_consecutive_step_errors)
         self.loop.start()
         logger.info("replica ready: unloaded TPOT %.1f ms, capacity %d", unloaded_tpot_s * 1e3, self.capacity)
 
@@ -357,7 +397,9 @@ class LLMReplica:
             "calibration_ece_by_source": {
                 name: table.get("ece") for name, table in
                 ((s.get("draft_sources") or {}).get("calibration") or {}).items() if isinstance(table, dict)},
-            "healthy": self.loop.alive,
+            "healthy": self.loop.health_problem() is None,
+            "step_errors": self.loop.num_step_errors,
+            "loop_errors": self.loop.num_loop_errors,
             "recorded_at": time.time(),
         }
 
@@ -369,8 +411,11 @@ class LLMReplica:
         return self.loop.unloaded_tpot_s
 
     def check_health(self) -> None:
-        if not self.loop.alive:
-            raise RuntimeError("the engine loop thread has stopped")
+        """Serve calls this every health_check_period_s; raising makes it replace the replica."""
+        problem = self.loop.health_problem()
+        if problem is not None:
+            logger.error("replica unhealthy: %s", problem)
+            raise RuntimeError(problem)
 
     def __del__(self) -> None:
         loop = getattr(self, "loop", None)

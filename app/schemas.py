@@ -5,8 +5,10 @@ Clients of the official ``openai`` package send the extension fields through ``e
 Responses carry the outcome in an extra top-level ``slo`` object (in the final chunk for streams), which the
 openai client keeps as an extra attribute.
 
-Requests ignore unknown fields (clients send many optional knobs); fields whose meaning we cannot honour
-(``n`` > 1, non-text content parts) are rejected with 400 instead of being silently changed.
+A request that sets a field this server does not implement (``tools``, ``response_format``, ``logit_bias``, a
+non-zero penalty, ``n`` > 1, non-text content parts, or a field OpenAI's API does not have) is rejected with a 400
+naming the field, never silently served as if it had not asked. Fields that change nothing about the output
+(``store``, ``metadata``, ``service_tier``) are accepted and ignored.
 """
 
 from __future__ import annotations
@@ -23,25 +25,50 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class _Request(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+# OpenAI fields this server does not implement, with the values that ask for nothing (accepted: clients often send
+# the default explicitly). Any other value is a 400 naming the field.
+NOOP_VALUES: dict[str, tuple[Any, ...]] = {
+    "presence_penalty": (0, 0.0), "frequency_penalty": (0, 0.0), "logit_bias": ({},), "tools": ([],),
+    "tool_choice": ("none",), "parallel_tool_calls": (True, False), "functions": ([],), "function_call": ("none",),
+    "response_format": ({"type": "text"},), "best_of": (1,), "echo": (False,), "suffix": ("",),
+    "modalities": (["text"],), "prediction": (), "audio": (), "reasoning_effort": (), "web_search_options": (),
+}
+IGNORED_FIELDS = frozenset({"store", "metadata", "service_tier"})  # bookkeeping only: the output is the same
+MAX_INT64 = 2**63 - 1
+MAX_TOKENS_LIMIT = 2**31 - 1  # beyond any context window; the replica then checks prompt + max_tokens exactly
 
-    model: str
-    max_tokens: int | None = Field(default=None, ge=1)
-    temperature: float | None = Field(default=None, ge=0, le=2)
-    top_p: float | None = Field(default=None, gt=0, le=1)
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="allow")  # extras are checked by unsupported_field(), not dropped
+
+    model: str = Field(max_length=256)
+    max_tokens: int | None = Field(default=None, ge=1, le=MAX_TOKENS_LIMIT)
+    temperature: float | None = Field(default=None, ge=0, le=2, allow_inf_nan=False)
+    top_p: float | None = Field(default=None, gt=0, le=1, allow_inf_nan=False)
     n: int = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
-    seed: int | None = None
-    user: str | None = None
+    seed: int | None = Field(default=None, ge=-MAX_INT64 - 1, le=MAX_INT64)
+    user: str | None = Field(default=None, max_length=256)
     # Extensions (vLLM-style top_k / ignore_eos, and the SLO fields).
-    top_k: int | None = Field(default=None, ge=0)
+    top_k: int | None = Field(default=None, ge=0, le=MAX_TOKENS_LIMIT)
     ignore_eos: bool = False
-    tpot_slo_ms: float | None = Field(default=None, gt=0)
-    ttft_slo_ms: float | None = Field(default=None, gt=0)
-    slo_class: str | None = None
+    tpot_slo_ms: float | None = Field(default=None, gt=0, allow_inf_nan=False)
+    ttft_slo_ms: float | None = Field(default=None, gt=0, allow_inf_nan=False)
+    slo_class: str | None = Field(default=None, max_length=256)
+
+    def unsupported_field(self) -> tuple[str, str] | None:
+        """(field, message) for the first field set to something this server does not implement, else None."""
+        for name, value in (self.model_extra or {}).items():
+            if name in IGNORED_FIELDS or value is None:
+                continue
+            if name in NOOP_VALUES:
+                if value in NOOP_VALUES[name]:
+                    continue
+                return name, f"{name} is not supported by this server"
+            return name, f"Unrecognized request argument supplied: {name}"
+        return None
 
     @field_validator("n")
     @classmethod
@@ -56,8 +83,6 @@ class _Request(BaseModel):
         if stop is None:
             return None
         stops = [stop] if isinstance(stop, str) else list(stop)
-        if len(stops) > 4:
-            raise ValueError("at most 4 stop sequences are allowed")
         if any(not s for s in stops):
             raise ValueError("stop sequences must be non-empty")
         return stops

@@ -16,11 +16,12 @@ def test_chat_request_maps_to_sampling_params() -> None:
         "model": "m", "messages": [{"role": "developer", "content": "be brief"},
                                    {"role": "user", "content": [{"type": "text", "text": "hi"}]}],
         "max_completion_tokens": 7, "max_tokens": 99, "temperature": 0.5, "top_p": 0.9, "seed": 3,
-        "stop": "END", "tpot_slo_ms": 40, "slo_class": "chat", "unknown_knob": 1})
+        "stop": "END", "tpot_slo_ms": 40, "slo_class": "chat", "store": True, "presence_penalty": 0})
     assert req.chat_messages() == [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
     params = SamplingParams(**req.sampling_kwargs())
     assert (params.max_tokens, params.temperature, params.top_p, params.seed, params.stop) == (7, 0.5, 0.9, 3, ("END",))
     assert (req.tpot_slo_ms, req.slo_class) == (40, "chat")
+    assert req.unsupported_field() is None  # store is bookkeeping; a zero penalty asks for nothing
 
 
 def test_completion_prompt_forms() -> None:
@@ -32,12 +33,31 @@ def test_completion_prompt_forms() -> None:
 
 
 @pytest.mark.parametrize("field, value", [("n", 2), ("temperature", -0.1), ("top_p", 0.0), ("max_tokens", 0),
-                                          ("tpot_slo_ms", 0), ("ttft_slo_ms", -3), ("stop", ["a"] * 5),
-                                          ("stop", [""])])
+                                          ("tpot_slo_ms", 0), ("ttft_slo_ms", -3), ("stop", [""]),
+                                          ("temperature", float("nan")), ("tpot_slo_ms", float("inf")),
+                                          ("max_tokens", 2**70), ("seed", 2**64), ("model", "m" * 1000)])
 def test_bad_fields_are_refused(field: str, value: object) -> None:
     with pytest.raises(ValidationError) as info:
         CompletionRequest.model_validate({"model": "m", "prompt": "x", field: value})
     assert info.value.errors()[0]["loc"][0] == field
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("tools", [{"type": "function", "function": {"name": "f"}}], "tools is not supported"),
+    ("response_format", {"type": "json_object"}, "response_format is not supported"),
+    ("logit_bias", {"50256": -100}, "logit_bias is not supported"),
+    ("frequency_penalty", 0.5, "frequency_penalty is not supported"),
+    ("min_p", 0.1, "Unrecognized request argument supplied: min_p"),
+])
+def test_fields_the_server_does_not_implement_are_named_not_ignored(field: str, value: object, message: str) -> None:
+    for cls, extra in ((CompletionRequest, {"prompt": "x"}), (ChatCompletionRequest,
+                                                              {"messages": [{"role": "user", "content": "x"}]})):
+        req = cls.model_validate({"model": "m", **extra, field: value})
+        name, text = req.unsupported_field()
+        assert name == field and text.startswith(message)
+    noop = CompletionRequest.model_validate({"model": "m", "prompt": "x", "tools": [], "response_format": {"type": "text"},
+                                             "logit_bias": {}, field: None})
+    assert noop.unsupported_field() is None
 
 
 def test_non_text_content_is_refused() -> None:
