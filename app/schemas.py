@@ -271,6 +271,8 @@ _PARAMS = ("max_tokens", "temperature", "top_p", "top_k", "stop", "seed", "tpot_
 
 def param_from_message(message: str) -> str | None:
     """Best-effort OpenAI ``param`` for a validation message from SamplingParams or the engine."""
+    if "maximum context length" in message:  # prompt + max_tokens beyond the window (OpenAI's wording)
+        return "max_tokens"
     for name in _PARAMS:
         if name in message:
             return name

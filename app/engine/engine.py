@@ -9,6 +9,7 @@ the new tokens are appended and streamed (``output.py``), and the scheduler upda
 from __future__ import annotations
 
 import itertools
+import logging
 import time
 import uuid
 from collections import deque
@@ -20,19 +21,23 @@ import torch
 from app.engine.config import EngineConfig, SamplingParams
 from app.engine.errors import InvalidRequestError, SLOUnattainableError
 from app.engine.kv_cache import KVCache
+from app.engine.memory_plan import GIB, MemoryPlan, forward_workspace_bytes, plan_memory
 from app.engine.model import LlamaModel
 from app.engine.output import append_tokens, make_output
 from app.engine.request import Request, RequestOutput
 from app.engine.runner import ForwardOutput, ModelRunner, SeqInput
-from app.engine.sampling import sample_rows
+from app.engine.sampling import NonFiniteLogitsError, finite_rows, sample_rows, token_logprobs
 from app.engine.scheduler import Scheduler
 from app.engine.speculative.accept import accept_tree
+from app.engine.speculative.factory import DraftModels, load_draft_models
 from app.engine.speculative.speculator import ProposeResult, Speculator
 from app.engine.step import StepPlan, StepResult, TreeOutcome
 from app.engine.weights import load_checkpoint, load_tokenizer
 from policies.admission import idle_prefill_s, newcomer_fits
 from policies.budget import choose_token_budget
 from policies.tree_selection import parse_policy
+
+logger = logging.getLogger(__name__)
 
 
 def _default_cache() -> Path:
@@ -75,6 +80,8 @@ class LLMEngine:
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, self.device)
         cache_dir = Path(config.cache_dir) if config.cache_dir else None
+        gpu_free_at_start = self._gpu_free_bytes()  # before any weights load: the memory plan's budget
+        allocated_at_start = self._allocated_bytes()
         ckpt = load_checkpoint(config.model, cache_dir, load_format=config.load_format, device=self.device,
                                dtype=self.dtype)
         ckpt_dir = ckpt.tokenizer_dir
@@ -84,10 +91,20 @@ class LLMEngine:
         del ckpt
         self.max_model_len = min(config.max_model_len or self.model_config.max_position,
                                  self.model_config.max_position)
-        self.kv = KVCache(*self.model.new_kv_cache(self._num_kv_blocks(), config.block_size),
+        parse_policy(config.policy)  # a bad name fails at start, not at the first step
+        allocated_target = self._allocated_bytes()
+        drafts: DraftModels | None = None
+        if config.draft:  # weights only: their KV caches are sized with the target's by the memory plan
+            drafts = load_draft_models(config.draft, target=self.model, target_tokenizer=self.tokenizer,
+                                       target_dir=ckpt_dir)
+        elif parse_policy(config.policy).kind != "none":
+            raise ValueError(f"policy {config.policy!r} needs a draft (--draft)")
+        self.memory_plan = self._plan_memory(gpu_free_at_start, allocated_target - allocated_at_start,
+                                             self._allocated_bytes() - allocated_target, drafts)
+        self.kv = KVCache(*self.model.new_kv_cache(self.memory_plan.num_kv_blocks, config.block_size),
                           prefix_caching=config.enable_prefix_caching,
                           identity=f"{config.model}|{config.load_format}|{self.dtype}|{config.block_size}")
-        if self.kv.allocator.num_blocks * config.block_size < self.max_model_len:
+        if self.kv.allocator.num_blocks * config.block_size < self.max_model_len:  # num_kv_blocks given
             self.max_model_len = self.kv.allocator.num_blocks * config.block_size
         self.runner = ModelRunner(self.model, self.kv)
         self.requests: dict[str, Request] = {}
@@ -99,22 +116,15 @@ class LLMEngine:
         self.step_history: deque[StepResult] = deque(maxlen=1024)
         # Called after every step with its plan and result (traces, benchmarks); they must not change either.
         self.step_observers: list[Callable[[StepPlan, StepResult], None]] = []
-        parse_policy(config.policy)  # a bad name fails at start, not at the first step
         self.speculator: Speculator | None = None
-        if config.draft:
-            from app.engine.speculative import load_draft_source
-
-            source = load_draft_source(config.draft, target=self.model, target_tokenizer=self.tokenizer,
-                                       target_dir=ckpt_dir, num_blocks=self.kv.allocator.num_blocks,
-                                       block_size=config.block_size)
+        if drafts is not None:
+            source = drafts.build(self.memory_plan.num_kv_blocks, config.block_size)  # the target's token capacity
             self.speculator = Speculator(source, config.policy, max_tree_nodes=config.max_tree_nodes,
                                          max_depth=config.max_draft_depth, max_width=config.max_draft_width,
                                          root_topk=config.root_topk, slo_triage=config.slo_triage)
             if config.enable_prefix_caching and source.uses_features:  # a cached prefix's hidden states, for the draft
                 self.kv.hidden = torch.zeros((*self.kv.k.shape[1:3], self.model_config.hidden_size),
                                              dtype=self.dtype, device=self.device)
-        elif parse_policy(config.policy).kind != "none":
-            raise ValueError(f"policy {config.policy!r} needs a draft (--draft)")
         latency_model, token_budget = None, config.token_budget
         if self.speculator is not None and config.profile_latency:
             from app.engine.profiler import profile_target
@@ -135,15 +145,37 @@ class LLMEngine:
     def num_steps(self) -> int:
         return self.scheduler.totals.num_steps
 
-    def _num_kv_blocks(self) -> int:
-        cfg = self.config
-        if cfg.num_kv_blocks is not None:
-            return cfg.num_kv_blocks
-        per_block = self.model.kv_bytes_per_token() * cfg.block_size
-        if self.device.type == "cuda":
-            free, _ = torch.cuda.mem_get_info(self.device)
-            return max(1, int(free * cfg.gpu_memory_fraction) // per_block)
-        return max(1, int(cfg.kv_cache_memory_gb * 2**30) // per_block)
+    def _gpu_free_bytes(self) -> int | None:
+        if self.device.type != "cuda":
+            return None
+        torch.cuda.empty_cache()  # blocks this process cached but no longer uses count as free
+        return torch.cuda.mem_get_info(self.device)[0]
+
+    def _allocated_bytes(self) -> int:
+        """Bytes of live tensors on this engine's GPU (0 on CPU): differences measure what the weights take."""
+        return torch.cuda.memory_allocated(self.device) if self.device.type == "cuda" else 0
+
+    def _plan_memory(self, gpu_free_bytes: int | None, target_weight_bytes: int, draft_weight_bytes: int,
+                     drafts: DraftModels | None) -> MemoryPlan:
+        """The KV caches' size, the same token capacity for the target and every draft model (memory_plan.py):
+        on CUDA weights + workspace + KV within gpu_memory_fraction x the GPU memory free at start, on CPU target and
+        draft KV within kv_cache_memory_gb; num_kv_blocks, when given, as is."""
+        cfg, elt = self.config, self.model.embed.element_size()
+        draft_per_token = drafts.state_bytes_per_token() if drafts is not None else 0
+        if drafts is not None and drafts.uses_features and cfg.enable_prefix_caching:
+            draft_per_token += self.model_config.hidden_size * elt  # the target's cache keeps hidden states for it
+        sizes = dict(target_kv_bytes_per_token=self.model.kv_bytes_per_token(), block_size=cfg.block_size,
+                     draft_kv_bytes_per_token=draft_per_token, min_kv_tokens=self.max_model_len,
+                     num_kv_blocks=cfg.num_kv_blocks)
+        if gpu_free_bytes is None:
+            return plan_memory(int(cfg.kv_cache_memory_gb * GIB), **sizes)
+        configs = [self.model_config] + [m.model.config for m in (drafts.models if drafts is not None else [])]
+        workspace = max(forward_workspace_bytes(
+            cfg.max_num_batched_tokens, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
+            qkv_width=(c.num_heads + 2 * c.num_kv_heads) * c.head_dim, vocab_size=c.vocab_size, dtype_bytes=elt)
+            for c in configs)  # the target's and the drafts' forwards never run at once
+        return plan_memory(int(gpu_free_bytes * cfg.gpu_memory_fraction), target_weight_bytes=target_weight_bytes,
+                           draft_weight_bytes=draft_weight_bytes, workspace_bytes=workspace, **sizes)
 
     # ---- requests -------------------------------------------------------------------------------------------
     def encode_prompt(self, prompt: str | list[int], chat: bool = False) -> list[int]:
@@ -175,6 +207,11 @@ class LLMEngine:
         if len(token_ids) >= self.max_model_len:
             raise InvalidRequestError(
                 f"prompt has {len(token_ids)} tokens; the context window is {self.max_model_len}")
+        if len(token_ids) + sampling.max_tokens > self.max_model_len:  # OpenAI's wording, which clients parse
+            raise InvalidRequestError(
+                f"This model's maximum context length is {self.max_model_len} tokens. However, you requested "
+                f"{len(token_ids) + sampling.max_tokens} tokens ({len(token_ids)} in the messages, "
+                f"{sampling.max_tokens} in the completion). Please reduce the length of the messages or completion.")
         for name, value in (("tpot_slo_ms", tpot_slo_ms), ("ttft_slo_ms", ttft_slo_ms),
                             ("ttft_slo_x_prefill", ttft_slo_x_prefill)):
             if value is not None and not value > 0:
@@ -308,19 +345,25 @@ class LLMEngine:
         trees = proposal.trees
         source = self.speculator.drafter if self.speculator is not None else None
         result = StepResult(num_decodes=len(plan.decodes), draft_s=proposal.draft_s, select_s=proposal.select_s)
+        logprob_rows: list[tuple[Request, list[int], list[int]]] = []  # (request, logit rows, its new tokens)
         chunks = plan.chunks
         plain = [(i, c) for i, c in enumerate(chunks) if c.completes and c.request.request_id not in trees]
         if plain:
             rows = [out.logit_rows[i][0] for i, _ in plain]
             tokens = sample_rows(out.logits[rows], [c.request.sampling for _, c in plain],
                                  [c.request.generator for _, c in plain])
-            for (_, c), t in zip(plain, tokens):
-                result.new_tokens[c.request.request_id] = [t]
+            for (i, c), t in zip(plain, tokens):
+                if isinstance(t, NonFiniteLogitsError):
+                    result.failed[c.request.request_id] = str(t)
+                else:
+                    result.new_tokens[c.request.request_id] = [t]
+                    logprob_rows.append((c.request, [out.logit_rows[i][0]], [t]))
         if source is not None and source.uses_features:  # feature drafts read the target's hidden states
             for i, c in enumerate(chunks):
                 if c.request.request_id not in trees:
                     self._record_hidden(source, c.request, out.hidden[out.token_rows[i]])
         greedy = torch.argmax(out.logits, dim=-1).tolist() if trees else []  # one argmax for every greedy walk
+        finite = finite_rows(out.logits) if trees else []
         moves = []
         for i, c in enumerate(chunks):
             req = c.request
@@ -328,8 +371,13 @@ class LLMEngine:
             if tree is None:
                 continue
             rows = out.logit_rows[i]
-            path, emitted = accept_tree(tree.tokens, tree.parents, out.logits[rows[0]:rows[-1] + 1],
-                                        req.sampling, req.generator, [greedy[j] for j in rows])
+            try:
+                path, emitted = accept_tree(tree.tokens, tree.parents, out.logits[rows[0]:rows[-1] + 1],
+                                            req.sampling, req.generator, [greedy[j] for j in rows],
+                                            [finite[j] for j in rows])
+            except NonFiniteLogitsError as exc:  # its KV stays unaccepted; the request fails in _postprocess
+                result.failed[req.request_id] = str(exc)
+                continue
             moves.append((req.block_ids, req.num_computed_tokens, path))
             if source.uses_features:
                 self._record_hidden(source, req, out.hidden[[out.token_rows[i][j] for j in path]])
@@ -337,17 +385,43 @@ class LLMEngine:
             self.speculator.observe(req.request_id, outcome.candidates, tree, path)
             result.trees.append(outcome)
             result.new_tokens[req.request_id] = emitted
+            logprob_rows.append((req, [rows[j] for j in path], emitted))
         if moves:
             self.kv.keep_accepted(moves)
             for block_ids, context_len, path in moves:
                 self.kv.trim(block_ids, context_len + len(path))
         result.num_tokens = sum(len(trees[c.request.request_id].tokens) if c.request.request_id in trees
                                 else c.num_tokens for c in chunks)
+        self._logprobs(out, [r for r in logprob_rows if r[0].sampling.logprobs is not None], result)
         return result
+
+    @staticmethod
+    def _logprobs(out: ForwardOutput, wanted: list[tuple[Request, list[int], list[int]]], result: StepResult) -> None:
+        """The target's log-probabilities of the emitted tokens, from the logits that chose them (the verify pass):
+        one log_softmax over every such row of the step."""
+        if not wanted:
+            return
+        rows = [j for _, rs, _ in wanted for j in rs]
+        tokens = [t for _, _, ts in wanted for t in ts]
+        num_top = [req.sampling.logprobs for req, rs, _ in wanted for _ in rs]
+        flat = token_logprobs(out.logits[rows], tokens, num_top)
+        at = 0
+        for req, rs, _ in wanted:
+            result.new_logprobs[req.request_id] = flat[at:at + len(rs)]
+            at += len(rs)
 
     def _record_hidden(self, source, req: Request, hidden: torch.Tensor) -> None:
         """The target's hidden states of req's tokens from num_computed_tokens on, for a feature draft; kept beside
-        their KV too, so that a request mapping a cached prefix hands the draft that prefix's states first."""
+        their KV too, so that a request mapping a cached prefix hands the draft that prefix's states first. A draft
+        that fails on one request stops speculating for it (``Speculator.disable``); its output is unchanged."""
+        if not self.speculator.drafts(req.request_id):
+            return
+        try:
+            self._record_hidden_states(source, req, hidden)
+        except Exception as exc:  # noqa: BLE001 - a draft fault is this request's: it decodes without one
+            self.speculator.disable(req.request_id, exc)
+
+    def _record_hidden_states(self, source, req: Request, hidden: torch.Tensor) -> None:
         start = req.num_computed_tokens
         if self.kv.hidden is not None:
             if start and start == req.num_cached_tokens:  # its first computed chunk follows a cached prefix
@@ -356,19 +430,43 @@ class LLMEngine:
         source.record_hidden(req.request_id, start, hidden)
 
     def _postprocess(self, plan: StepPlan, result: StepResult) -> list[RequestOutput]:
+        """Append each request's new tokens and build its output. What fails here for one request (its numerics in
+        ``result.failed``, its detokenization or stop handling) finishes that request alone, with finish reason
+        "error" and the reason in ``RequestOutput.error``."""
         now = time.perf_counter()
         outputs = []
         for c in plan.chunks:
             req = c.request
-            if req.finished or req.request_id not in result.new_tokens:
-                continue
-            reason = append_tokens(req, result.new_tokens[req.request_id], now, self.max_model_len, self.tokenizer)
-            if reason:
-                self._finish(req, reason, now)
-            outputs.append(make_output(req))
+            rid = req.request_id
             if req.finished:
-                self.requests.pop(req.request_id, None)
+                continue
+            if rid in result.failed:
+                outputs.append(self._fail(req, result.failed[rid], now))
+                continue
+            if rid not in result.new_tokens:
+                continue
+            try:
+                reason = append_tokens(req, result.new_tokens[rid], now, self.max_model_len, self.tokenizer,
+                                       result.new_logprobs.get(rid))
+                if reason:
+                    self._finish(req, reason, now)
+                outputs.append(make_output(req))
+            except Exception as exc:  # noqa: BLE001 - detokenizing or stop handling this request's output
+                outputs.append(self._fail(req, f"could not turn the generated tokens into text: {exc!r}", now))
+                continue
+            if req.finished:
+                self.requests.pop(rid, None)
         return outputs
+
+    def _fail(self, req: Request, message: str, now: float) -> RequestOutput:
+        """Finish one request with finish reason "error" (its own fault: the others run on) and return its output."""
+        logger.warning("request %s failed: %s", req.request_id, message)
+        req.error = message
+        if not req.finished:
+            self._finish(req, "error", now)
+        self.requests.pop(req.request_id, None)
+        req.unstreamed_text, req.unstreamed_logprobs = "", []
+        return make_output(req)
 
     def _finish(self, req: Request, reason: str, now: float) -> None:
         self.scheduler.finish(req, reason)
@@ -402,6 +500,7 @@ class LLMEngine:
             "waiting_requests": len(self.scheduler.waiting),
             "kv_free_blocks": self.kv.allocator.num_free,
             "kv_total_blocks": self.kv.allocator.num_blocks,
+            "kv_token_capacity": self.memory_plan.kv_token_capacity,  # target and each draft alike
             "prefix_cache": self.kv.prefix_stats(),  # hit rate (tokens), cached blocks, evictions
             "num_steps": t.num_steps,
             "token_budget": self.token_budget,

@@ -199,6 +199,8 @@ def test_slo_fields_and_attainment(engine):
     ({"prompt": ""}, "empty"),
     ({"prompt": "hi " * 9000}, "context window"),
     ({"prompt": "hi", "tpot_slo_ms": -1.0}, "positive"),
+    ({"prompt": "hi", "sampling": SamplingParams(max_tokens=10**9)}, "maximum context length is .* However, you "
+                                                                      "requested 1000000001 tokens"),
 ])
 def test_bad_requests_raise_clear_errors(engine, kwargs, match):
     with pytest.raises(InvalidRequestError, match=match):
