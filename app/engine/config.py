@@ -10,6 +10,11 @@ from dataclasses import dataclass
 # EngineConfig.draft itself stays None so a config without a draft cannot speculate by accident.
 DEFAULT_DRAFT = "feature,ngram"
 
+# Temperatures below this decode greedily: logits / 1e-40 overflow to inf and the softmax to NaN, and well before
+# that the distribution is one-hot in float32 anyway (a logit gap of 1e-3 at T = 1e-5 is a factor e^100).
+GREEDY_TEMPERATURE_FLOOR = 1e-5
+MAX_TOP_LOGPROBS = 20  # OpenAI's limit for chat top_logprobs (completions allow 5)
+
 
 @dataclass(frozen=True)
 class EngineConfig:
@@ -21,10 +26,12 @@ class EngineConfig:
     device: str = "auto"  # cpu | cuda | auto
     dtype: str = "auto"  # float32 | bfloat16 | float16 | auto (bfloat16 on CUDA and AMX CPUs, else float32)
     block_size: int = 16
-    num_kv_blocks: int | None = None  # None: sized from kv_cache_memory_gb (CPU) or free GPU memory
+    num_kv_blocks: int | None = None  # KV blocks of the target and of each draft model; None: the memory plan sizes
+    # them (app/engine/memory_plan.py), the same token capacity for all
     enable_prefix_caching: bool = True  # reuse the KV of full blocks of a prompt prefix computed before (kv_cache.py)
-    kv_cache_memory_gb: float = 2.0
-    gpu_memory_fraction: float = 0.85
+    kv_cache_memory_gb: float = 2.0  # CPU: the KV caches of the target and the drafts together
+    gpu_memory_fraction: float = 0.85  # CUDA: the share of the GPU memory free when the engine starts (before the
+    # target's weights load) that target and draft weights, one forward's workspace and their KV caches fill together
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 512  # target tokens in one forward (prefill chunks + decode + tree tokens)
     prefill_chunk_tokens: int = 256
@@ -87,19 +94,23 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
+    logprobs: int | None = None  # None: none; k >= 0: each emitted token's logprob and the k most likely tokens'
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
             raise ValueError(f"max_tokens must be at least 1, got {self.max_tokens}")
         if not math.isfinite(self.temperature) or self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
+            raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature}")
+        if not (math.isfinite(self.top_p) and 0 < self.top_p <= 1):
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
             raise ValueError(f"top_k must be >= 0, got {self.top_k}")
         if any(not s for s in self.stop):
             raise ValueError("stop strings must be non-empty")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_TOP_LOGPROBS:
+            raise ValueError(f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {self.logprobs}")
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        """Temperature 0, or so close to it that sampling would only overflow (GREEDY_TEMPERATURE_FLOOR)."""
+        return self.temperature < GREEDY_TEMPERATURE_FLOOR

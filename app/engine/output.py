@@ -1,18 +1,73 @@
-"""After a step: append a request's new tokens, decide whether it finished, and build what it streams."""
+"""After a step: append a request's new tokens, decide whether it finished, and build what it streams.
+
+Work per step is bounded by the step's new tokens, not the output's length: detokenization decodes only a window
+of recent tokens (``detokenize``, the prefix/read offsets of vLLM's incremental detokenizer), and stop strings are
+matched over the text held back so far plus the new text (``append_tokens``). The streamed pieces add up to the full
+decode of the output tokens, cut at the first stop string (tests/engine/test_output.py checks it with hypothesis).
+"""
 
 from __future__ import annotations
 
 from app.engine.request import Request, RequestOutput
+from app.engine.sampling import TokenLogprob
+
+_DECODE = {"skip_special_tokens": True, "clean_up_tokenization_spaces": False}
 
 
-def append_tokens(req: Request, tokens: list[int], now: float, max_model_len: int, tokenizer) -> str | None:
+def detokenize(req: Request, tokenizer, final: bool) -> str:
+    """The text the output tokens added since the last call.
+
+    Decodes ``output[prefix_offset:]`` and the already streamed ``output[prefix_offset:read_offset]`` before it
+    (the tokens before ``read_offset`` give the decoder its context, e.g. a leading space), and returns the
+    difference. While the window ends in an unfinished UTF-8 character (U+FFFD) the text before it is returned and
+    the window stays open; once it decodes cleanly the offsets move up. ``final`` flushes whatever is left, as a
+    full decode would show it."""
+    state, base, ids = req.detokenizer, req.num_prompt_tokens, req.token_ids
+    start, read = base + state.prefix_offset, base + state.read_offset
+    prefix_text = tokenizer.decode(ids[start:read], **_DECODE) if read > start else ""
+    window_text = tokenizer.decode(ids[start:], **_DECODE)
+    done = len(prefix_text) + state.num_partial_chars
+    if final or not window_text.endswith("\ufffd"):
+        state.prefix_offset, state.read_offset, state.num_partial_chars = state.read_offset, len(ids) - base, 0
+        return window_text[done:]
+    stable = len(window_text.rstrip("\ufffd"))
+    if stable <= done:
+        return ""
+    state.num_partial_chars += stable - done
+    return window_text[done:stable]
+
+
+def _first_stop(text: str, stops: tuple[str, ...]) -> int:
+    """Index of the earliest stop string in text, or -1."""
+    found = [i for i in (text.find(s) for s in stops) if i >= 0]
+    return min(found) if found else -1
+
+
+def _stop_prefix_len(text: str, stops: tuple[str, ...]) -> int:
+    """Length of the longest suffix of text that is a proper prefix of a stop string (it may yet become one)."""
+    longest = 0
+    for stop in stops:
+        for k in range(min(len(stop) - 1, len(text)), longest, -1):
+            if text.endswith(stop[:k]):
+                longest = k
+                break
+    return longest
+
+
+def append_tokens(req: Request, tokens: list[int], now: float, max_model_len: int, tokenizer,
+                  logprobs: list[TokenLogprob] | None = None) -> str | None:
     """Append tokens one by one, stopping at EOS, a stop token id, ``max_tokens`` or the context window; then cut
-    the text at a stop string. Returns the finish reason ("stop" | "length") or None while it runs on."""
+    the text at a stop string. Returns the finish reason ("stop" | "length") or None while it runs on.
+
+    The text is checked only where a stop string can newly appear: text streamed before never ends with the start
+    of a stop string (that part is held back in ``pending_text``), so a new match lies in pending + new text."""
     params = req.sampling
     reason = None
+    num_appended = 0
     for t in tokens:
         req.token_ids.append(t)
         req.token_times.append(now)
+        num_appended += 1
         if req.first_token_time is None:
             req.first_token_time = now
         if t in req.eos_token_ids or t in params.stop_token_ids:
@@ -21,34 +76,33 @@ def append_tokens(req: Request, tokens: list[int], now: float, max_model_len: in
             reason = "length"
         if reason:
             break
-    text = tokenizer.decode(req.output_token_ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
-    for stop in params.stop:
-        idx = text.find(stop, max(0, len(req.text) - len(stop)))
+    if logprobs is not None:
+        req.unstreamed_logprobs.extend(logprobs[:num_appended])
+    text = req.pending_text + detokenize(req, tokenizer, final=reason is not None)
+    keep = len(text)
+    if params.stop:
+        idx = _first_stop(text, params.stop)
         if idx >= 0:
-            text, reason = text[:idx], "stop"
-    req.text = text
+            keep, reason = idx, "stop"
+        elif reason is None:
+            keep = len(text) - _stop_prefix_len(text, params.stop)
+    req.pending_text = "" if reason else text[keep:]
+    if keep:
+        req.text_parts.append(text[:keep])
+        req.unstreamed_text += text[:keep]
     return reason
 
 
 def make_output(req: Request) -> RequestOutput:
-    """The tokens and text not streamed yet. While the request runs, a trailing partial UTF-8 character and text
-    that may be the start of a stop string are held back."""
-    new_ids = req.output_token_ids[req.num_emitted_tokens:]
-    text = req.text
-    emit_to = len(text)
-    if not req.finished:
-        if text.endswith("\ufffd"):
-            emit_to = len(text.rstrip("\ufffd"))
-        for stop in req.sampling.stop:
-            for k in range(min(len(stop) - 1, emit_to), 0, -1):
-                if text[:emit_to].endswith(stop[:k]):
-                    emit_to -= k
-                    break
-    new_text = text[req.num_emitted_chars:emit_to] if emit_to > req.num_emitted_chars else ""
-    req.num_emitted_chars = max(req.num_emitted_chars, emit_to)
+    """The tokens, text and logprobs not streamed yet; the whole output too once the request finished."""
+    new_ids = req.token_ids[req.num_prompt_tokens + req.num_emitted_tokens:]
     req.num_emitted_tokens = req.num_output_tokens
+    new_text, req.unstreamed_text = req.unstreamed_text, ""
+    logprobs = None
+    if req.sampling.logprobs is not None:
+        logprobs, req.unstreamed_logprobs = req.unstreamed_logprobs, []
     out = RequestOutput(request_id=req.request_id, new_token_ids=new_ids, new_text=new_text,
-                        finished=req.finished, finish_reason=req.finish_reason)
+                        finished=req.finished, finish_reason=req.finish_reason, error=req.error, logprobs=logprobs)
     if req.finished:
         out.token_ids, out.text, out.metrics = req.output_token_ids, req.text, req.metrics()
     return out

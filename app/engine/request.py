@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 import torch
 
 from app.engine.config import SamplingParams
+from app.engine.sampling import TokenLogprob
 
 
 class RequestStatus(enum.Enum):
@@ -44,10 +45,23 @@ class RequestOutput:
     new_token_ids: list[int]
     new_text: str
     finished: bool
-    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | "slo_unattainable" | "error"
+    error: str | None = None  # why it failed (finish_reason "error"): a fault of this request alone
+    logprobs: list[TokenLogprob] | None = None  # one per new token when the request asked for logprobs
     token_ids: list[int] | None = None  # all output tokens, filled when finished
     text: str | None = None  # all output text, filled when finished
     metrics: RequestMetrics | None = None  # filled when finished
+
+
+@dataclass
+class DetokenizerState:
+    """Incremental detokenization offsets into the output tokens (``output.detokenize``): ``output[prefix:read]``
+    is already streamed and decodes cleanly (context for the next window), and ``num_partial_chars`` characters of
+    ``output[read:]`` were streamed before an unfinished trailing UTF-8 character."""
+
+    prefix_offset: int = 0
+    read_offset: int = 0
+    num_partial_chars: int = 0
 
 
 @dataclass
@@ -74,8 +88,12 @@ class Request:
     first_token_time: float | None = None
     token_times: list[float] = field(default_factory=list)
     finish_time: float | None = None
-    text: str = ""  # detokenised output, cut at a stop string
-    num_emitted_chars: int = 0  # text already streamed
+    error: str | None = None  # finish reason "error": what failed
+    detokenizer: DetokenizerState = field(default_factory=DetokenizerState)
+    text_parts: list[str] = field(default_factory=list)  # the output text so far (stop strings checked), in pieces
+    pending_text: str = ""  # decoded text held back: it may be the start of a stop string
+    unstreamed_text: str = ""  # of text_parts, what the next output streams
+    unstreamed_logprobs: list[TokenLogprob] = field(default_factory=list)
     num_emitted_tokens: int = 0
     num_preemptions: int = 0
     num_spec_steps: int = 0
@@ -91,6 +109,11 @@ class Request:
     @property
     def output_token_ids(self) -> list[int]:
         return self.token_ids[self.num_prompt_tokens:]
+
+    @property
+    def text(self) -> str:
+        """The output text so far (joined on demand: streaming reads only the new pieces)."""
+        return "".join(self.text_parts)
 
     @property
     def num_output_tokens(self) -> int:

@@ -324,8 +324,8 @@ class Scheduler:
             self.waiting.remove(req)
         # A request that finished by the step that just ran (not aborted between steps) holds the K/V of every token
         # but the last sampled one, though update() has not counted them yet: its full blocks join the cache now.
-        # (aborted or refused between steps: only what was computed)
-        self.kv.cache_full_blocks(req, req.num_computed_tokens if reason in ("abort", "slo_unattainable")
+        # (aborted or refused between steps, or failed: only what was computed)
+        self.kv.cache_full_blocks(req, req.num_computed_tokens if reason in ("abort", "slo_unattainable", "error")
                                   else len(req.token_ids) - 1)
         self.kv.release_request(req)
         req.status = RequestStatus.FINISHED

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from app.engine.request import Request
+    from app.engine.sampling import TokenLogprob
     from policies.latency_model import LatencyModel
     from app.engine.speculative import CandidateTree
     from app.engine.speculative.tree import VerifyTree
@@ -83,9 +84,12 @@ class TreeOutcome:
 @dataclass
 class StepResult:
     """What one step did. ``new_tokens`` holds every request that gained tokens (a prefill chunk that completes a
-    prompt gains its first token; a tree gains its accepted path plus the bonus token)."""
+    prompt gains its first token; a tree gains its accepted path plus the bonus token). A request whose own
+    numerics failed (non-finite logits) is in ``failed`` instead, with the reason."""
 
     new_tokens: dict[str, list[int]] = field(default_factory=dict)
+    new_logprobs: dict[str, list[TokenLogprob]] = field(default_factory=dict)  # requests that asked for them
+    failed: dict[str, str] = field(default_factory=dict)
     trees: list[TreeOutcome] = field(default_factory=list)
     num_tokens: int = 0  # target tokens in the step (roots + prefill + tree nodes)
     num_decodes: int = 0

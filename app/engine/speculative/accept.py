@@ -13,17 +13,19 @@ from __future__ import annotations
 import torch
 
 from app.engine.config import SamplingParams
-from app.engine.sampling import sample_token
+from app.engine.sampling import NonFiniteLogitsError, sample_token
 
 
 def accept_tree(tokens: list[int], parents: list[int], logits: torch.Tensor, params: SamplingParams,
-                generator: torch.Generator | None, greedy_choice: list[int] | None = None
-                ) -> tuple[list[int], list[int]]:
+                generator: torch.Generator | None, greedy_choice: list[int] | None = None,
+                finite: list[bool] | None = None) -> tuple[list[int], list[int]]:
     """tokens/parents: the verified tree, index 0 = root (parent -1). logits: [len(tokens), V].
 
     Returns (path, emitted): step indices of the accepted path starting with the root, and the tokens the
     request gains (accepted children's tokens, then the target's bonus token); len(emitted) == len(path).
-    greedy_choice: precomputed argmax per node (one vectorised argmax for the whole batch).
+    greedy_choice: precomputed argmax per node (one vectorised argmax for the whole batch); finite: precomputed
+    per node, whether its logits are finite. The target's logits for emitted[k] are logits[path[k]].
+    Raises NonFiniteLogitsError when a node the walk reaches has non-finite logits (the request then fails alone).
     """
     children: dict[int, dict[int, int]] = {}
     for i in range(1, len(tokens)):
@@ -31,6 +33,8 @@ def accept_tree(tokens: list[int], parents: list[int], logits: torch.Tensor, par
     node, path, emitted = 0, [0], []
     while True:
         if params.greedy:
+            if not (finite[node] if finite is not None else bool(torch.isfinite(logits[node]).all())):
+                raise NonFiniteLogitsError("the model's logits for this request are not finite")
             t = greedy_choice[node] if greedy_choice is not None else int(torch.argmax(logits[node]))
         else:
             t = sample_token(logits[node], params, generator)

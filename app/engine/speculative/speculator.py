@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from dataclasses import dataclass, field
@@ -15,6 +16,8 @@ from app.engine.speculative.tree import VerifyTree, build_verify_trees, pad
 from kernels.metadata import MAX_TREE_TOKENS
 from policies.budget import throughput_cut_path_prob
 from policies.tree_selection import PolicySpec, SLOState, cap_tree_size, draft_shape, parse_policy, select
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -41,6 +44,21 @@ class Speculator:
         # accepted node had children in the tree); a walk that reached a leaf tells nothing of the next level.
         self.num_trees, self.num_accepted, self.num_rejections = 0, 0, 0
         self.draft_forward_s: float | None = None  # EMA of one draft forward (a tree level) over the batch
+        self.disabled: set[str] = set()  # requests whose draft failed: they decode without speculation
+
+    def drafts(self, request_id: str) -> bool:
+        """Whether the draft still serves this request (it is dropped for a request on which it failed)."""
+        return request_id not in self.disabled
+
+    def disable(self, request_id: str, exc: BaseException) -> None:
+        """The draft failed on this request: it decodes without speculation from now on (output unchanged, since
+        acceptance is lossless), and the others keep theirs."""
+        logger.warning("draft failed for request %s; it continues without speculation: %r", request_id, exc)
+        self.disabled.add(request_id)
+        try:
+            self.drafter.release(request_id)
+        except Exception:  # noqa: BLE001 - its state is dropped either way
+            logger.exception("releasing the failed draft state of %s", request_id)
 
     def acceptance_rate(self) -> float:
         """Per-token acceptance a, the geometric MLE with censored walks: accepted / (accepted + rejections)."""
@@ -75,7 +93,7 @@ class Speculator:
         groups: dict[PolicySpec, list[Request]] = {}
         for r in reqs:
             spec = self.policy_of(r)
-            if spec.kind != "none":
+            if spec.kind != "none" and r.request_id not in self.disabled:
                 groups.setdefault(spec, []).append(r)
         budget = max(plan.node_budget, 0)
         for spec, group in groups.items():
@@ -94,10 +112,11 @@ class Speculator:
                        "root_topk": self.root_topk}
             forwards = self.drafter.num_forwards
             t0 = time.perf_counter()
-            cands = self.drafter.propose(
-                [_draft_request(r) for r in group], depth=depth, beam_width=beam, topk=topk,
-                widths=spec.static_widths or None, **cut)
+            group, cands = self._draft(group, depth=depth, beam_width=beam, topk=topk,
+                                       widths=spec.static_widths or None, **cut)
             t1 = time.perf_counter()
+            if not group:
+                continue
             if self.drafter.num_forwards > forwards:
                 per = (t1 - t0) / (self.drafter.num_forwards - forwards)
                 self.draft_forward_s = per if self.draft_forward_s is None else 0.9 * self.draft_forward_s + 0.1 * per
@@ -132,7 +151,28 @@ class Speculator:
                 budget -= int(selected.sum())
         return result
 
+    def _draft(self, group: list[Request], **kwargs) -> tuple[list[Request], list[CandidateTree]]:
+        """The draft source's candidates for the group. If drafting the batch fails, each request is drafted alone
+        and those that still fail are disabled: a draft fault costs only its own request's speculation."""
+        try:
+            return group, self.drafter.propose([_draft_request(r) for r in group], **kwargs)
+        except Exception as exc:  # noqa: BLE001
+            if len(group) == 1:
+                self.disable(group[0].request_id, exc)
+                return [], []
+        kept, cands = [], []
+        for r in group:
+            try:
+                cands += self.drafter.propose([_draft_request(r)], **kwargs)
+                kept.append(r)
+            except Exception as exc:  # noqa: BLE001
+                self.disable(r.request_id, exc)
+        return kept, cands
+
     def release(self, request_id: str) -> None:
+        if request_id in self.disabled:
+            self.disabled.discard(request_id)
+            return
         self.drafter.release(request_id)
 
     def observe(self, request_id: str, candidates: CandidateTree, tree: VerifyTree, path: list[int]) -> None:
@@ -140,7 +180,10 @@ class Speculator:
         self.num_trees += 1
         self.num_accepted += len(path) - 1
         self.num_rejections += int(path[-1] in tree.parents)
-        self.drafter.observe(request_id, candidates, tree, path)
+        try:
+            self.drafter.observe(request_id, candidates, tree, path)
+        except Exception as exc:  # noqa: BLE001 - a draft fault is this request's alone
+            self.disable(request_id, exc)
 
 
 def _draft_request(req: Request) -> DraftRequest:
