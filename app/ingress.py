@@ -358,8 +358,6 @@ class OpenAIIngress:
         key = " (API key required)" if fastapi_app.state.api_keys else ""
         logger.info("adaserve ready: %s/v1 serves %s, unloaded TPOT %.1f ms%s", url,
                     self.settings.served_model_name, tpot_s * 1e3, key)
-        print(f"adaserve ready: {url}/v1 serves {self.settings.served_model_name}, "
-              f"unloaded TPOT {tpot_s * 1e3:.1f} ms{key}", flush=True)
 
     # ---- plain endpoints ------------------------------------------------------------------------------------
     @fastapi_app.get("/health")

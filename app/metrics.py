@@ -41,6 +41,7 @@ _REPLICA_GAUGES = (
     ("prefix_cache_evictions", "prefix_cache_evictions", "Cached KV blocks reused for other tokens, since start"),
     ("step_errors", "step_errors", "Engine steps that raised on the replica (their requests failed), since start"),
     ("loop_errors", "loop_errors", "Engine-loop failures outside a step (commands, stats), since start"),
+    ("rss_bytes", "rss_bytes", "Resident memory of the replica process"),
     ("healthy", "healthy", "1 while the replica passes its own health check (no stalled step, no error streak)"),
 )
 

@@ -7,15 +7,22 @@ commands and receives outputs through per-request asyncio queues (``call_soon_th
 
 Messages yielded to the ingress are plain dicts (the ingress must not import torch):
 - ``{"type": "accepted", "prompt_tokens": n}`` once the engine has validated and queued the request;
-- ``{"type": "delta", "text", "token_ids", "finished", "finish_reason", "metrics"}``, several tokens merged
-  when they arrived together (one SSE chunk each: Ray's per-message cost is ~2 ms of CPU);
+- ``{"type": "delta", "text", "token_ids", "finished", "finish_reason", "metrics", "logprobs"}``, several tokens
+  merged when they arrived together (one SSE chunk each: Ray's per-message cost is ~2 ms of CPU); ``logprobs`` is
+  None or one OpenAI chat entry per token, ``{"token", "logprob", "bytes", "top_logprobs": [...]}``;
 - ``{"type": "error", "status", "message", "param"}`` for bad input (400), admission full (429), engine
-  failure (500); nothing follows an error.
+  failure (500, every running request) or a failure of this request alone (500, e.g. its logits went NaN);
+  nothing follows an error.
+
+Prompts are tokenized (chat template + encode) on the replica's own tokenizer thread, not the engine thread: the
+engine thread receives token ids and spends its time on steps.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import copy
 import dataclasses
 import logging
 import queue
@@ -24,6 +31,7 @@ import time
 import uuid
 from typing import Any, AsyncIterator, Callable
 
+import psutil
 from ray import serve
 from ray.serve.config import RequestRouterConfig
 
@@ -190,13 +198,12 @@ class EngineLoop:
 
         try:
             sampling = SamplingParams(**payload.get("sampling", {}))
-            prompt = payload.get("prompt")
+            prompt = payload.get("prompt_token_ids")  # LLMReplica.generate tokenized it off this thread
             chat = False
-            if payload.get("messages") is not None:
-                prompt = list(self.engine.tokenizer.apply_chat_template(
-                    payload["messages"], add_generation_prompt=True, tokenize=True, return_dict=False))
-            elif payload.get("chat"):
-                chat = True
+            if prompt is None and payload.get("messages") is not None:
+                prompt = prompt_token_ids(self.engine.tokenizer, payload)
+            elif prompt is None:
+                prompt, chat = payload.get("prompt"), bool(payload.get("chat"))
             self.engine.add_request(prompt, sampling, request_id, chat=chat,
                                     tpot_slo_ms=payload.get("tpot_slo_ms"), ttft_slo_ms=payload.get("ttft_slo_ms"),
                                     ttft_slo_x_prefill=payload.get("ttft_slo_x_prefill"),
@@ -253,6 +260,9 @@ class EngineLoop:
                                          slo_class: (attained + int(out.metrics.slo_attained), finished + 1)}
             if sink is None:
                 continue
+            if out.finish_reason == "error":  # a fault of this request alone (its numerics, detokenization, ...)
+                sink(_error(500, f"the engine failed on this request: {out.error}", code="request_failed"))
+                continue
             if out.finish_reason == "slo_unattainable":  # refused in the queue: its TTFT SLO can no longer be met
                 self.num_slo_rejections += 1
                 sink(_error(429, "this replica can no longer meet the request's TTFT SLO", "ttft_slo_ms",
@@ -260,7 +270,10 @@ class EngineLoop:
                 continue
             sink({"type": "delta", "text": out.new_text, "token_ids": list(out.new_token_ids),
                   "finished": out.finished, "finish_reason": out.finish_reason,
-                  "metrics": dataclasses.asdict(out.metrics) if out.metrics is not None else None})
+                  "metrics": dataclasses.asdict(out.metrics) if out.metrics is not None else None,
+                  # token ids and numbers here; LLMReplica.generate adds their texts off this thread
+                  "logprobs": None if out.logprobs is None else
+                  [(lp.token_id, lp.logprob, lp.top) for lp in out.logprobs]})
         if outputs:
             self._tokens_per_step_ewma = _ewma(self._tokens_per_step_ewma, emitted / len(outputs), 0.1)
 
@@ -272,6 +285,26 @@ class EngineLoop:
         stats.setdefault("accepted_tokens_per_step", self._tokens_per_step_ewma)
         stats.setdefault("measured_tpot_s", self._tpot_ewma_s)
         self.stats = stats
+
+
+def prompt_token_ids(tokenizer: Any, payload: dict[str, Any]) -> list[int]:
+    """The payload's prompt as token ids: chat ``messages`` through the chat template, ``prompt`` text encoded (as
+    one user message with ``chat``), ids as given (``app.engine.engine.encode_prompt``)."""
+    from app.engine.engine import encode_prompt
+
+    if payload.get("messages") is not None:
+        return encode_prompt(tokenizer, list(payload["messages"]))
+    return encode_prompt(tokenizer, payload.get("prompt"), chat=bool(payload.get("chat")))
+
+
+def logprob_entries(token_texts: Callable[[int], tuple[str, list[int]]],
+                    logprobs: list[tuple[int, float, list[tuple[int, float]]]]) -> list[dict[str, Any]]:
+    """OpenAI chat logprob entries from the engine's (token id, logprob, top [(id, logprob)]) triples."""
+    def entry(token_id: int, logprob: float) -> dict[str, Any]:
+        text, raw = token_texts(token_id)
+        return {"token": text, "logprob": logprob, "bytes": raw}
+
+    return [{**entry(t, lp), "top_logprobs": [entry(i, v) for i, v in top]} for t, lp, top in logprobs]
 
 
 def _ewma(old: float | None, new: float, alpha: float) -> float:
@@ -310,8 +343,14 @@ class LLMReplica:
 
             torch.set_num_threads(self.settings.replica_torch_threads)
         from app.engine.engine import LLMEngine
+        from app.engine.output import TokenTexts
 
         self.engine = LLMEngine(self.settings.engine_config())
+        # Prompts are tokenized here, on one thread with its own tokenizer (a Rust tokenizer is not meant to be
+        # shared across threads), so that the engine thread receives token ids only.
+        self._tokenizer = copy.deepcopy(self.engine.tokenizer)
+        self._tokenize_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="tokenize")
+        self._token_texts = TokenTexts(self._tokenizer)
         probe_tokens = self.settings.unloaded_tpot_probe_tokens
         unloaded_tpot_s = measure_unloaded_tpot_s(self.engine, probe_tokens)
         self.capacity = self.engine.config.max_num_seqs + self.settings.max_waiting
@@ -332,12 +371,23 @@ class LLMReplica:
         if len(self._active) >= self.capacity:
             yield _error(429, f"the replica is full ({self.capacity} requests queued or running); retry later")
             return
+        # TTFT counts from here, not from when the loop thread gets to the command (after the current step).
+        arrival_time = time.perf_counter()
+        event_loop = asyncio.get_running_loop()
+        try:
+            token_ids = await event_loop.run_in_executor(self._tokenize_pool, prompt_token_ids, self._tokenizer,
+                                                         request)
+        except ValueError as exc:  # an empty prompt
+            yield _error(400, str(exc), param_from_message(str(exc)))
+            return
+        except Exception as exc:  # noqa: BLE001 - a template or tokenizer failure on odd input is the client's input
+            logger.warning("could not tokenize a prompt: %r", exc)
+            yield _error(400, f"could not process the prompt: {exc}")
+            return
+        request = {**request, "prompt_token_ids": token_ids, "arrival_time": arrival_time}
         request_id = f"{request.get('request_id') or 'req'}-{uuid.uuid4().hex[:8]}"
         self._active.add(request_id)
         messages: asyncio.Queue[dict] = asyncio.Queue()
-        event_loop = asyncio.get_running_loop()
-        # TTFT counts from here, not from when the loop thread gets to the command (after the current step).
-        request = {**request, "arrival_time": time.perf_counter()}
         self.loop.add(request_id, request, lambda m: event_loop.call_soon_threadsafe(messages.put_nowait, m))
         done = False
         try:
@@ -349,6 +399,8 @@ class LLMReplica:
                     done = msg["type"] == "error" or bool(msg.get("finished"))
                     if msg["type"] == "error" and msg.get("code") == "slo_unattainable":
                         msg = {**msg, "replica_id": serve.get_replica_context().replica_id.unique_id}
+                    if msg.get("logprobs") is not None:
+                        msg = {**msg, "logprobs": logprob_entries(self._token_texts, msg["logprobs"])}
                     yield msg
         except asyncio.CancelledError:
             self.loop.abort(request_id)
@@ -400,6 +452,7 @@ class LLMReplica:
             "healthy": self.loop.health_problem() is None,
             "step_errors": self.loop.num_step_errors,
             "loop_errors": self.loop.num_loop_errors,
+            "rss_bytes": psutil.Process().memory_info().rss,  # the soak benchmark watches it for leaks
             "recorded_at": time.time(),
         }
 
@@ -430,6 +483,8 @@ def merge_deltas(batch: list[dict[str, Any]]) -> list[dict[str, Any]]:
         prev = merged[-1] if merged else None
         if msg["type"] == "delta" and prev is not None and prev["type"] == "delta" and not prev["finished"]:
             merged[-1] = {**msg, "text": prev["text"] + msg["text"], "token_ids": prev["token_ids"] + msg["token_ids"]}
+            if msg.get("logprobs") is not None:
+                merged[-1]["logprobs"] = prev["logprobs"] + msg["logprobs"]
         else:
             merged.append(msg)
     return merged
