@@ -86,6 +86,7 @@ def error_from_handle_exception(exc: BaseException) -> APIError:
     return APIError(500, "internal error while serving the request")
 
 
+_REPLICA_GONE = (ReplicaUnavailableError, ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)
 _ENDPOINTS = {"/v1/chat/completions": "chat", "/v1/completions": "completion"}
 fastapi_app = FastAPI(title="adaserve", description="OpenAI-compatible, SLO-aware LLM serving")
 
@@ -416,6 +417,7 @@ class OpenAIIngress:
                    "ttft_slo_x_prefill": slo.ttft_slo_x_prefill, "ttft_allowance_ms": slo.ttft_allowance_ms,
                    "slo_class": slo.slo_class}  # the replica counts attainment per class for the autoscaler
         avoid: list[str] = []  # replicas that refused its TTFT SLO: the router tries the others first
+        retries_left = 2  # a replica that died before accepting the request: nothing started, another may serve it
         while True:
             gen = self.stream_replica.generate.remote(payload, tpot_slo_ms=slo.tpot_slo_ms,
                                                       avoid_replicas=tuple(avoid))
@@ -431,6 +433,11 @@ class OpenAIIngress:
                 self.metrics.in_flight.dec()
                 if not isinstance(exc, Exception):
                     raise
+                if isinstance(exc, _REPLICA_GONE) and retries_left > 0:
+                    retries_left -= 1
+                    logger.warning("replica died before accepting %s (%s); trying another", request_id,
+                                   type(exc).__name__)
+                    continue
                 err = error_from_handle_exception(exc)
                 if err.status == 500:
                     logger.exception("replica call failed")
