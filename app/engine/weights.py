@@ -12,6 +12,7 @@ import hashlib
 import importlib.metadata
 import importlib.util
 import json
+import math
 import os
 import shutil
 from collections.abc import Mapping
@@ -21,7 +22,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from app.engine.dummy import DUMMY_SEED, PRESETS, DummyStateDict, IdTokenizer
+from app.engine.dummy import DUMMY_SEED, PRESETS, DummyStateDict, IdTokenizer, param_shapes
 
 EMBEDDED_MODEL = "embedded"
 _EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -50,6 +51,11 @@ class ModelConfig:
     rope_scaling: dict | None = None  # {"rope_type": "llama3" | "linear", ...} as in HF configs
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = field(default_factory=tuple)
+
+    def num_params(self) -> int:
+        """Parameters of a checkpoint of this shape, a tied embedding counted once (x the dtype's bytes: what its
+        weights take in memory)."""
+        return sum(math.prod(shape) for shape in param_shapes(self).values())
 
     @classmethod
     def from_hf(cls, hf: dict) -> "ModelConfig":

@@ -8,6 +8,9 @@ spec: one source or a comma list ("distilled,ngram"), or a list of them (as in s
 - "ngram" / "ngram:MIN-MAX" / "ngram:anchors=N": prompt lookup (no draft model).
 A single model source gives its Drafter (FeatureDrafter for a feature draft); a list, or a lookup anywhere in it,
 gives a MultiSourceDrafter over the sources in order, each model source with its own KV cache.
+
+Two steps, so that the engine can plan memory between them: `load_draft_models` loads every draft model's weights
+and allocates no KV; `DraftModels.build` allocates the KV caches and makes the source. `load_draft_source` does both.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -47,18 +51,79 @@ def load_draft_source(spec: str | Sequence[str], *, target: Checkpoint | LlamaMo
     float32). use_vocab_subset: a draft's vocabulary-subset head, where it ships one. max_candidates: the merged
     tree's node cap (lists only).
     """
+    drafts = load_draft_models(spec, target=target, target_tokenizer=target_tokenizer, target_dir=target_dir,
+                               device=device, dtype=dtype, cache_dir=cache_dir, use_vocab_subset=use_vocab_subset,
+                               max_candidates=max_candidates)
+    return drafts.build(num_blocks, block_size, kv_cache_memory_gb)
+
+
+@dataclass
+class DraftModel:
+    """One draft model with its weights loaded and no KV cache yet."""
+
+    name: str
+    model: LlamaModel
+    drafter_cls: type[Drafter]
+
+    def state_bytes_per_token(self) -> int:
+        """What each token of a running request costs this draft: its KV, and for a feature draft the target's
+        hidden state it keeps per request (FeatureDrafter's buffers grow by doubling: up to two rows per token)."""
+        extra = 0
+        if self.drafter_cls.uses_features:
+            extra = 2 * self.model.config.hidden_size * self.model.embed.element_size()
+        return self.model.kv_bytes_per_token() + extra
+
+    def drafter(self, num_blocks: int | None, block_size: int, kv_cache_memory_gb: float) -> Drafter:
+        if num_blocks is None:
+            per_block = self.model.kv_bytes_per_token() * block_size
+            num_blocks = max(1, int(kv_cache_memory_gb * 2**30) // per_block)
+        return self.drafter_cls(self.model, num_blocks, block_size, name=self.name)
+
+
+@dataclass
+class DraftModels:
+    """A parsed draft spec, its models loaded and no KV allocated: the engine sizes every KV cache together from
+    `state_bytes_per_token` (app/engine/memory_plan.py), then `build`s the source."""
+
+    names: list[str]
+    sources: list[DraftModel | NgramConfig]  # in the spec's order
+    max_candidates: int
+
+    @property
+    def models(self) -> list[DraftModel]:
+        return [s for s in self.sources if isinstance(s, DraftModel)]
+
+    @property
+    def uses_features(self) -> bool:
+        return any(m.drafter_cls.uses_features for m in self.models)
+
+    def state_bytes_per_token(self) -> int:
+        """Every draft model's per-token cost together (0 for a lookup alone)."""
+        return sum(m.state_bytes_per_token() for m in self.models)
+
+    def build(self, num_blocks: int | None, block_size: int = 16, kv_cache_memory_gb: float = 0.25) -> DraftSource:
+        """Allocate each draft model's KV cache (num_blocks blocks each; None sizes each from kv_cache_memory_gb)
+        and make the source: one model's Drafter, else a MultiSourceDrafter over the sources in order."""
+        built = [NgramSource(s, name="ngram") if isinstance(s, NgramConfig)
+                 else s.drafter(num_blocks, block_size, kv_cache_memory_gb) for s in self.sources]
+        if len(built) == 1 and isinstance(self.sources[0], DraftModel):
+            return built[0]
+        return MultiSourceDrafter(built, names=self.names, max_candidates=self.max_candidates)
+
+
+def load_draft_models(spec: str | Sequence[str], *, target: Checkpoint | LlamaModel, target_tokenizer=None,
+                      target_dir: Path | str | None = None, device: torch.device | str | None = None,
+                      dtype: torch.dtype | None = None, cache_dir: Path | None = None, use_vocab_subset: bool = True,
+                      max_candidates: int = DEFAULT_MAX_CANDIDATES) -> DraftModels:
+    """Every model source of `spec` loaded, no KV allocated (the arguments as in `load_draft_source`)."""
     names = parse_sources(spec)
-    kw = dict(target=target, target_tokenizer=target_tokenizer, target_dir=target_dir, num_blocks=num_blocks,
-              block_size=block_size, device=device, dtype=dtype, kv_cache_memory_gb=kv_cache_memory_gb,
-              cache_dir=cache_dir, use_vocab_subset=use_vocab_subset)
-    if len(names) == 1 and not is_lookup(names[0]):
-        return _load_model_draft(names[0], **kw)
     if sum(is_lookup(n) for n in names) > 1:
         raise ValueError(f"at most one n-gram source, got {names}")
-    sources = [NgramSource(NgramConfig.parse(n), name="ngram") if is_lookup(n) else _load_model_draft(n, **kw)
-               for n in names]
-    return MultiSourceDrafter(sources, names=["ngram" if is_lookup(n) else n for n in names],
-                              max_candidates=max_candidates)
+    sources = [NgramConfig.parse(n) if is_lookup(n) else _load_model_draft(
+        n, target=target, target_tokenizer=target_tokenizer, target_dir=target_dir, device=device, dtype=dtype,
+        cache_dir=cache_dir, use_vocab_subset=use_vocab_subset) for n in names]
+    return DraftModels(names=["ngram" if is_lookup(n) else n for n in names], sources=sources,
+                       max_candidates=max_candidates)
 
 
 def parse_sources(spec: str | Sequence[str]) -> list[str]:
@@ -77,10 +142,9 @@ def is_lookup(name: str) -> bool:
 
 
 def _load_model_draft(spec: str, *, target: Checkpoint | LlamaModel, target_tokenizer, target_dir: Path | str | None,
-                      num_blocks: int | None, block_size: int, device: torch.device | str | None,
-                      dtype: torch.dtype | None, kv_cache_memory_gb: float, cache_dir: Path | None,
-                      use_vocab_subset: bool) -> Drafter:
-    """A Drafter over one draft model (a FeatureDrafter for a feature draft)."""
+                      device: torch.device | str | None, dtype: torch.dtype | None, cache_dir: Path | None,
+                      use_vocab_subset: bool) -> DraftModel:
+    """One draft model, loaded (its Drafter class: a FeatureDrafter for a feature draft)."""
     if target_tokenizer is None and target_dir is not None:
         target_tokenizer = Path(target_dir)
     if isinstance(target, Checkpoint):
@@ -122,10 +186,7 @@ def _load_model_draft(spec: str, *, target: Checkpoint | LlamaModel, target_toke
             model.lm_head = model.lm_head[: t_config.vocab_size]
         name = spec
         del ckpt
-    if num_blocks is None:
-        per_block = model.kv_bytes_per_token() * block_size
-        num_blocks = max(1, int(kv_cache_memory_gb * 2**30) // per_block)
-    return drafter_cls(model, num_blocks, block_size, name=name)
+    return DraftModel(name, model, drafter_cls)
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
