@@ -346,6 +346,7 @@ class LLMReplica:
         from app.engine.output import TokenTexts
 
         self.engine = LLMEngine(self.settings.engine_config())
+        logger.info("%s", self.engine.memory_plan.describe())
         # Prompts are tokenized here, on one thread with its own tokenizer (a Rust tokenizer is not meant to be
         # shared across threads), so that the engine thread receives token ids only.
         self._tokenizer = copy.deepcopy(self.engine.tokenizer)
