@@ -211,9 +211,8 @@ def section_serve(args: argparse.Namespace, out: Path, timeout: float) -> dict:
         model_name, source = "dummy-tiny", "serve_config.yaml"
     else:
         raw = yaml.safe_load((ROOT / "serve_config.gpu.yaml").read_text())
-        # The draft's own KV cache (as many blocks as the target's) is not counted in gpu_memory_fraction: 0.6
-        # leaves room for it beside the 8B target's cache on an 80 GB card.
-        engine = dict(model="llama-8b", load_format="dummy", draft="dummy:llama-1b", gpu_memory_fraction=0.6)
+        # the YAML's gpu_memory_fraction: the memory plan fits both models' weights and KV in it (the replica logs it)
+        engine = dict(model="llama-8b", load_format="dummy", draft="dummy:llama-1b")
         model_name, source = "dummy-llama-8b", "serve_config.gpu.yaml"
     raw = copy.deepcopy(raw)
     raw["http_options"] = {"host": "127.0.0.1", "port": port}
