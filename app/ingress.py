@@ -14,6 +14,7 @@ aborts the request, freeing its KV blocks.
 
 # No `from __future__ import annotations`: FastAPI must see real classes on the endpoints that Serve rewrites.
 import asyncio
+import codecs
 import hmac
 import json
 import logging
@@ -38,7 +39,7 @@ from app.config import AppSettings, ResolvedSLO, SLOError, needs_baseline, resol
 from app.engine.config import SamplingParams  # light: dataclasses only, no torch
 from app.metrics import CONTENT_TYPE, ServeMetrics, latest_replica_stats
 from app.replica import LLMReplica
-from app.schemas import (ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest,
+from app.schemas import (ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatLogprobs, CompletionLogprobs, ChatCompletionRequest,
                          ChatCompletionResponse, ChatMessageOut, CompletionChoice, CompletionRequest,
                          CompletionResponse, DeltaMessage, ErrorBody, ErrorResponse, ModelCard, ModelList,
                          SLOReport, Usage, dump, new_id, param_from_message)
@@ -211,6 +212,8 @@ class _Relay:
         self.model = ingress.settings.served_model_name
         self.created = int(time.time())
         self.num_tokens = 0
+        self._text_chars = 0  # completion logprobs' text_offset so far, decoding the tokens' bytes incrementally
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self.finished = False
         self.closed = False
 
@@ -259,12 +262,29 @@ class _Relay:
                          tpot_ms=None if m.get("tpot_s") is None else m["tpot_s"] * 1e3,
                          attained=attained, missed=missed)
 
+    def _logprobs(self, entries: list[dict[str, Any]]) -> ChatLogprobs | CompletionLogprobs | None:
+        """The request's logprobs in its endpoint's shape (the replica sends chat entries), None if not asked."""
+        if self.body.num_top_logprobs() is None:
+            return None
+        if self.endpoint == "chat":
+            return ChatLogprobs(content=entries)
+        offsets = []
+        for e in entries:  # character offsets in the completion text, from the tokens' bytes
+            offsets.append(self._text_chars)
+            self._text_chars += len(self._utf8.decode(bytes(e["bytes"] or b"")))
+        return CompletionLogprobs(tokens=[e["token"] for e in entries],
+                                  token_logprobs=[e["logprob"] for e in entries],
+                                  top_logprobs=[{t["token"]: t["logprob"] for t in e["top_logprobs"]} for e in entries],
+                                  text_offset=offsets)
+
     async def whole(self) -> Response:
         parts: list[str] = []
+        entries: list[dict[str, Any]] = []
         last: dict[str, Any] = {}
         try:
             async for msg in self.messages():
                 parts.append(msg["text"])
+                entries += msg.get("logprobs") or []
                 last = msg
         except APIError as err:
             return self.ingress._fail(self.endpoint, err)
@@ -275,22 +295,28 @@ class _Relay:
         if self.endpoint == "chat":
             resp: Any = ChatCompletionResponse(id=self.request_id, created=self.created, model=self.model,
                                                choices=[ChatChoice(message=ChatMessageOut(content=text),
-                                                                   finish_reason=reason)],
+                                                                   finish_reason=reason,
+                                                                   logprobs=self._logprobs(entries))],
                                                usage=self.usage(), slo=slo)
         else:
             resp = CompletionResponse(id=self.request_id, created=self.created, model=self.model,
-                                      choices=[CompletionChoice(text=text, finish_reason=reason)],
+                                      choices=[CompletionChoice(text=text, finish_reason=reason,
+                                                                logprobs=self._logprobs(entries))],
                                       usage=self.usage(), slo=slo)
         self.ingress.metrics.requests.labels(self.endpoint, "200").inc()
         return JSONResponse(dump(resp))
 
-    def _chunk(self, text: str | None, reason: str | None, slo: SLOReport | None, first: bool = False) -> dict:
+    def _chunk(self, text: str | None, reason: str | None, slo: SLOReport | None, first: bool = False,
+               logprobs: list[dict[str, Any]] | None = None) -> dict:
+        lp = self._logprobs(logprobs) if logprobs is not None else None
         if self.endpoint == "chat":
             delta = DeltaMessage(role="assistant" if first else None, content=text)
             return dump(ChatCompletionChunk(id=self.request_id, created=self.created, model=self.model,
-                                            choices=[ChatChunkChoice(delta=delta, finish_reason=reason)], slo=slo))
+                                            choices=[ChatChunkChoice(delta=delta, finish_reason=reason, logprobs=lp)],
+                                            slo=slo))
         return dump(CompletionResponse(id=self.request_id, created=self.created, model=self.model,
-                                       choices=[CompletionChoice(text=text or "", finish_reason=reason)], slo=slo))
+                                       choices=[CompletionChoice(text=text or "", finish_reason=reason, logprobs=lp)],
+                                       slo=slo))
 
     async def sse(self) -> AsyncIterator[str]:
         status = "200"
@@ -299,9 +325,10 @@ class _Relay:
                 yield _sse(self._chunk("", None, None, first=True))
             async for msg in self.messages():
                 final = msg["finished"]
-                if msg["text"] or final:
+                if msg["text"] or final or msg.get("logprobs"):
                     slo = self.slo_report(msg.get("metrics")) if final else None
-                    yield _sse(self._chunk(msg["text"], msg["finish_reason"] if final else None, slo))
+                    yield _sse(self._chunk(msg["text"], msg["finish_reason"] if final else None, slo,
+                                           logprobs=msg.get("logprobs")))
             if self.body.include_usage_in_stream:
                 usage_chunk = self._chunk(None, None, None)
                 usage_chunk["choices"], usage_chunk["usage"] = [], self.usage().model_dump()

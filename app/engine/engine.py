@@ -70,6 +70,21 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return dtypes[name]
 
 
+def encode_prompt(tokenizer, prompt: str | list[int] | list[dict], chat: bool = False) -> list[int]:
+    """Token ids of a prompt: ids as given, chat messages (dicts) through the chat template, text as is or, with
+    ``chat``, as one user message. A free function so that the replica tokenizes off the engine thread."""
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], dict):
+        return list(tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True,
+                                                  return_dict=False))
+    if isinstance(prompt, list):
+        return list(prompt)
+    if not prompt:
+        raise InvalidRequestError("prompt is empty")
+    if chat:
+        return encode_prompt(tokenizer, [{"role": "user", "content": prompt}])
+    return tokenizer.encode(prompt, add_special_tokens=False)
+
+
 class LLMEngine:
     """One step is plan -> speculate -> run -> accept -> update (``step``): the scheduler plans every budget, the
     speculator drafts and selects trees within them, one target forward verifies, acceptance walks the trees and
@@ -178,16 +193,8 @@ class LLMEngine:
                            draft_weight_bytes=draft_weight_bytes, workspace_bytes=workspace, **sizes)
 
     # ---- requests -------------------------------------------------------------------------------------------
-    def encode_prompt(self, prompt: str | list[int], chat: bool = False) -> list[int]:
-        if isinstance(prompt, list):
-            return list(prompt)
-        if not prompt:
-            raise InvalidRequestError("prompt is empty")
-        if chat:
-            return list(self.tokenizer.apply_chat_template(
-                [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True,
-                return_dict=False))
-        return self.tokenizer.encode(prompt, add_special_tokens=False)
+    def encode_prompt(self, prompt: str | list[int] | list[dict], chat: bool = False) -> list[int]:
+        return encode_prompt(self.tokenizer, prompt, chat)
 
     def add_request(self, prompt: str | list[int], sampling: SamplingParams | None = None,
                     request_id: str | None = None, *, chat: bool = False, tpot_slo_ms: float | None = None,

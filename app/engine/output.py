@@ -106,3 +106,46 @@ def make_output(req: Request) -> RequestOutput:
     if req.finished:
         out.token_ids, out.text, out.metrics = req.output_token_ids, req.text, req.metrics()
     return out
+
+
+class TokenTexts:
+    """A token's text and UTF-8 bytes, as OpenAI's logprobs report them (cached per token id).
+
+    A token that is part of a multi-byte character has no text of its own: its bytes come from the tokenizer's
+    byte-level alphabet (GPT-2 style) or its ``<0xNN>`` byte-fallback name, and its text is "bytes:" and the bytes
+    escaped, the form OpenAI uses."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self._cache: dict[int, tuple[str, list[int]]] = {}
+        self._byte_of = {ch: b for b, ch in _byte_level_alphabet().items()}
+
+    def __call__(self, token_id: int) -> tuple[str, list[int]]:
+        hit = self._cache.get(token_id)
+        if hit is None:
+            hit = self._cache[token_id] = self._text_and_bytes(token_id)
+        return hit
+
+    def _text_and_bytes(self, token_id: int) -> tuple[str, list[int]]:
+        text = self.tokenizer.decode([token_id], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        if "\ufffd" not in text:
+            return text, list(text.encode())
+        piece = self.tokenizer.convert_ids_to_tokens(token_id)
+        if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+            raw = bytes([int(piece[3:5], 16)])
+        elif all(ch in self._byte_of for ch in piece):
+            raw = bytes(self._byte_of[ch] for ch in piece)
+        else:
+            raw = text.encode()
+        return "bytes:" + "".join(f"\\x{b:02x}" for b in raw), list(raw)
+
+
+def _byte_level_alphabet() -> dict[int, str]:
+    """GPT-2's byte-level BPE alphabet: byte -> the printable character standing for it in the vocabulary."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    alphabet, extra = {b: chr(b) for b in printable}, 0
+    for b in range(256):
+        if b not in alphabet:
+            alphabet[b] = chr(256 + extra)
+            extra += 1
+    return alphabet

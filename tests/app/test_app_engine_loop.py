@@ -39,7 +39,8 @@ class FakeEngine:
             r.n += 1
             done = r.n >= r.max
             outs.append(SimpleNamespace(request_id=rid, new_token_ids=[r.n], new_text=f"t{r.n}", finished=done,
-                                        finish_reason="length" if done else None, metrics=None))
+                                        finish_reason="length" if done else None, metrics=None, error=None,
+                                        logprobs=None))
             if done:
                 del self.requests[rid]
         return outs
@@ -205,3 +206,60 @@ def test_the_prefix_summary_holds_served_prompts_and_finished_chats_with_their_r
     finally:
         loop.stop()
     assert not EngineLoop(FakeEngine()).prefix_caching  # an engine without prefix caching reports no prefixes
+
+
+class OneFailingEngine(FakeEngine):
+    """Request "bad" fails on its second step (as the engine reports a fault of one request: finish reason
+    "error"); the others run on."""
+
+    def step(self):
+        outs = super().step()
+        for o in outs:
+            if o.request_id == "bad" and o.new_token_ids == [2]:
+                o.finished, o.finish_reason, o.error, o.new_text = True, "error", "logits not finite", ""
+                self.requests.pop("bad", None)
+        return outs
+
+
+def test_a_request_failure_fails_only_that_request() -> None:
+    loop = EngineLoop(OneFailingEngine(), idle_wait_s=0.01)
+    loop.start()
+    try:
+        good, bad = Inbox(), Inbox()
+        loop.add("good", {"prompt_token_ids": [5, 6, 7], "sampling": {"max_tokens": 4}}, good)
+        loop.add("bad", {"prompt_token_ids": [5, 6], "sampling": {"max_tokens": 4}}, bad)
+        assert good.done.wait(5) and bad.done.wait(5)
+        assert good.messages[0] == {"type": "accepted", "prompt_tokens": 3}  # the ids were used as given
+        assert "".join(m["text"] for m in good.messages[1:]) == "t1t2t3t4"
+        assert bad.messages[-1]["type"] == "error" and bad.messages[-1]["status"] == 500
+        assert "logits not finite" in bad.messages[-1]["message"]
+        assert loop.num_step_errors == 0
+    finally:
+        loop.stop()
+
+
+def test_deltas_merge_their_logprobs_and_entries_take_openai_shape() -> None:
+    from app.replica import logprob_entries, merge_deltas
+
+    def delta(text, ids, lps):
+        return {"type": "delta", "text": text, "token_ids": ids, "finished": False, "finish_reason": None,
+                "metrics": None, "logprobs": lps}
+
+    merged = merge_deltas([delta("a", [1], [(1, -0.5, [(1, -0.5)])]), delta("b", [2], [(2, -1.0, [(3, -0.1)])])])
+    assert len(merged) == 1 and merged[0]["logprobs"] == [(1, -0.5, [(1, -0.5)]), (2, -1.0, [(3, -0.1)])]
+    texts = {1: ("a", [97]), 2: ("b", [98]), 3: ("c", [99])}
+    assert logprob_entries(texts.__getitem__, merged[0]["logprobs"])[1] == {
+        "token": "b", "logprob": -1.0, "bytes": [98], "top_logprobs": [{"token": "c", "logprob": -0.1, "bytes": [99]}]}
+
+
+def test_prompts_are_tokenized_with_the_chat_template_or_as_text() -> None:
+    from app.engine.weights import load_tokenizer, resolve_model_dir
+    from app.replica import prompt_token_ids
+
+    tok = load_tokenizer(resolve_model_dir("embedded"))
+    messages = [{"role": "user", "content": "Hi"}]
+    assert prompt_token_ids(tok, {"messages": messages}) == list(tok.apply_chat_template(
+        messages, add_generation_prompt=True, tokenize=True, return_dict=False))
+    assert prompt_token_ids(tok, {"prompt": "Hi there"}) == tok.encode("Hi there", add_special_tokens=False)
+    assert prompt_token_ids(tok, {"prompt": [4, 5]}) == [4, 5]
+    assert prompt_token_ids(tok, {"prompt": "Hi", "chat": True}) == prompt_token_ids(tok, {"messages": messages})
