@@ -73,6 +73,8 @@ class Speculator:
         a = self.acceptance_rate()
         if a <= min_level_gain:
             return 1
+        if a >= 1.0:  # nothing rejected yet (a repetitive text the n-gram draft always gets): no level is too deep
+            return self.max_depth
         return int(min(self.max_depth, max(1, math.floor(math.log(min_level_gain) / math.log(a)))))
 
     def policy_of(self, req: Request) -> PolicySpec:

@@ -68,6 +68,8 @@ def test_depth_gate_follows_measured_acceptance():
     assert spec.depth_cap() == 8
     spec.num_accepted, spec.num_rejections = 100, 100  # a = 0.5: 0.5**3 = 0.125 >= 0.1 > 0.5**4
     assert spec.depth_cap() == 3
+    spec.num_accepted, spec.num_rejections = 100, 0  # a = 1 (every draft token accepted): log(a) = 0
+    assert spec.depth_cap() == 8
 
 
 def test_acceptance_rate_counts_only_walks_stopped_by_a_rejection():
