@@ -72,6 +72,19 @@ def replica_window(series: Mapping[str, Iterable[Any]]) -> ReplicaWindow | None:
                          slo_rejections=_increase(_values(series.get(REJECTIONS))), attainment=attainment)
 
 
+def peak_of_sum(series_list: list[Iterable[Any]]) -> float:
+    """Peak over time of the replicas' summed samples: at each sample time, each replica counts with its latest
+    sample so far (its first one before that)."""
+    series = [sorted(s, key=lambda p: p.timestamp) for s in series_list if s]
+    events = sorted((p.timestamp, i, float(p.value)) for i, s in enumerate(series) for p in s)
+    current = [float(s[0].value) for s in series]
+    peak = sum(current)
+    for _, i, value in events:
+        current[i] = value
+        peak = max(peak, sum(current))
+    return peak
+
+
 def _values(series: Iterable[Any] | None) -> list[float]:
     return [float(p.value) for p in sorted(series or (), key=lambda p: p.timestamp)]
 
@@ -104,13 +117,15 @@ class SLOHeadroomPolicy:
         config = ScalingConfig(min_replicas=max(1, ctx.capacity_adjusted_min_replicas),
                                max_replicas=max(1, ctx.capacity_adjusted_max_replicas), **self.thresholds)
         raw = ctx.raw_metrics or {}
-        windows = []
+        windows, loads = [], []
         for replica_id in ctx.running_replicas:
             window = replica_window({name: per_replica[replica_id] for name, per_replica in raw.items()
                                      if replica_id in per_replica})
             if window is not None:
                 windows.append(window)
-        decision = decide_replicas(windows, config, current_replicas=ctx.current_num_replicas)
+                loads.append(raw[LOAD][replica_id])
+        decision = decide_replicas(windows, config, current_replicas=ctx.current_num_replicas,
+                                   peak_total_load=peak_of_sum(loads) if loads else None)
         self._report(ctx, decision)
         return decision.desired_replicas, {"reason": decision.reason}
 

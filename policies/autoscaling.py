@@ -78,16 +78,18 @@ def replicas_for_load(total_load: float, headroom: float) -> int:
     return max(1, math.ceil(total_load / (1.0 - headroom) - 1e-9))
 
 
-def decide_replicas(replicas: Sequence[ReplicaWindow], config: ScalingConfig,
-                    current_replicas: int | None = None) -> ScalingDecision:
+def decide_replicas(replicas: Sequence[ReplicaWindow], config: ScalingConfig, current_replicas: int | None = None,
+                    peak_total_load: float | None = None) -> ScalingDecision:
     """The desired replica count, given the running replicas' windows. ``current_replicas`` defaults to how many
-    reported; a replica that is running but has not reported yet counts as idle capacity."""
+    reported; a replica that is running but has not reported yet counts as idle capacity. ``peak_total_load`` is
+    the window's peak of the replicas' summed load when the caller can align their samples in time; without it,
+    the sum of each replica's peak (an upper bound: peaks at different times add up)."""
     n = len(replicas) if current_replicas is None else max(int(current_replicas), len(replicas))
     if not replicas or n == 0:
         return ScalingDecision(_clamp(max(n, config.min_replicas), config), "no_reports",
                                "no replica has reported its load yet")
     load = sum(r.load_mean for r in replicas)
-    peak = sum(r.load_peak for r in replicas)
+    peak = sum(r.load_peak for r in replicas) if peak_total_load is None else peak_total_load
     headroom = 1.0 - load / n
     waiting = sum(r.waiting_mean for r in replicas)
     rejections = sum(r.slo_rejections for r in replicas)
@@ -108,13 +110,15 @@ def decide_replicas(replicas: Sequence[ReplicaWindow], config: ScalingConfig,
         message = f"class {worst_class} attainment {worst_attainment:.2f} < {config.min_attainment:.2f}"
     else:
         fewer = replicas_for_load(peak, config.scale_down_headroom)
-        if fewer < n and waiting == 0 and len(replicas) == n:  # a replica that has not reported: wait for it
+        # the queue has a band too: the fewer replicas must see under half the per-replica queue that scales up;
+        # and a replica that has not reported yet is waited for
+        if fewer < n and waiting / fewer < 0.5 * config.max_waiting_per_replica and len(replicas) == n:
             desired, reason = fewer, "fits_fewer"
             message = (f"peak load {peak:.2f} fits {fewer} replica(s) with spare share "
                        f">= {config.scale_down_headroom:.2f}")
         else:
             desired, reason = n, "hold"
-            message = f"spare share {headroom:.2f}, peak load {peak:.2f} on {n}"
+            message = f"spare share {headroom:.2f}, peak load {peak:.2f}, {waiting:.1f} waiting on {n}"
     clamped = _clamp(desired, config)
     if clamped != desired:
         message += f" (wanted {desired}, bounds {config.min_replicas}..{config.max_replicas})"

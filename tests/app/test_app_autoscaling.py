@@ -8,7 +8,7 @@ from ray.serve._private.common import DeploymentID, ReplicaID, TimeStampedValue
 from ray.serve.config import AutoscalingConfig, AutoscalingContext
 
 from app.autoscaling import (ATTAINED_PREFIX, FINISHED_PREFIX, LOAD, REJECTIONS, WAITING, SLOHeadroomPolicy,
-                             autoscaling_stats, replica_window)
+                             autoscaling_stats, peak_of_sum, replica_window)
 from app.metrics import ServeMetrics
 from policies.autoscaling import ReplicaWindow
 
@@ -47,6 +47,13 @@ def test_window_takes_mean_peak_and_counter_increases() -> None:
     restarted = replica_window({LOAD: list(reversed(_series(0.1, 0.1))), REJECTIONS: _series(9, 1)})
     assert restarted.slo_rejections == 1
     assert replica_window({WAITING: _series(1)}) is None
+
+
+def test_peak_of_sum_aligns_replicas_in_time() -> None:
+    a = _series(0.5, 0.0, 0.0, t0=0.0)   # t = 0, 1, 2
+    b = _series(0.0, 0.5, 0.0, t0=0.5)   # t = 0.5, 1.5, 2.5
+    assert peak_of_sum([a, b]) == 0.5    # sum of peaks would say 1.0
+    assert peak_of_sum([_series(0.2, 0.6, t0=0.0), _series(0.3, t0=0.0)]) == pytest.approx(0.9)
 
 
 def test_policy_reads_serve_context_and_keeps_state_free() -> None:

@@ -93,9 +93,20 @@ def test_backstops_scale_up_even_with_headroom() -> None:
     assert few.reason == "hold"
 
 
-def test_no_scale_down_while_requests_wait() -> None:
+def test_no_scale_down_while_requests_queue() -> None:
+    # 1.5 waiting in all: on 1 replica that is 1.5 >= half the scale-up queue (2.0 / 2) -> hold
     d = decide_replicas([ReplicaWindow(load_mean=0.1, load_peak=0.1, waiting_mean=0.5)] * 3, CONFIG)
     assert (d.desired_replicas, d.reason) == (3, "hold")
+    # a moment's queue (requests between arrival and the next engine step) does not block it
+    d = decide_replicas([ReplicaWindow(load_mean=0.1, load_peak=0.1, waiting_mean=0.1)] * 3, CONFIG)
+    assert (d.desired_replicas, d.reason) == (1, "fits_fewer")
+
+
+def test_peak_of_the_sum_instead_of_the_sum_of_peaks() -> None:
+    # two replicas whose 0.5 peaks came at different times: together never above 0.5 -> one replica suffices
+    alternating = [ReplicaWindow(load_mean=0.25, load_peak=0.5)] * 2
+    assert decide_replicas(alternating, CONFIG).desired_replicas == 2
+    assert decide_replicas(alternating, CONFIG, peak_total_load=0.5).desired_replicas == 1
 
 
 def test_bounds_and_silent_replicas() -> None:
