@@ -1,8 +1,9 @@
 """The engine with the Triton kernels (compiled on CUDA, interpreted on CPU) against the same engine with the torch
 references (`ADASERVE_KERNELS=reference`, kernels/dispatch.py): float32 greedy tokens equal, with and without
 speculation (tree masks and KV commits go through the kernels too); on CUDA also bf16 logits of decode-shaped
-steps (head dim 64 / 128, GQA group 1 / 4 / 8) within bf16 tolerance. The models are dummy configs: no tokenizer
-or download needed."""
+steps (head dim 64 / 128, GQA group 1 / 4 / 8) within bf16 tolerance. Each run counts the calls dispatch makes on
+either path and checks that every one took the path forced for it, so a run can never compare a path with itself.
+The models are dummy configs: no tokenizer or download needed."""
 
 from __future__ import annotations
 
@@ -45,23 +46,47 @@ def _generate(model: str, device: str, draft: str | None, policy: str) -> list[l
 
 
 def _count_kernel_calls(monkeypatch) -> dict[str, int]:
-    """Count the Triton entry points dispatch calls (it imports them at each call, so patching the modules works)."""
-    from kernels import kv_commit, tree_attention
+    """Count the calls dispatch makes on each path: the Triton entry points (imported from their modules at each
+    call, so patching the modules works) and the torch references (bound in kernels.dispatch). KV commits count
+    rows moved."""
+    from kernels import dispatch, kv_commit, tree_attention
 
-    calls = {"attention": 0, "commit_rows": 0}
-    attend, commit = tree_attention.tree_attention, kv_commit.kv_commit
+    calls = {f"{path}_{op}": 0 for path in ("triton", "reference") for op in ("attention", "write_kv", "commit_rows")}
 
-    def counted_attention(*a, **kw):
-        calls["attention"] += 1
-        return attend(*a, **kw)
+    def counted(module, name: str, key: str, rows: bool = False) -> None:
+        fn = getattr(module, name)
 
-    def counted_commit(*a):
-        calls["commit_rows"] += a[2].numel()
-        return commit(*a)
+        def wrapper(*a, **kw):
+            calls[key] += a[2].numel() if rows else 1  # kv_commit(k_cache, v_cache, src_slots, dst_slots)
+            return fn(*a, **kw)
 
-    monkeypatch.setattr(tree_attention, "tree_attention", counted_attention)
-    monkeypatch.setattr(kv_commit, "kv_commit", counted_commit)
+        monkeypatch.setattr(module, name, wrapper)
+
+    counted(tree_attention, "tree_attention", "triton_attention")
+    counted(tree_attention, "write_kv", "triton_write_kv")
+    counted(kv_commit, "kv_commit", "triton_commit_rows", rows=True)
+    counted(dispatch, "tree_attention_reference", "reference_attention")
+    counted(dispatch, "write_kv_reference", "reference_write_kv")
+    counted(dispatch, "kv_commit_reference", "reference_commit_rows", rows=True)
     return calls
+
+
+def _on_path(path: str, device: str, monkeypatch, calls: dict[str, int], run):
+    """run() with dispatch forced onto `path` ("reference" or "triton"), checking that every attention, KV write
+    and KV commit it made took that path. Returns run()'s result and the calls it made."""
+    if path == "reference":
+        monkeypatch.setenv("ADASERVE_KERNELS", "reference")
+    else:
+        monkeypatch.delenv("ADASERVE_KERNELS", raising=False)
+        if device == "cpu":
+            monkeypatch.setenv("TRITON_INTERPRET", "1")  # the kernels in Triton's interpreter
+    before = dict(calls)
+    out = run()
+    made = {k: calls[k] - before[k] for k in calls}
+    other = "triton" if path == "reference" else "reference"
+    assert made[f"{path}_attention"] > 0 and made[f"{path}_write_kv"] > 0, made
+    assert not any(n for k, n in made.items() if k.startswith(other)), made
+    return out, made
 
 
 @pytest.mark.parametrize("device", ["cpu", CUDA])
@@ -69,16 +94,15 @@ def _count_kernel_calls(monkeypatch) -> dict[str, int]:
 def test_engine_greedy_triton_equals_reference(tiny, device, policy, monkeypatch):
     draft = None if policy == "none" else f"dummy:{tiny}"  # draft = target: long accepted paths, KV commits move
     calls = _count_kernel_calls(monkeypatch)
-    monkeypatch.setenv("ADASERVE_KERNELS", "reference")
-    reference = _generate(tiny, device, draft, policy)
-    assert calls == {"attention": 0, "commit_rows": 0}
-    monkeypatch.delenv("ADASERVE_KERNELS")
-    if device == "cpu":
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
-    assert _generate(tiny, device, draft, policy) == reference
-    assert calls["attention"] > 0
-    if draft is not None:
-        assert calls["commit_rows"] > 0  # accepted paths were moved by the Triton commit kernel
+
+    def run():
+        return _generate(tiny, device, draft, policy)
+
+    reference, by_reference = _on_path("reference", device, monkeypatch, calls, run)
+    triton_out, by_triton = _on_path("triton", device, monkeypatch, calls, run)
+    assert triton_out == reference
+    if draft is not None:  # accepted paths were moved, by the reference, then by the Triton commit kernel
+        assert by_reference["reference_commit_rows"] > 0 and by_triton["triton_commit_rows"] > 0
 
 
 @pytest.mark.gpu
@@ -102,10 +126,9 @@ def test_engine_bf16_decode_logits_triton_close_to_reference(tmp_path, head_dim,
                           None if r % 2 else tree, logits="all") for r, (b, p) in enumerate(zip(tables, prompts))]
         return engine.runner.run(steps).logits
 
-    monkeypatch.setenv("ADASERVE_KERNELS", "reference")
-    reference = logits()
-    monkeypatch.delenv("ADASERVE_KERNELS")
-    triton_logits = logits()
+    calls = _count_kernel_calls(monkeypatch)
+    reference, _ = _on_path("reference", "cuda", monkeypatch, calls, logits)
+    triton_logits, _ = _on_path("triton", "cuda", monkeypatch, calls, logits)
     assert torch.isfinite(triton_logits).all()
     err = (triton_logits - reference).abs().max().item()
     assert err < 0.05 * reference.abs().max().item(), err
