@@ -2,7 +2,9 @@
 
 One forward takes a flat batch of tokens from many requests; attention metadata says which request each token
 belongs to, where its K/V goes and what it may attend to (kernels/metadata.py). q/k/v and gate/up projections
-are fused at load time, as in gpt-fast, to halve the matmul launches per layer.
+are fused at load time, as in gpt-fast, to halve the matmul launches per layer. On CPU the matmul weights are
+packed for oneDNN at load (layers.pack_linear_weight): the step is weight-streaming bound and MKL's small-M GEMMs
+stream at a third of the bandwidth.
 """
 
 from __future__ import annotations
@@ -13,17 +15,21 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 
-from app.engine.layers import decoder_layer, rms_norm, rope_cos_sin, rope_inv_freq
+from app.engine.layers import decoder_layer, linear, pack_linear_weight, rms_norm, rope_cos_sin, rope_inv_freq
 from app.engine.weights import ModelConfig
 from kernels import dispatch
 from kernels.metadata import AttnMetadata
 
 
 class LlamaModel:
-    """Weights as plain tensors; no nn.Module machinery in the hot loop."""
+    """Weights as plain tensors; no nn.Module machinery in the hot loop.
+
+    pack_weights: store the layers' matmul weights (and a copy of the LM head) oneDNN-packed; None = wherever
+    that is available (`packing_available`). `embed` and `lm_head` stay plain tensors (drafts slice them).
+    """
 
     def __init__(self, config: ModelConfig, state_dict: dict[str, torch.Tensor], dtype: torch.dtype,
-                 device: torch.device):
+                 device: torch.device, pack_weights: bool | None = None):
         self.config = config
         self.dtype, self.device = dtype, device
         c = config
@@ -52,6 +58,15 @@ class LlamaModel:
             if c.attention_bias or (p + "self_attn.q_proj.bias") in state_dict:
                 layer["bqkv"] = torch.cat([get(p + f"self_attn.{n}_proj.bias") for n in "qkv"])
             self.layers.append(layer)
+        self.packed = packing_available(device, dtype) if pack_weights is None else pack_weights
+        if self.packed:
+            if not packing_available(device, dtype):
+                raise ValueError(f"oneDNN weight packing needs a CPU and float32/bfloat16, not {device}/{dtype}")
+            for layer in self.layers:
+                for name in ("wqkv", "wo", "w13", "w2"):
+                    layer[name] = pack_linear_weight(layer[name])
+        self._head_source: torch.Tensor | None = None  # the lm_head tensor `_head_packed` was packed from
+        self._head_packed: torch.Tensor | None = None
         self.inv_freq = rope_inv_freq(c).to(device)
         self.scale = 1.0 / math.sqrt(c.head_dim)
 
@@ -85,4 +100,13 @@ class LlamaModel:
         return dispatch.attention(q, k_cache, v_cache, meta, self.scale)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return F.linear(hidden, self.lm_head).float()
+        if not self.packed:
+            return F.linear(hidden, self.lm_head).float()
+        if self._head_source is not self.lm_head:  # packed on first use: drafts replace lm_head after __init__
+            self._head_source, self._head_packed = self.lm_head, pack_linear_weight(self.lm_head)
+        return linear(hidden, self._head_packed).float()
+
+
+def packing_available(device: torch.device, dtype: torch.dtype) -> bool:
+    """oneDNN packs float32 and bfloat16 matmul weights on CPU (ATen built with MKLDNN, as the PyPI wheels are)."""
+    return device.type == "cpu" and dtype in (torch.float32, torch.bfloat16) and torch.backends.mkldnn.is_available()
