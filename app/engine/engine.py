@@ -22,7 +22,7 @@ from app.engine.config import EngineConfig, SamplingParams
 from app.engine.errors import InvalidRequestError, SLOUnattainableError
 from app.engine.kv_cache import KVCache
 from app.engine.memory_plan import GIB, MemoryPlan, forward_workspace_bytes, plan_memory
-from app.engine.model import LlamaModel
+from app.engine.model import LlamaModel, packing_available
 from app.engine.output import append_tokens, make_output
 from app.engine.request import Request, RequestOutput
 from app.engine.runner import ForwardOutput, ModelRunner, SeqInput
@@ -102,7 +102,8 @@ class LLMEngine:
         ckpt_dir = ckpt.tokenizer_dir
         self.model_config = ckpt.config
         self.tokenizer = load_tokenizer(ckpt.tokenizer_dir)
-        self.model = LlamaModel(ckpt.config, ckpt.state_dict, self.dtype, self.device)
+        self.model = LlamaModel(ckpt.config, ckpt.state_dict, self.dtype, self.device,
+                                pack_weights=config.cpu_weight_prepack and packing_available(self.device, self.dtype))
         del ckpt
         self.max_model_len = min(config.max_model_len or self.model_config.max_position,
                                  self.model_config.max_position)
