@@ -427,7 +427,8 @@ class LLMReplica:
         return {
             "spare_token_budget": int(spare),
             "token_budget": token_budget,
-            "load": replica_load(spare, token_budget, running, self.engine.config.max_num_seqs),
+            "load": replica_load(spare, token_budget, running, self.engine.config.max_num_seqs,
+                                 waiting_requests=max(0, len(self._active) - running)),
             "slo_outcomes": self.loop.slo_outcomes,  # class -> (attained, finished) since start
             "running_requests": running,
             "queue_len": max(0, len(self._active) - running),

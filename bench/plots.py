@@ -82,6 +82,49 @@ def plot_sweep(summary_path: Path, out_dir: Path, title: str = "", prefix: str =
     return paths
 
 
+def autoscale_plot(runs: dict[str, dict], offered: list[tuple[float, float]], path: Path, title: str = "",
+                   bin_s: float = 10.0) -> Path:
+    """One autoscaled load ramp per scaling rule (``runs``: rule -> {"timeline": [{t, routing, target, ...}],
+    "records": request records}): replicas routing and asked for, offered load (``offered``: [(t, req/s)]), and per
+    ``bin_s`` of arrival time the SLO attainment (TTFT+TPOT) and TTFT p90."""
+    import numpy as np
+
+    from bench.loadgen import attained, ttft_s
+
+    fig, axes = plt.subplots(4, 1, figsize=(9, 10), sharex=True)
+    axes[0].plot([t for t, _ in offered], [r for _, r in offered], color="black")
+    axes[0].set_ylabel("offered load (req/s)")
+    for k, (rule, run) in enumerate(sorted(runs.items())):
+        color = f"C{k}"
+        tl = run["timeline"]
+        axes[1].step([e["t"] for e in tl], [e["routing"] for e in tl], where="post", color=color,
+                     label=f"{rule}: routing")
+        axes[1].step([e["t"] for e in tl], [e["target"] for e in tl], where="post", color=color, linestyle=":",
+                     label=f"{rule}: target")
+        recs = run["records"]
+        if not recs:
+            continue
+        bins = np.floor(np.array([r["scheduled_s"] for r in recs]) / bin_s).astype(int)
+        centers, attain, p90 = [], [], []
+        for b in np.unique(bins):
+            inside = [r for r, rb in zip(recs, bins) if rb == b]
+            ttfts = [v for v in (ttft_s(r) for r in inside) if v is not None]
+            centers.append((b + 0.5) * bin_s)
+            attain.append(100.0 * sum(attained(r) for r in inside) / len(inside))
+            p90.append(float(np.percentile(ttfts, 90)) if ttfts else float("nan"))
+        axes[2].plot(centers, attain, color=color, label=rule)
+        axes[3].plot(centers, p90, color=color, label=rule)
+    axes[1].set_ylabel("replicas")
+    axes[2].set_ylabel(f"attainment % ({bin_s:g} s bins)")
+    axes[3].set_ylabel("TTFT p90 (s)")
+    axes[3].set_yscale("log")
+    axes[3].set_xlabel("time (s)")
+    for ax in axes[1:]:
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+    return _save(fig, title, path)
+
+
 def _save(fig, title: str, path: Path) -> Path:
     fig.suptitle(title)
     fig.tight_layout()

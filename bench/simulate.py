@@ -168,6 +168,7 @@ class _Replica:
     steps: int = 0
     busy_s: float = 0.0
     select_s: float = 0.0
+    routable: bool = True  # False while starting or draining (bench.simulate_cluster): the router skips it
 
 
 class Simulator:
@@ -216,7 +217,7 @@ class Simulator:
         self.accepted = np.zeros(n, dtype=np.int64)
         self.gain_sq = 0.0  # sum of squared per-step gains of speculating requests (the gain's spread)
         self.pools = self.acc.pools_for([r.slo_class for r in reqs])  # each request drafts like its class
-        reps = [_Replica(i) for i in range(self.cfg.num_replicas)]
+        reps = self.replicas = [_Replica(i) for i in range(self.cfg.num_replicas)]
         base_tpot = self.p.unloaded_tpot_s()
         order = np.argsort(self.arrival, kind="stable")
         events: list = []  # (time, seq, replica id) step completions
@@ -228,6 +229,10 @@ class Simulator:
         while ai < n or events:
             t_next_arr = self.arrival[order[ai]] if ai < n else np.inf
             t_next_evt = events[0][0] if events else np.inf
+            if self.next_tick_s() <= min(t_next_arr, t_next_evt):
+                now = self.next_tick_s()
+                self.tick(now)  # a cluster layer may add replicas (self.replicas) or stop routing to some
+                continue
             if t_next_arr <= t_next_evt:
                 now = t_next_arr
                 i = int(order[ai])
@@ -263,10 +268,18 @@ class Simulator:
                 "busy_s": [round(r.busy_s, 3) for r in reps], "unloaded_tpot_s": base_tpot}
         return records, info
 
+    def next_tick_s(self) -> float:
+        """When ``tick`` runs next (a cluster layer's control loop); never in a fixed cluster."""
+        return np.inf
+
+    def tick(self, now: float) -> None:
+        pass
+
     def _route(self, reps: list[_Replica], i: int, base_tpot: float) -> list[int]:
         """Replica ids in the router's order of preference."""
+        reps = [r for r in reps if r.routable]
         if len(reps) == 1:
-            return [0]
+            return [reps[0].rid]
         stats = [routing.ReplicaStats(str(r.rid), spare_budget=self.token_budget - len(r.running),
                                       running_requests=len(r.running), queue_len=len(r.waiting),
                                       measured_tpot_s=base_tpot, stats_age_s=0.0,

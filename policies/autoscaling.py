@@ -2,8 +2,8 @@
 
 Queue-length autoscaling (Ray Serve's default, ``target_ongoing_requests``) reacts after requests already wait and
 knows nothing of SLOs. Each replica here knows how much of its step budget its running requests' SLOs need
-(``spare_token_budget``) and how full its sequence slots are; their larger share is the replica's *load*
-(``replica_load``), 1.0 meaning "no room for one more request at its SLO". The decision sizes the deployment so
+(``spare_token_budget``) and how full its sequence slots are, queue included; their larger share is the replica's
+*load* (``replica_load``), 1.0 meaning "no room for one more request at its SLO", more meaning demand beyond it. The decision sizes the deployment so
 that every replica keeps ``target_headroom`` spare, and:
 
 - scales up when the mean spare share drops below ``scale_up_headroom`` -- before attainment drops -- or, as
@@ -65,12 +65,18 @@ class ScalingDecision:
     message: str  # the numbers behind it, for the log
 
 
-def replica_load(spare_token_budget: float, token_budget: float, running_requests: int, max_num_seqs: int) -> float:
-    """Share of one replica's capacity in use: the larger of the step budget its running requests' SLOs need and
-    its occupied sequence slots (a replica with budget left but no free slot cannot take another request)."""
-    token_share = 1.0 - max(float(spare_token_budget), 0.0) / token_budget if token_budget > 0 else 1.0
-    slot_share = running_requests / max_num_seqs if max_num_seqs > 0 else 1.0
-    return min(max(token_share, slot_share, 0.0), 1.0)
+MAX_REPLICA_LOAD = 4.0  # a replica reports at most this much demand (its queue and SLO debt say "at least")
+
+
+def replica_load(spare_token_budget: float, token_budget: float, running_requests: int, max_num_seqs: int,
+                 waiting_requests: int = 0) -> float:
+    """Demand on one replica in shares of its capacity: the larger of the step budget its running requests' SLOs
+    need (over 1 when they need more than the budget: spare is negative) and its sequence slots, counting the
+    requests waiting for one (a replica with budget left but no free slot cannot take another request). Not capped
+    at 1, so that a saturated replica still says how many replicas its demand needs (up to MAX_REPLICA_LOAD)."""
+    token_share = 1.0 - float(spare_token_budget) / token_budget if token_budget > 0 else MAX_REPLICA_LOAD
+    slot_share = (running_requests + waiting_requests) / max_num_seqs if max_num_seqs > 0 else MAX_REPLICA_LOAD
+    return min(max(token_share, slot_share, 0.0), MAX_REPLICA_LOAD)
 
 
 def replicas_for_load(total_load: float, headroom: float) -> int:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from policies.autoscaling import (REASONS, ReplicaWindow, ScalingConfig, decide_replicas, replica_load,
+from policies.autoscaling import (MAX_REPLICA_LOAD, REASONS, ReplicaWindow, ScalingConfig, decide_replicas, replica_load,
                                   replicas_for_load)
 
 CONFIG = ScalingConfig(min_replicas=1, max_replicas=8, scale_up_headroom=0.2, target_headroom=0.3,
@@ -12,9 +12,9 @@ CONFIG = ScalingConfig(min_replicas=1, max_replicas=8, scale_up_headroom=0.2, ta
 
 
 def _even(total_load: float, n: int, peak: float | None = None, **kw) -> list[ReplicaWindow]:
-    """``n`` replicas sharing ``total_load`` replica capacities evenly (a replica saturates at 1.0)."""
-    share = min(total_load / n, 1.0)
-    peak_share = share if peak is None else min(peak / n, 1.0)
+    """``n`` replicas sharing ``total_load`` replica capacities evenly (past 1.0 per replica: demand they queue)."""
+    share = total_load / n
+    peak_share = share if peak is None else peak / n
     return [ReplicaWindow(load_mean=share, load_peak=peak_share, **kw) for _ in range(n)]
 
 
@@ -35,8 +35,13 @@ def _run(offered: list[float], window_ticks: int = 3, start: int = 1) -> tuple[l
 def test_replica_load_is_the_larger_of_budget_and_slots() -> None:
     assert replica_load(spare_token_budget=64, token_budget=256, running_requests=2, max_num_seqs=32) == 0.75
     assert replica_load(spare_token_budget=200, token_budget=256, running_requests=24, max_num_seqs=32) == 0.75
-    assert replica_load(spare_token_budget=-5, token_budget=256, running_requests=0, max_num_seqs=32) == 1.0
     assert replica_load(spare_token_budget=256, token_budget=256, running_requests=0, max_num_seqs=32) == 0.0
+    # demand past capacity shows: SLO need over the budget, or requests waiting for a slot
+    assert replica_load(spare_token_budget=-128, token_budget=256, running_requests=0, max_num_seqs=32) == 1.5
+    assert replica_load(spare_token_budget=0, token_budget=256, running_requests=32, max_num_seqs=32,
+                        waiting_requests=32) == 2.0
+    assert replica_load(spare_token_budget=0, token_budget=256, running_requests=32, max_num_seqs=32,
+                        waiting_requests=10_000) == MAX_REPLICA_LOAD
 
 
 def test_replicas_for_load() -> None:
@@ -54,6 +59,9 @@ def test_ramp_up_fires_before_replicas_are_full() -> None:
     counts, reasons = _run([0.5, 0.9, 1.7, 2.6, 3.5, 3.5])
     assert counts == [1, 2, 3, 4, 5, 5]
     assert reasons[:5] == ["hold", "headroom_low", "headroom_low", "headroom_low", "headroom_low"]
+    # a saturated replica whose queue holds 1.6 replicas' worth more: sized in one step (2.6 / 0.7 -> 4)
+    d = decide_replicas([ReplicaWindow(load_mean=2.6, load_peak=2.8)], CONFIG)
+    assert (d.desired_replicas, d.reason) == (4, "headroom_low")
 
 
 def test_plateau_holds_inside_the_band() -> None:
