@@ -27,7 +27,7 @@ import logging
 import time
 from typing import Any, Iterable, Mapping
 
-from policies.autoscaling import ReplicaWindow, ScalingConfig, ScalingDecision, decide_replicas
+from policies.autoscaling import ReplicaWindow, ScalingConfig, ScalingDecision, decide_replicas, steady_slo_load
 
 logger = logging.getLogger("ray.serve")
 
@@ -52,6 +52,20 @@ def autoscaling_stats(state: Mapping[str, Any]) -> dict[str, float]:
         stats[FINISHED_PREFIX + slo_class] = float(finished)
         stats[ATTAINED_PREFIX + slo_class] = float(attained)
     return stats
+
+
+def engine_steady_load(engine: Any) -> float:
+    """``policies.autoscaling.steady_slo_load`` of the engine's running and waiting requests, a full-budget step
+    predicted by its latency model (else its measured step time). Call it on the engine's thread."""
+    sched = engine.scheduler
+    running = list(sched.running)
+    slo_s = [r.tpot_slo_ms / 1e3 if r.tpot_slo_ms else float("inf") for r in running]
+    context = sum(r.num_computed_tokens for r in running)
+    full_step_s = sched.predicted_step_s(sched.token_budget, context) + sched.step_overhead_ema_s
+    tokens_per_step = sched.totals.tokens_per_tree_step or 1.0
+    expected = max(tokens_per_step - 1.0, 0.0)
+    return steady_slo_load(slo_s, len(sched.waiting), full_step_s, expected / (1.0 + expected), sched.token_budget,
+                           engine.config.max_tree_nodes, engine.config.max_draft_depth)
 
 
 def replica_window(series: Mapping[str, Iterable[Any]]) -> ReplicaWindow | None:

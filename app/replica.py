@@ -35,7 +35,7 @@ import psutil
 from ray import serve
 from ray.serve.config import RequestRouterConfig
 
-from app.autoscaling import autoscaling_stats
+from app.autoscaling import autoscaling_stats, engine_steady_load
 from app.config import AppSettings
 from app.engine.errors import SLOUnattainableError
 from app.schemas import param_from_message
@@ -284,6 +284,8 @@ class EngineLoop:
         stats = dict(self.engine.stats())
         stats.setdefault("accepted_tokens_per_step", self._tokens_per_step_ewma)
         stats.setdefault("measured_tpot_s", self._tpot_ewma_s)
+        if getattr(self.engine, "scheduler", None) is not None:  # the real engine (test doubles have none)
+            stats["steady_load"] = engine_steady_load(self.engine)
         self.stats = stats
 
 
@@ -428,7 +430,8 @@ class LLMReplica:
             "spare_token_budget": int(spare),
             "token_budget": token_budget,
             "load": replica_load(spare, token_budget, running, self.engine.config.max_num_seqs,
-                                 waiting_requests=max(0, len(self._active) - running)),
+                                 waiting_requests=max(0, len(self._active) - running),
+                                 steady_load=float(s.get("steady_load", 0.0))),
             "slo_outcomes": self.loop.slo_outcomes,  # class -> (attained, finished) since start
             "running_requests": running,
             "queue_len": max(0, len(self._active) - running),

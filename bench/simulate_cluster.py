@@ -30,7 +30,7 @@ from bench.paths import RESULTS, run_dir
 from bench.simulate import (SimConfig, SimRequest, Simulator, _Replica, load_profile, synthetic_requests,
                             with_ttft)
 from bench.traces import AcceptanceModel, load_trace
-from policies.autoscaling import ReplicaWindow, ScalingConfig, decide_replicas, replica_load
+from policies.autoscaling import ReplicaWindow, ScalingConfig, decide_replicas, replica_load, steady_slo_load
 from policies.budget import required_nodes, spare_budget
 from policies.tree_selection import SLOState, required_acceptance
 
@@ -116,8 +116,8 @@ class ClusterSimulator(Simulator):
         return d.desired_replicas, d.reason
 
     def _load(self, rep: _Replica, now: float) -> float:
-        """The engine's replica_load: node budget its decoding requests' SLOs need (Scheduler.spare_token_budget),
-        or its sequence slots."""
+        """The replica's load as the engine reports it (app.autoscaling): its decoding requests' SLO need this step
+        (Scheduler.spare_token_budget), their steady-pace need on a full replica, or its sequence slots."""
         dec = np.asarray([i for i in rep.running if self.out[i] > 0], dtype=np.int64)
         need = np.zeros(0, dtype=np.int64)
         steps = int(self.spec_steps.sum())
@@ -130,8 +130,13 @@ class ClusterSimulator(Simulator):
             need = required_nodes(required_acceptance(slo, t_step, self.cfg.engine.max_draft_depth), e / (1.0 + e),
                                   self.n_max)
         spare = spare_budget(self.token_budget - len(rep.running), need)
+        running = np.asarray(rep.running, dtype=np.int64)
+        full_step_s = float(self.p.target.predict(self.token_budget, float((self.prompt[running] + self.out[running])
+                                                                           .sum()))) + self.p.overhead_s
+        steady = steady_slo_load(self.slo_s[running], len(rep.waiting), full_step_s, e / (1.0 + e), self.token_budget,
+                                 self.n_max, self.cfg.engine.max_draft_depth)
         return replica_load(spare, self.token_budget, len(rep.running), self.cfg.engine.max_num_seqs,
-                            waiting_requests=len(rep.waiting))
+                            waiting_requests=len(rep.waiting), steady_load=steady)
 
 
 def ramp_knots(capacity_rps: float, peak_x: float, idle_s: float, peak_s: float, tail_s: float,

@@ -2,7 +2,8 @@
 
 Queue-length autoscaling (Ray Serve's default, ``target_ongoing_requests``) reacts after requests already wait and
 knows nothing of SLOs. Each replica here knows how much of its step budget its running requests' SLOs need
-(``spare_token_budget``) and how full its sequence slots are, queue included; their larger share is the replica's
+(``spare_token_budget``), what its requests would need at their steady pace on a full replica
+(``steady_slo_load``), and how full its sequence slots are, queue included; their largest share is the replica's
 *load* (``replica_load``), 1.0 meaning "no room for one more request at its SLO", more meaning demand beyond it. The decision sizes the deployment so
 that every replica keeps ``target_headroom`` spare, and:
 
@@ -21,6 +22,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from typing import Mapping, Sequence
+
+import numpy as np
+
+from policies.budget import required_nodes
 
 # Reason codes: a bounded set (a Prometheus label); the message says the numbers.
 REASONS = ("no_reports", "headroom_low", "queueing", "slo_rejections", "attainment_low", "fits_fewer", "hold")
@@ -69,14 +74,33 @@ MAX_REPLICA_LOAD = 4.0  # a replica reports at most this much demand (its queue 
 
 
 def replica_load(spare_token_budget: float, token_budget: float, running_requests: int, max_num_seqs: int,
-                 waiting_requests: int = 0) -> float:
+                 waiting_requests: int = 0, steady_load: float = 0.0) -> float:
     """Demand on one replica in shares of its capacity: the larger of the step budget its running requests' SLOs
     need (over 1 when they need more than the budget: spare is negative) and its sequence slots, counting the
     requests waiting for one (a replica with budget left but no free slot cannot take another request). Not capped
-    at 1, so that a saturated replica still says how many replicas its demand needs (up to MAX_REPLICA_LOAD)."""
+    at 1, so that a saturated replica still says how many replicas its demand needs (up to MAX_REPLICA_LOAD).
+    ``steady_load`` (``steady_slo_load``) is the share the same requests need at steady pace on a full replica."""
     token_share = 1.0 - float(spare_token_budget) / token_budget if token_budget > 0 else MAX_REPLICA_LOAD
     slot_share = (running_requests + waiting_requests) / max_num_seqs if max_num_seqs > 0 else MAX_REPLICA_LOAD
-    return min(max(token_share, slot_share, 0.0), MAX_REPLICA_LOAD)
+    return min(max(token_share, slot_share, float(steady_load), 0.0), MAX_REPLICA_LOAD)
+
+
+def steady_slo_load(tpot_slo_s: np.ndarray, num_waiting: int, full_step_s: float, acceptance_rate: float,
+                    token_budget: int, max_nodes: int, max_depth: int) -> float:
+    """Share of the step budget the replica's requests need to hold their TPOT SLOs at their steady pace, with the
+    replica's steps at full budget (``full_step_s``): each running request must gain ``full_step_s / slo`` tokens a
+    step (``A`` with the request exactly on pace), costing its root plus the draft nodes that yield it
+    (``policies.budget.required_nodes``); each waiting request costs the running ones' mean.
+
+    Why not the spare budget: that need is the SLO *debt* of this step, near zero for requests ahead of their pace
+    on a lightly loaded replica, so it says nothing about how the same requests would fare on fewer replicas. This
+    one grows with the number of requests, which is what sizing a deployment needs."""
+    slo = np.asarray(tpot_slo_s, dtype=np.float64)
+    slo = np.where(slo > 0, slo, np.inf)
+    accept = np.clip(float(full_step_s) / slo, 1.0, float(max_depth) + 1.0)
+    cost = 1.0 + required_nodes(accept, acceptance_rate, max_nodes)
+    mean_cost = float(cost.mean()) if cost.size else 1.0
+    return (float(cost.sum()) + num_waiting * mean_cost) / token_budget if token_budget > 0 else MAX_REPLICA_LOAD
 
 
 def replicas_for_load(total_load: float, headroom: float) -> int:

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
-from policies.autoscaling import (MAX_REPLICA_LOAD, REASONS, ReplicaWindow, ScalingConfig, decide_replicas, replica_load,
+from policies.autoscaling import (MAX_REPLICA_LOAD, REASONS, steady_slo_load, ReplicaWindow, ScalingConfig, decide_replicas, replica_load,
                                   replicas_for_load)
 
 CONFIG = ScalingConfig(min_replicas=1, max_replicas=8, scale_up_headroom=0.2, target_headroom=0.3,
@@ -42,6 +43,19 @@ def test_replica_load_is_the_larger_of_budget_and_slots() -> None:
                         waiting_requests=32) == 2.0
     assert replica_load(spare_token_budget=0, token_budget=256, running_requests=32, max_num_seqs=32,
                         waiting_requests=10_000) == MAX_REPLICA_LOAD
+
+
+def test_steady_slo_load_grows_with_the_requests_not_their_lead() -> None:
+    # full step 60 ms, SLO 30 ms: 2 tokens a step; at acceptance 0.75 a 2-chain yields 1.31 >= 1 -> 1 + 2 nodes;
+    # no SLO: the root only; the waiting one costs the mean (7/3); budget 10
+    load = steady_slo_load(np.array([0.03, 0.03, np.inf]), num_waiting=1, full_step_s=0.06, acceptance_rate=0.75,
+                           token_budget=10, max_nodes=32, max_depth=8)
+    assert load == pytest.approx((7 + 7 / 3) / 10)
+    # twice the requests, twice the load (what sizing needs); an unreachable pace costs max_nodes
+    assert steady_slo_load(np.array([0.03] * 4), 0, 0.06, 0.75, 10, 32, 8) == pytest.approx(12 / 10)
+    assert steady_slo_load(np.array([0.03]), 0, 0.06, 0.5, 10, 32, 8) == pytest.approx(33 / 10)
+    assert steady_slo_load(np.array([]), 0, 0.06, 0.75, 10, 32, 8) == 0.0
+    assert replica_load(200, 256, 2, 32, steady_load=0.9) == 0.9
 
 
 def test_replicas_for_load() -> None:
