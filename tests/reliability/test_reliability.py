@@ -236,15 +236,12 @@ def test_after_the_fuzz_a_normal_request_is_token_identical(base_url: str, refer
 def test_mass_disconnect_frees_every_request_and_kv_block(base_url: str, reference: str) -> None:
     body = {"model": MODEL, "prompt": PROMPT, "max_tokens": 200, "ignore_eos": True, "stream": True}
     clients = [httpx.Client(timeout=TIMEOUT) for _ in range(12)]
-    streams = []
     try:
-        for client in clients:
-            cm = client.stream("POST", f"{base_url}/v1/completions", json=body, headers=AUTH)
-            response = cm.__enter__()
-            streams.append(cm)
-            assert response.status_code == 200
-        for cm in streams[:4]:  # some are mid-stream, the rest still queued
-            next(cm.__enter__().iter_lines())
+        responses = [client.send(client.build_request("POST", f"{base_url}/v1/completions", json=body,
+                                                      headers=AUTH), stream=True) for client in clients]
+        assert all(r.status_code == 200 for r in responses)
+        for response in responses[:4]:  # some are mid-stream, the rest still queued
+            next(response.iter_lines())
     finally:
         for client in clients:
             client.close()  # all at once, without reading on
