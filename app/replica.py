@@ -204,6 +204,9 @@ class EngineLoop:
                 prompt = prompt_token_ids(self.engine.tokenizer, payload)
             elif prompt is None:
                 prompt, chat = payload.get("prompt"), bool(payload.get("chat"))
+            room = self.engine.max_model_len - len(prompt) if isinstance(prompt, list) else None
+            if "max_tokens" not in payload.get("sampling", {}) and room is not None and 0 < room < sampling.max_tokens:
+                sampling = dataclasses.replace(sampling, max_tokens=room)  # no max_tokens: what the window leaves
             self.engine.add_request(prompt, sampling, request_id, chat=chat,
                                     tpot_slo_ms=payload.get("tpot_slo_ms"), ttft_slo_ms=payload.get("ttft_slo_ms"),
                                     ttft_slo_x_prefill=payload.get("ttft_slo_x_prefill"),

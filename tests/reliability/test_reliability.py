@@ -145,6 +145,16 @@ def test_what_the_server_cannot_honour_is_a_400_naming_the_field(base_url: str, 
     assert response.json()["error"]["param"] == param
 
 
+def test_without_max_tokens_a_long_prompt_gets_what_the_context_window_leaves(base_url: str) -> None:
+    body = {"model": MODEL, "prompt": "hello " * 1000, "ignore_eos": True}  # ~1000 of the 1024-token window
+    response = httpx.post(f"{base_url}/v1/completions", json=body, headers=AUTH, timeout=TIMEOUT)
+    assert response.status_code == 200, response.text
+    usage = response.json()["usage"]
+    assert usage["total_tokens"] == 1024 and response.json()["choices"][0]["finish_reason"] == "length"
+    over = httpx.post(f"{base_url}/v1/completions", json={**body, "max_tokens": 100}, headers=AUTH, timeout=TIMEOUT)
+    assert over.status_code == 400 and "maximum context length is 1024 tokens" in over.json()["error"]["message"]
+
+
 def test_a_tiny_temperature_is_greedy_and_breaks_nothing(base_url: str, reference: str) -> None:
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
         others = [pool.submit(_stream, base_url) for _ in range(3)]
