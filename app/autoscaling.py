@@ -25,6 +25,7 @@ import asyncio
 import dataclasses
 import logging
 import time
+from collections import deque
 from typing import Any, Iterable, Mapping
 
 from policies.autoscaling import ReplicaWindow, ScalingConfig, ScalingDecision, decide_replicas, steady_slo_load
@@ -54,9 +55,29 @@ def autoscaling_stats(state: Mapping[str, Any]) -> dict[str, float]:
     return stats
 
 
-def engine_steady_load(engine: Any) -> float:
-    """``policies.autoscaling.steady_slo_load`` of the engine's running and waiting requests, a full-budget step
-    predicted by its latency model (else its measured step time). Call it on the engine's thread."""
+class PrefillRate:
+    """Prompt tokens an engine prefilled per second over the last ``window_s``: a step observer
+    (``LLMEngine.step_observers``) called on the engine's thread."""
+
+    def __init__(self, window_s: float = 5.0):
+        self.window_s = window_s
+        self._steps: deque[tuple[float, int]] = deque()
+
+    def observe(self, plan: Any, result: Any) -> None:
+        if plan.num_prefill_tokens:
+            self._steps.append((time.monotonic(), int(plan.num_prefill_tokens)))
+
+    def tokens_per_s(self, now: float | None = None) -> float:
+        now = time.monotonic() if now is None else now
+        while self._steps and self._steps[0][0] < now - self.window_s:
+            self._steps.popleft()
+        return sum(n for _, n in self._steps) / self.window_s
+
+
+def engine_steady_load(engine: Any, prefill_tokens_per_s: float = 0.0) -> float:
+    """``policies.autoscaling.steady_slo_load`` of the engine's running and waiting requests and its recent prompt
+    tokens, a full-budget step predicted by its latency model (else its measured step time). Call it on the
+    engine's thread."""
     sched = engine.scheduler
     running = list(sched.running)
     slo_s = [r.tpot_slo_ms / 1e3 if r.tpot_slo_ms else float("inf") for r in running]
@@ -65,7 +86,7 @@ def engine_steady_load(engine: Any) -> float:
     tokens_per_step = sched.totals.tokens_per_tree_step or 1.0
     expected = max(tokens_per_step - 1.0, 0.0)
     return steady_slo_load(slo_s, len(sched.waiting), full_step_s, expected / (1.0 + expected), sched.token_budget,
-                           engine.config.max_tree_nodes, engine.config.max_draft_depth)
+                           engine.config.max_tree_nodes, engine.config.max_draft_depth, prefill_tokens_per_s)
 
 
 def replica_window(series: Mapping[str, Iterable[Any]]) -> ReplicaWindow | None:

@@ -35,7 +35,7 @@ import psutil
 from ray import serve
 from ray.serve.config import RequestRouterConfig
 
-from app.autoscaling import autoscaling_stats, engine_steady_load
+from app.autoscaling import PrefillRate, autoscaling_stats, engine_steady_load
 from app.config import AppSettings
 from app.engine.errors import SLOUnattainableError
 from app.schemas import param_from_message
@@ -101,6 +101,9 @@ class EngineLoop:
         # start; replaced whole, read from other threads. _classes: each held request's class.
         self.slo_outcomes: dict[str, tuple[int, int]] = {}
         self._classes: dict[str, str] = {}
+        self.prefill_rate = PrefillRate()
+        if isinstance(getattr(engine, "step_observers", None), list):  # the real engine (test doubles have none)
+            engine.step_observers.append(self.prefill_rate.observe)
         self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
 
     def start(self) -> None:
@@ -288,7 +291,7 @@ class EngineLoop:
         stats.setdefault("accepted_tokens_per_step", self._tokens_per_step_ewma)
         stats.setdefault("measured_tpot_s", self._tpot_ewma_s)
         if getattr(self.engine, "scheduler", None) is not None:  # the real engine (test doubles have none)
-            stats["steady_load"] = engine_steady_load(self.engine)
+            stats["steady_load"] = engine_steady_load(self.engine, self.prefill_rate.tokens_per_s())
         self.stats = stats
 
 

@@ -65,6 +65,7 @@ class ClusterSimulator(Simulator):
         self._ready_at: dict[int, float] = {}   # starting replica -> when it routes
         self._draining: set[int] = set()
         self._samples: dict[int, deque] = {}    # replica -> (t, load, waiting, ongoing)
+        self._prefilled: dict[int, deque] = {}  # replica -> (t, prompt tokens) of its recent steps
         self.timeline: list[dict] = []
 
     def next_tick_s(self) -> float:
@@ -115,6 +116,19 @@ class ClusterSimulator(Simulator):
         d = decide_replicas(windows, config, current_replicas=n, peak_total_load=peak)
         return d.desired_replicas, d.reason
 
+    def _commit(self, rep: _Replica, now: float, plan) -> None:
+        super()._commit(rep, now, plan)
+        prefilled = sum(k for _, k in plan[3])
+        if prefilled:
+            self._prefilled.setdefault(rep.rid, deque()).append((now, prefilled))
+
+    def _prefill_rate(self, rep: _Replica, now: float, window_s: float = 5.0) -> float:
+        """As app.autoscaling.PrefillRate: prompt tokens prefilled per second over the last window_s."""
+        q = self._prefilled.get(rep.rid, deque())
+        while q and q[0][0] < now - window_s:
+            q.popleft()
+        return sum(k for _, k in q) / window_s
+
     def _load(self, rep: _Replica, now: float) -> float:
         """The replica's load as the engine reports it (app.autoscaling): its decoding requests' SLO need this step
         (Scheduler.spare_token_budget), their steady-pace need on a full replica, or its sequence slots."""
@@ -134,7 +148,7 @@ class ClusterSimulator(Simulator):
         full_step_s = float(self.p.target.predict(self.token_budget, float((self.prompt[running] + self.out[running])
                                                                            .sum()))) + self.p.overhead_s
         steady = steady_slo_load(self.slo_s[running], len(rep.waiting), full_step_s, e / (1.0 + e), self.token_budget,
-                                 self.n_max, self.cfg.engine.max_draft_depth)
+                                 self.n_max, self.cfg.engine.max_draft_depth, self._prefill_rate(rep, now))
         return replica_load(spare, self.token_budget, len(rep.running), self.cfg.engine.max_num_seqs,
                             waiting_requests=len(rep.waiting), steady_load=steady)
 

@@ -86,11 +86,12 @@ def replica_load(spare_token_budget: float, token_budget: float, running_request
 
 
 def steady_slo_load(tpot_slo_s: np.ndarray, num_waiting: int, full_step_s: float, acceptance_rate: float,
-                    token_budget: int, max_nodes: int, max_depth: int) -> float:
+                    token_budget: int, max_nodes: int, max_depth: int, prefill_tokens_per_s: float = 0.0) -> float:
     """Share of the step budget the replica's requests need to hold their TPOT SLOs at their steady pace, with the
     replica's steps at full budget (``full_step_s``): each running request must gain ``full_step_s / slo`` tokens a
     step (``A`` with the request exactly on pace), costing its root plus the draft nodes that yield it
-    (``policies.budget.required_nodes``); each waiting request costs the running ones' mean.
+    (``policies.budget.required_nodes``); each waiting request costs the running ones' mean; and the prompts
+    arriving take ``prefill_tokens_per_s`` x ``full_step_s`` tokens of every step.
 
     Why not the spare budget: that need is the SLO *debt* of this step, near zero for requests ahead of their pace
     on a lightly loaded replica, so it says nothing about how the same requests would fare on fewer replicas. This
@@ -100,7 +101,9 @@ def steady_slo_load(tpot_slo_s: np.ndarray, num_waiting: int, full_step_s: float
     accept = np.clip(float(full_step_s) / slo, 1.0, float(max_depth) + 1.0)
     cost = 1.0 + required_nodes(accept, acceptance_rate, max_nodes)
     mean_cost = float(cost.mean()) if cost.size else 1.0
-    return (float(cost.sum()) + num_waiting * mean_cost) / token_budget if token_budget > 0 else MAX_REPLICA_LOAD
+    prefill = float(prefill_tokens_per_s) * float(full_step_s)
+    return ((float(cost.sum()) + num_waiting * mean_cost + prefill) / token_budget if token_budget > 0
+            else MAX_REPLICA_LOAD)
 
 
 def replicas_for_load(total_load: float, headroom: float) -> int:

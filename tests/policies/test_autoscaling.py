@@ -55,6 +55,8 @@ def test_steady_slo_load_grows_with_the_requests_not_their_lead() -> None:
     assert steady_slo_load(np.array([0.03] * 4), 0, 0.06, 0.75, 10, 32, 8) == pytest.approx(12 / 10)
     assert steady_slo_load(np.array([0.03]), 0, 0.06, 0.5, 10, 32, 8) == pytest.approx(33 / 10)
     assert steady_slo_load(np.array([]), 0, 0.06, 0.75, 10, 32, 8) == 0.0
+    # prompts arriving at 50 tokens/s take 3 tokens of each 60 ms step
+    assert steady_slo_load(np.array([]), 0, 0.06, 0.75, 10, 32, 8, prefill_tokens_per_s=50.0) == pytest.approx(0.3)
     assert replica_load(200, 256, 2, 32, steady_load=0.9) == 0.9
 
 
