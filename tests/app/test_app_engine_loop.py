@@ -17,6 +17,7 @@ class FakeEngine:
         self.requests: dict[str, SimpleNamespace] = {}
         self.aborted: list[str] = []
         self.tokenizer = None
+        self.max_model_len = 1024
 
     def add_request(self, prompt, sampling, request_id, **_):
         if not prompt:

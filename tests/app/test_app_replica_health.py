@@ -16,6 +16,7 @@ class ControlledEngine:
     def __init__(self) -> None:
         self.requests: dict[str, SimpleNamespace] = {}
         self.tokenizer = None
+        self.max_model_len = 1024
         self.hold = threading.Event()
         self.hold.set()
         self.fail = False
