@@ -1,21 +1,32 @@
-"""Decode throughput: this engine vs transformers `generate`, same prompts, same machine, one run.
+"""Decode throughput: this engine (oneDNN-packed weights, the CPU default) against itself unpacked and against
+transformers `generate`, same prompts, same machine, one run; and a profile of one decode and one verify step.
 
-    python -m bench.engine [--batch-sizes 1,8,32] [--new-tokens 32] [--model embedded]
+    python -m bench.engine [--batch-sizes 1,8,32] [--new-tokens 32] [--repeats 3] [--threads N] [--model embedded]
+    python -m bench.engine --profile [--context 200] [--tree-nodes 16]
 
-Decode tokens/s counts tokens after the first one of each request over the time after prefill, for both.
+Decode tokens/s counts tokens after the first one of each request over the time after prefill, for all of them.
+The contenders take turns within each repeat (a shared 2-core VM drifts by 20-30% within minutes) and the median
+over repeats is reported, with each engine's ratio to transformers and the packed engine's to the unpacked one.
 Also prints KV bytes per token and the engine's peak KV use per request.
+
+--profile: torch profiler over a decode step (one request, one token after --context) and a verify step (one
+--tree-nodes chain tree): ms per step by operator, and by part of the model (each projection, the LM head, the
+attention ops, the rest) from the operators' self times and weight shapes.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import time
+from collections import defaultdict
 
 import torch
 
 from app.engine.config import EngineConfig, SamplingParams
 from app.engine.engine import LLMEngine
+from app.engine.runner import ModelRunner, SeqInput
 
 PROMPTS = [
     "Explain how a transformer language model generates text, step by step.",
@@ -65,33 +76,123 @@ def hf_decode_tps(model, tokenizer, prompts: list[list[int]], new_tokens: int) -
     return len(prompts) * (new_tokens - 1) / max(total_s - prefill_s, 1e-9)
 
 
+def step_fns(runner: ModelRunner, context: int, tree_nodes: int) -> dict:
+    """A decode step and a chain-tree verify step of one request after `context` cached tokens."""
+    blocks: list[int] = []
+    if not runner.kv.ensure_capacity(blocks, context + tree_nodes):
+        raise RuntimeError("the KV cache cannot hold the profiled request")
+    chain = [-1] + list(range(tree_nodes - 1))
+    return {"decode": lambda: runner.run([SeqInput(blocks, context, [5])]),
+            f"verify{tree_nodes}": lambda: runner.run([SeqInput(blocks, context, [5] * tree_nodes, chain, "all")])}
+
+
+def model_part(name: str, shapes: list, config) -> str:
+    """Which part of the model an operator belongs to: matmuls by their weight's shape, attention ops by name."""
+    if name in ("mkldnn::_linear_pointwise", "aten::mm", "aten::addmm") and len(shapes) > 1 and shapes[1]:
+        c = config
+        out, inner = (shapes[1][0], shapes[1][-1]) if name != "aten::mm" else (shapes[1][-1], shapes[1][0])
+        parts = {(c.vocab_size, c.hidden_size): "LM head",
+                 ((c.num_heads + 2 * c.num_kv_heads) * c.head_dim, c.hidden_size): "q/k/v projection",
+                 (c.hidden_size, c.num_heads * c.head_dim): "o projection",
+                 (2 * c.intermediate_size, c.hidden_size): "gate/up projection",
+                 (c.hidden_size, c.intermediate_size): "down projection"}
+        return parts.get((out, inner), "other matmul")
+    if any(k in name for k in ("scaled_dot_product", "index", "nonzero", "_softmax", "bmm")):
+        return "attention (KV write, gather, SDPA)"
+    return "other ops (norms, rope, residuals, silu, views)"
+
+
+def profile_steps(engine: LLMEngine, context: int, tree_nodes: int, repeats: int = 10) -> None:
+    from torch.profiler import ProfilerActivity, profile
+
+    runner = engine.runner
+    for name, fn in step_fns(runner, context, tree_nodes).items():
+        for _ in range(3):
+            fn()
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+            for _ in range(repeats):
+                fn()
+        wall_ms = statistics.median(times) * 1e3
+        by_part: dict[str, float] = defaultdict(float)
+        for ev in prof.key_averages(group_by_input_shape=True):
+            by_part[model_part(ev.key, ev.input_shapes, engine.model_config)] += ev.self_cpu_time_total / 1e3 / repeats
+        ops_ms = sum(by_part.values())
+        print(f"\n{name}: {wall_ms:.1f} ms per step (median of {repeats}), context {context}")
+        print(f"{'part':<48} {'ms/step':>8}")
+        for part, ms in sorted(by_part.items(), key=lambda kv: -kv[1]):
+            print(f"{part:<48} {ms:>8.2f}")
+        print(f"{'(profiled op total; wall minus it is host time)':<48} {ops_ms:>8.2f}")
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batch-sizes", default="1,8,32")
     ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--repeats", type=int, default=3, help="turns of every contender per batch size (median kept)")
     ap.add_argument("--model", default="embedded")
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's, one per core)")
+    ap.add_argument("--no-unpacked", action="store_true", help="skip the engine without oneDNN weight packing")
+    ap.add_argument("--skip-hf", action="store_true", help="skip transformers generate")
+    ap.add_argument("--profile", action="store_true", help="profile a decode and a verify step instead")
+    ap.add_argument("--context", type=int, default=200, help="--profile: cached tokens before the step")
+    ap.add_argument("--tree-nodes", type=int, default=16, help="--profile: nodes of the verify step's tree")
     args = ap.parse_args()
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    from transformers import AutoModelForCausalLM
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
-    engine = LLMEngine(EngineConfig(model=args.model, device=args.device, max_num_seqs=64,
-                                    max_num_batched_tokens=2048, prefill_chunk_tokens=2048))
-    tok = engine.tokenizer
-    from app.engine.weights import resolve_model_dir
+    def make(prepack: bool) -> LLMEngine:
+        return LLMEngine(EngineConfig(model=args.model, device=args.device, dtype=args.dtype, max_num_seqs=64,
+                                      max_num_batched_tokens=2048, prefill_chunk_tokens=2048,
+                                      kv_cache_memory_gb=0.5, cpu_weight_prepack=prepack))
 
-    hf = AutoModelForCausalLM.from_pretrained(str(resolve_model_dir(args.model)), dtype=engine.dtype).to(
-        engine.device).eval()
+    engine = make(True)
     print(f"device={engine.device} dtype={engine.dtype} threads={torch.get_num_threads()} "
-          f"KV bytes/token={engine.model.kv_bytes_per_token()}")
-    print(f"{'batch':>5} {'engine tok/s':>13} {'transformers tok/s':>19} {'ratio':>6} {'KV bytes/request (peak)':>24}")
+          f"packed={engine.model.packed} KV bytes/token={engine.model.kv_bytes_per_token()}")
+    if args.profile:
+        profile_steps(engine, args.context, args.tree_nodes)
+        return
+    engines = {"engine": engine}
+    if engine.model.packed and not args.no_unpacked:
+        engines["engine unpacked"] = make(False)
+    tok = engine.tokenizer
+    hf = None
+    if not args.skip_hf:
+        from transformers import AutoModelForCausalLM
+
+        from app.engine.weights import resolve_model_dir
+
+        hf = AutoModelForCausalLM.from_pretrained(str(resolve_model_dir(args.model)), dtype=engine.dtype).to(
+            engine.device).eval()
+    names = list(engines) + (["transformers"] if hf is not None else [])
+    print(f"{'batch':>5} " + " ".join(f"{n + ' tok/s':>22}" for n in names) + f" {'x unpacked':>10} "
+          f"{'x transformers':>14} {'KV bytes/request (peak)':>24}")
     for b in [int(x) for x in args.batch_sizes.split(",")]:
         prompts = [engine.encode_prompt(PROMPTS[i % len(PROMPTS)], chat=True) for i in range(b)]
-        engine_decode_tps(engine, prompts[:1], 4)  # warm-up
-        ours, tokens_per_req = engine_decode_tps(engine, prompts, args.new_tokens)
-        theirs = hf_decode_tps(hf, tok, prompts, args.new_tokens)
+        for e in engines.values():
+            engine_decode_tps(e, prompts[:1], 4)  # warm-up
+        tps: dict[str, list[float]] = defaultdict(list)
+        tokens_per_req = 0.0
+        for _ in range(args.repeats):
+            for name, e in engines.items():
+                t, tokens_per_req = engine_decode_tps(e, prompts, args.new_tokens)
+                tps[name].append(t)
+            if hf is not None:
+                tps["transformers"].append(hf_decode_tps(hf, tok, prompts, args.new_tokens))
+        med = {n: statistics.median(v) for n, v in tps.items()}
         kv_bytes = tokens_per_req * engine.model.kv_bytes_per_token()
-        print(f"{b:>5} {ours:>13.1f} {theirs:>19.1f} {ours / theirs:>6.2f} {kv_bytes / 2**20:>20.2f} MiB")
+        x_unpacked = f"{med['engine'] / med['engine unpacked']:.2f}" if "engine unpacked" in med else "-"
+        x_hf = f"{med['engine'] / med['transformers']:.2f}" if "transformers" in med else "-"
+        print(f"{b:>5} " + " ".join(f"{med[n]:>22.1f}" for n in names) + f" {x_unpacked:>10} {x_hf:>14} "
+              f"{kv_bytes / 2**20:>20.2f} MiB", flush=True)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 
@@ -60,22 +62,35 @@ def tree_attention_reference(
     if groups is None:
         groups = meta.scratch[key] = _plan_groups(meta, k_cache.shape[1], q.shape[0])
     enable_gqa = k_cache.shape[2] != q.shape[1]
-    for tok, q_valid, tables, mask in groups:
-        max_kv = mask.shape[-1]
+    for g in groups:
         # Whole blocks are gathered (contiguous rows, far cheaper than token-granular indexing), then trimmed.
-        kp = k_cache[tables].flatten(1, 2)[:, :max_kv]  # [n, max_kv, KVH, D]
-        vp = v_cache[tables].flatten(1, 2)[:, :max_kv]
+        kp = k_cache[g.tables].flatten(1, 2)[:, :g.max_kv]  # [n, max_kv, KVH, D]
+        vp = v_cache[g.tables].flatten(1, 2)[:, :g.max_kv]
+        q_in = q.view(g.tok.shape[0], -1, *q.shape[1:]) if g.whole else q[g.tok]  # [n, max_q, H, D]
         o = F.scaled_dot_product_attention(
-            q[tok].transpose(1, 2),  # [n, H, max_q, D]
+            q_in.transpose(1, 2),  # [n, H, max_q, D]
             kp.transpose(1, 2).to(q.dtype),  # [n, KVH, max_kv, D]
             vp.transpose(1, 2).to(q.dtype),
-            attn_mask=mask, scale=scale, enable_gqa=enable_gqa,
+            attn_mask=g.mask, scale=scale, enable_gqa=enable_gqa,
         ).transpose(1, 2)  # [n, max_q, H, D]
-        out[tok[q_valid]] = o[q_valid]
+        if g.whole:
+            return o.reshape(q.shape)
+        out[g.dst] = o.flatten(0, 1)[g.src]
     return out
 
 
-def _plan_groups(meta: AttnMetadata, block_size: int, num_tokens: int) -> list[tuple]:
+class _Group(NamedTuple):
+    """One SDPA call's plan: requests padded to [n, max_q] queries and [n, max_kv] keys."""
+    tok: torch.Tensor  # [n, max_q] flat token of each padded query (clamped where padding)
+    tables: torch.Tensor  # [n, num_blocks] blocks to gather
+    mask: torch.Tensor | None  # [n, 1, max_q, max_kv] bool; None when every query sees every key
+    max_kv: int
+    whole: bool  # the group is the whole batch in order, unpadded: q is a view, o is the output
+    src: torch.Tensor  # [num_valid] rows of the flattened [n * max_q] output that are real queries
+    dst: torch.Tensor  # [num_valid] their flat tokens
+
+
+def _plan_groups(meta: AttnMetadata, block_size: int, num_tokens: int) -> list[_Group]:
     """Requests with short queries share one padded SDPA call; long ones (prefill chunks) get their own."""
     qsl = meta.query_start_loc_host or meta.query_start_loc.tolist()
     q_lens = [qsl[r + 1] - qsl[r] for r in range(meta.num_reqs)]
@@ -86,7 +101,7 @@ def _plan_groups(meta: AttnMetadata, block_size: int, num_tokens: int) -> list[t
     return [_plan_group(meta, block_size, num_tokens, g, qsl, q_lens, ctx) for g in groups]
 
 
-def _plan_group(meta, block_size, num_tokens, reqs, qsl, q_lens, ctx) -> tuple:
+def _plan_group(meta, block_size, num_tokens, reqs, qsl, q_lens, ctx) -> _Group:
     device = meta.slot_mapping.device
     max_q = max(q_lens[r] for r in reqs)
     kv_lens = [ctx[r] + q_lens[r] for r in reqs]
@@ -117,4 +132,7 @@ def _plan_group(meta, block_size, num_tokens, reqs, qsl, q_lens, ctx) -> tuple:
     mask = kv_valid[:, None, :] & ((step_k < 0)[:, None, :] | step_vis)
     mask = mask & q_valid[:, :, None]
     mask[:, :, 0] |= ~q_valid  # padded query rows see one key so softmax stays finite
-    return tok, q_valid, tables, mask[:, None]
+    whole = len(reqs) * max_q == num_tokens and bool(q_valid.all())  # then tok is 0..num_tokens-1 in order
+    src = q_valid.flatten().nonzero().flatten()
+    return _Group(tok=tok, tables=tables, mask=None if bool(mask.all()) else mask[:, None], max_kv=max_kv,
+                  whole=whole, src=src, dst=tok.flatten()[src])

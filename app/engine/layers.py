@@ -65,21 +65,26 @@ def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
 
 def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor,
                  dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """positions [T] -> cos, sin [T, 1, head_dim] (the 1 broadcasts over heads)."""
+    """positions [T] -> cos, sin [T, 1, head_dim] (the 1 broadcasts over heads). sin's first half is negated, the
+    sign rotate_half puts on x's second half, so that `apply_rope` rotates with one roll instead of neg + cat."""
     freqs = positions.to(torch.float32)[:, None] * inv_freq[None, :]
     emb = torch.cat((freqs, freqs), dim=-1)[:, None, :]
-    return emb.cos().to(dtype), emb.sin().to(dtype)
+    sin = emb.sin()
+    sin[..., : freqs.shape[-1]].neg_()
+    return emb.cos().to(dtype), sin.to(dtype)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [..., T, heads, D]; cos/sin [T, 1, D], cast to x's dtype. HF's rotate_half convention (halves, not
-    interleaved pairs)."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
+    """x [..., T, heads, D]; cos/sin [T, 1, D] from `rope_cos_sin`, cast to x's dtype. HF's rotate_half convention
+    (halves, not interleaved pairs): x * cos + cat(-x2, x1) * sin, bit for bit (negating is exact)."""
+    return x * cos.to(x.dtype) + x.roll(x.shape[-1] // 2, dims=-1) * sin.to(x.dtype)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """HF's LlamaRMSNorm: normalised in float32, cast back, then scaled. In float32 that is torch's fused kernel (one
+    op instead of seven, the same sums); other dtypes keep HF's cast before the scale."""
+    if x.dtype == torch.float32 and weight.dtype == torch.float32:
+        return F.rms_norm(x, (x.shape[-1],), weight, eps)
     xf = x.float()
     xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     return weight * xf.to(x.dtype)

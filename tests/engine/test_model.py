@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from app.engine.kv_cache import KVCache
-from app.engine.model import LlamaModel
+from app.engine.model import LlamaModel, packing_available
 from app.engine.runner import ModelRunner, SeqInput
 from app.engine.weights import ModelConfig, ModelLoadError, load_checkpoint
 
@@ -85,6 +85,54 @@ def test_tree_tokens_see_only_their_ancestors(embedded_checkpoint, hf_embedded):
         with torch.no_grad():
             ref = hf_embedded(torch.tensor([ctx + path[::-1]])).logits[0, -1]
         assert _max_rel_err(out.logits[i], ref) < 1e-4
+
+
+def test_decode_batches_match_transformers(embedded_checkpoint, hf_embedded):
+    """One-token steps: several requests of different lengths (a masked SDPA over the whole batch, no gather of
+    queries) and a lone request (no mask at all) give transformers' next-token logits."""
+    prompts = [[504, 2988, 288, 451, 8170, 77], list(range(100, 140)), [9, 8, 7]]
+    runner = _runner(embedded_checkpoint, block_size=8)
+    blocks = [[] for _ in prompts]
+    for b, ids in zip(blocks, prompts):
+        assert runner.kv.ensure_capacity(b, len(ids) + 2)
+        runner.run([SeqInput(b, 0, ids[:-1], logits="none")])
+    both = runner.run([SeqInput(b, len(ids) - 1, ids[-1:]) for b, ids in zip(blocks, prompts)])
+    lone = runner.run([SeqInput(blocks[1], len(prompts[1]), [42])])
+    with torch.no_grad():
+        for i, ids in enumerate(prompts):
+            assert _max_rel_err(both.logits[i], hf_embedded(torch.tensor([ids])).logits[0, -1]) < 1e-4
+        assert _max_rel_err(lone.logits[0], hf_embedded(torch.tensor([prompts[1] + [42]])).logits[0, -1]) < 1e-4
+
+
+@pytest.mark.skipif(not packing_available(torch.device("cpu"), torch.float32), reason="torch built without oneDNN")
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
+def test_packed_weights_match_plain_ones(embedded_checkpoint, dtype, tol):
+    """oneDNN-packed matmuls are the same maths as F.linear, summed in another order: float32 logits agree to
+    rounding and pick the same greedy tokens; bf16 to bf16's precision."""
+    prompts = [[504, 2988, 288, 451, 8170], list(range(100, 180))]
+    out = {}
+    for packed in (True, False):
+        model = LlamaModel(embedded_checkpoint.config, embedded_checkpoint.state_dict, dtype, torch.device("cpu"),
+                           pack_weights=packed)
+        assert model.packed == packed and model.layers[0]["wqkv"].is_mkldnn == packed
+        runner = ModelRunner(model, KVCache(*model.new_kv_cache(32, 16)))
+        out[packed] = _prefill_logits(runner, prompts)
+    for a, b in zip(out[True], out[False]):
+        assert _max_rel_err(a, b) < tol
+        if dtype == torch.float32:
+            assert torch.equal(a.argmax(-1), b.argmax(-1))
+
+
+def test_packed_head_follows_a_replaced_lm_head(embedded_checkpoint):
+    """Drafts replace lm_head after construction (a vocabulary subset): the packed copy is rebuilt from it."""
+    model = LlamaModel(embedded_checkpoint.config, embedded_checkpoint.state_dict, torch.float32, torch.device("cpu"))
+    hidden = torch.randn(3, model.config.hidden_size)
+    full = model.logits(hidden)
+    model.lm_head = model.lm_head[:1000]
+    sub = model.logits(hidden)
+    assert sub.shape == (3, 1000)
+    assert _max_rel_err(sub, full[:, :1000]) < 1e-5
+    assert _max_rel_err(sub, torch.nn.functional.linear(hidden, model.lm_head)) < 1e-5
 
 
 def _tiny_llama_dir(tmp_path, **overrides):
