@@ -135,6 +135,9 @@ class EngineLoop:
                 self.step_started_at = time.monotonic()
                 try:
                     self._step()
+                except Exception:  # outside any one request (e.g. failing the requests of a failed step)
+                    self.num_step_errors += 1
+                    logger.exception("engine step handling failed; the loop goes on")
                 finally:
                     self.step_started_at = None
                 self.num_consecutive_step_errors = (
@@ -250,38 +253,54 @@ class EngineLoop:
         emitted = 0
         for out in outputs:
             emitted += len(out.new_token_ids)
-            sink = self._sinks.get(out.request_id)
-            if out.finished:
+            sink = self._sinks.get(out.request_id)  # _deliver drops it at the finish, possibly before it fails
+            try:
+                self._deliver(out)
+            except Exception:  # handling one request's output must not take the others (or the loop) down
+                logger.exception("delivering the output of %s failed; failing that request", out.request_id)
+                self.num_loop_errors += 1
+                self.engine.abort(out.request_id)
+                self._classes.pop(out.request_id, None)
+                self._chats.pop(out.request_id, None)
                 self._sinks.pop(out.request_id, None)
-                messages = self._chats.pop(out.request_id, None)
-                if messages is not None and out.text:  # the next turn resends this conversation with the reply
-                    self.prefix_summary.add(prefix_chunk_hashes(routing_text(
-                        {"messages": [*messages, {"role": "assistant", "content": out.text}]})))
-                if out.metrics is not None and out.metrics.tpot_s is not None:
-                    self._tpot_ewma_s = _ewma(self._tpot_ewma_s, out.metrics.tpot_s, 0.2)
-                slo_class = self._classes.pop(out.request_id, "none")
-                if out.metrics is not None and out.metrics.slo_attained is not None:
-                    attained, finished = self.slo_outcomes.get(slo_class, (0, 0))
-                    self.slo_outcomes = {**self.slo_outcomes,
-                                         slo_class: (attained + int(out.metrics.slo_attained), finished + 1)}
-            if sink is None:
-                continue
-            if out.finish_reason == "error":  # a fault of this request alone (its numerics, detokenization, ...)
-                sink(_error(500, f"the engine failed on this request: {out.error}", code="request_failed"))
-                continue
-            if out.finish_reason == "slo_unattainable":  # refused in the queue: its TTFT SLO can no longer be met
-                self.num_slo_rejections += 1
-                sink(_error(429, "this replica can no longer meet the request's TTFT SLO", "ttft_slo_ms",
-                            "slo_unattainable", self.engine.scheduler.queue_drain_s(time.perf_counter())))
-                continue
-            sink({"type": "delta", "text": out.new_text, "token_ids": list(out.new_token_ids),
-                  "finished": out.finished, "finish_reason": out.finish_reason,
-                  "metrics": dataclasses.asdict(out.metrics) if out.metrics is not None else None,
-                  # token ids and numbers here; LLMReplica.generate adds their texts off this thread
-                  "logprobs": None if out.logprobs is None else
-                  [(lp.token_id, lp.logprob, lp.top) for lp in out.logprobs]})
+                if sink is not None:
+                    sink(_error(500, "the server failed while delivering this request's output",
+                                code="request_failed"))
         if outputs:
             self._tokens_per_step_ewma = _ewma(self._tokens_per_step_ewma, emitted / len(outputs), 0.1)
+
+    def _deliver(self, out: Any) -> None:
+        """One request's step output to its sink; at its finish, update the routing summary and SLO counts."""
+        sink = self._sinks.get(out.request_id)
+        if out.finished:
+            self._sinks.pop(out.request_id, None)
+            messages = self._chats.pop(out.request_id, None)
+            if messages is not None and out.text:  # the next turn resends this conversation with the reply
+                self.prefix_summary.add(prefix_chunk_hashes(routing_text(
+                    {"messages": [*messages, {"role": "assistant", "content": out.text}]})))
+            if out.metrics is not None and out.metrics.tpot_s is not None:
+                self._tpot_ewma_s = _ewma(self._tpot_ewma_s, out.metrics.tpot_s, 0.2)
+            slo_class = self._classes.pop(out.request_id, "none")
+            if out.metrics is not None and out.metrics.slo_attained is not None:
+                attained, finished = self.slo_outcomes.get(slo_class, (0, 0))
+                self.slo_outcomes = {**self.slo_outcomes,
+                                     slo_class: (attained + int(out.metrics.slo_attained), finished + 1)}
+        if sink is None:
+            return
+        if out.finish_reason == "error":  # a fault of this request alone (its numerics, detokenization, ...)
+            sink(_error(500, f"the engine failed on this request: {out.error}", code="request_failed"))
+            return
+        if out.finish_reason == "slo_unattainable":  # refused in the queue: its TTFT SLO can no longer be met
+            self.num_slo_rejections += 1
+            sink(_error(429, "this replica can no longer meet the request's TTFT SLO", "ttft_slo_ms",
+                        "slo_unattainable", self.engine.scheduler.queue_drain_s(time.perf_counter())))
+            return
+        sink({"type": "delta", "text": out.new_text, "token_ids": list(out.new_token_ids),
+              "finished": out.finished, "finish_reason": out.finish_reason,
+              "metrics": dataclasses.asdict(out.metrics) if out.metrics is not None else None,
+              # token ids and numbers here; LLMReplica.generate adds their texts off this thread
+              "logprobs": None if out.logprobs is None else
+              [(lp.token_id, lp.logprob, lp.top) for lp in out.logprobs]})
 
     def _publish_stats(self) -> None:
         if self.prefix_summary.version != self._prefix_version:

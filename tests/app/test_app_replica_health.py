@@ -36,7 +36,7 @@ class ControlledEngine:
         if self.fail:
             raise RuntimeError("injected step failure")
         outs = [SimpleNamespace(request_id=rid, new_token_ids=[1], new_text="x", finished=True, finish_reason="length",
-                                metrics=None) for rid in self.requests]
+                                metrics=None, error=None, logprobs=None) for rid in self.requests]
         self.requests.clear()
         return outs
 
@@ -108,4 +108,34 @@ def test_a_failure_outside_a_step_is_counted_and_the_loop_goes_on() -> None:
         loop.add("a", {"prompt": "hi", "sampling": {}}, lambda m: m.get("finished") and done.set())
         assert done.wait(5) and loop.alive and loop.health_problem() is None
     finally:
+        loop.stop()
+
+
+def test_an_output_that_cannot_be_delivered_fails_its_request_alone() -> None:
+    engine = ControlledEngine()
+    step = engine.step
+
+    def step_with_a_broken_output():
+        outs = step()
+        for out in outs:
+            if out.request_id == "broken":
+                out.metrics = object()  # not a RequestMetrics: delivering it raises
+        return outs
+
+    engine.step = step_with_a_broken_output
+    loop = EngineLoop(engine, idle_wait_s=0.01)
+    loop.start()
+    try:
+        inboxes = {rid: [] for rid in ("ok-1", "broken", "ok-2")}
+        done = {rid: threading.Event() for rid in inboxes}
+        for rid in inboxes:
+            loop.add(rid, {"prompt": "hi", "sampling": {}},
+                     lambda m, r=rid: (inboxes[r].append(m), (m["type"] == "error" or m.get("finished"))
+                                       and done[r].set()))
+        assert all(e.wait(5) for e in done.values()), inboxes
+        assert inboxes["broken"][-1]["type"] == "error" and inboxes["broken"][-1]["status"] == 500
+        assert all(inboxes[r][-1]["type"] == "delta" and inboxes[r][-1]["finished"] for r in ("ok-1", "ok-2"))
+        assert loop.alive and loop.num_loop_errors == 1
+    finally:
+        engine.hold.set()
         loop.stop()
