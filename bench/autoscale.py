@@ -4,7 +4,7 @@ policy (the same YAML with ``target_ongoing_requests`` instead of ``policy``). S
 (replicas reporting, the autoscaler's target and desired counts) and plots replicas, offered load, attainment and
 TTFT over time (bench.plots.autoscale_plot).
 
-CLI: ``python -m bench.autoscale --capacity-rps 1.0`` (about 12 minutes; run it under the heavy-run lock) writes
+CLI: ``python -m bench.autoscale --capacity-rps 0.7`` (about 10 minutes; run it under the heavy-run lock) writes
 bench/runs/autoscale-*/ (records, timelines, summary.json, autoscale.png).
 """
 
@@ -88,10 +88,10 @@ def main() -> None:
     ap.add_argument("--capacity-rps", type=float, required=True, help="one CPU replica's capacity (req/s)")
     ap.add_argument("--peak-x", type=float, default=3.0)
     ap.add_argument("--idle-s", type=float, default=30.0)
-    ap.add_argument("--peak-s", type=float, default=120.0)
-    ap.add_argument("--tail-s", type=float, default=60.0)
+    ap.add_argument("--peak-s", type=float, default=100.0)
+    ap.add_argument("--tail-s", type=float, default=50.0)
     ap.add_argument("--ramp-s", type=float, default=20.0)
-    ap.add_argument("--max-tokens", type=int, default=48)
+    ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--target-ongoing-requests", type=float, default=12.0,
                     help="the queue rule's target (0.75 x max_num_seqs, as the GPU YAML had it)")
     ap.add_argument("--seed", type=int, default=0)
@@ -107,7 +107,8 @@ def main() -> None:
     window = (args.idle_s, args.idle_s + 2 * args.ramp_s + args.peak_s)
     results = {}
     for rule in args.rules:
-        server = Server(write_config(out, rule, args.target_ongoing_requests))
+        # PYTHONPATH: Serve's actors import this checkout's app/ and policies/ (not whichever one is installed)
+        server = Server(write_config(out, rule, args.target_ongoing_requests), env={"PYTHONPATH": str(ROOT)})
         try:
             server.wait_first_answer()
             with httpx.Client(timeout=60) as client:  # the router reports replicas after its first call
