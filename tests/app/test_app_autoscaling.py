@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import time
+from types import SimpleNamespace
+
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from ray.serve._private.common import DeploymentID, ReplicaID, TimeStampedValue
 from ray.serve.config import AutoscalingConfig, AutoscalingContext
 
-from app.autoscaling import (ATTAINED_PREFIX, FINISHED_PREFIX, LOAD, REJECTIONS, WAITING, SLOHeadroomPolicy,
-                             autoscaling_stats, peak_of_sum, replica_window)
+from app.autoscaling import (ATTAINED_PREFIX, FINISHED_PREFIX, LOAD, REJECTIONS, WAITING, PrefillRate,
+                             SLOHeadroomPolicy, autoscaling_stats, engine_steady_load, peak_of_sum, replica_window)
 from app.metrics import ServeMetrics
 from policies.autoscaling import ReplicaWindow
 
@@ -35,6 +38,24 @@ def test_stats_are_flat_numbers_serve_accepts() -> None:
     assert stats == {LOAD: 0.5, WAITING: 2.0, REJECTIONS: 1.0, FINISHED_PREFIX + "chat": 4.0,
                      ATTAINED_PREFIX + "chat": 3.0}
     assert all(isinstance(v, float) for v in stats.values())
+
+
+def test_prefill_rate_counts_the_window_only() -> None:
+    rate = PrefillRate(window_s=5.0)
+    rate.observe(SimpleNamespace(num_prefill_tokens=100), None)
+    rate.observe(SimpleNamespace(num_prefill_tokens=0), None)
+    assert rate.tokens_per_s() == pytest.approx(20.0)
+    assert rate.tokens_per_s(now=time.monotonic() + 6.0) == 0.0
+
+
+def test_engine_steady_load_reads_the_scheduler() -> None:
+    running = [SimpleNamespace(tpot_slo_ms=20.0, num_computed_tokens=100) for _ in range(10)]
+    sched = SimpleNamespace(running=running, waiting=[], step_overhead_ema_s=0.0, token_budget=40,
+                            totals=SimpleNamespace(tokens_per_tree_step=1.0),
+                            predicted_step_s=lambda tokens, context: 0.010 + 0.001 * tokens)
+    engine = SimpleNamespace(scheduler=sched, config=SimpleNamespace(max_tree_nodes=32, max_draft_depth=8))
+    # as in the policy's golden case: 10 requests at a 20 ms SLO settle at 10-token steps of 20 ms
+    assert engine_steady_load(engine) == pytest.approx(0.25)
 
 
 def test_window_takes_mean_peak_and_counter_increases() -> None:
