@@ -2,15 +2,15 @@
 
 Queue-length autoscaling (Ray Serve's default, ``target_ongoing_requests``) reacts after requests already wait and
 knows nothing of SLOs. Each replica here knows how much of its step budget its running requests' SLOs need
-(``spare_token_budget``), what its requests would need at their steady pace on a full replica
+(``spare_token_budget``), what its requests and arriving prompts need at their steady pace
 (``steady_slo_load``), and how full its sequence slots are, queue included; their largest share is the replica's
-*load* (``replica_load``), 1.0 meaning "no room for one more request at its SLO", more meaning demand beyond it. The decision sizes the deployment so
-that every replica keeps ``target_headroom`` spare, and:
+*load* (``replica_load``), 1.0 meaning "no room for one more request at its SLO", more meaning demand beyond it.
+The decision sizes the deployment so that every replica keeps ``target_headroom`` spare, and:
 
 - scales up when the mean spare share drops below ``scale_up_headroom`` -- before attainment drops -- or, as
   a backstop, when requests queue, fail-fast admission refuses requests, or a class's recent attainment falls;
 - scales down only when the fewer replicas would still keep ``scale_down_headroom`` spare at the look-back
-  window's *peak* load, with nothing queued or refused. The gap between the two thresholds and the peak (not the
+  window's *peak* load, with little queued. The gap between the two thresholds and the peak (not the
   mean) make a flapping load hold its replica count instead of following it.
 
 Time hysteresis (how long a wish must last before it is acted on) is Ray Serve's ``upscale_delay_s`` and
