@@ -76,15 +76,16 @@ class PrefillRate:
 
 def engine_steady_load(engine: Any, prefill_tokens_per_s: float = 0.0) -> float:
     """``policies.autoscaling.steady_slo_load`` of the engine's running and waiting requests and its recent prompt
-    tokens, steps timed by its latency model (else its measured step time). Call it on the engine's thread."""
+    tokens, a full-budget step predicted by its latency model (else its measured step time). Call it on the
+    engine's thread."""
     sched = engine.scheduler
     running = list(sched.running)
     slo_s = [r.tpot_slo_ms / 1e3 if r.tpot_slo_ms else float("inf") for r in running]
     context = sum(r.num_computed_tokens for r in running)
-    overhead_s = sched.step_overhead_ema_s
-    expected = max((sched.totals.tokens_per_tree_step or 1.0) - 1.0, 0.0)
-    return steady_slo_load(slo_s, len(sched.waiting), lambda tokens: sched.predicted_step_s(int(tokens), context)
-                           + overhead_s, expected / (1.0 + expected), sched.token_budget,
+    full_step_s = sched.predicted_step_s(sched.token_budget, context) + sched.step_overhead_ema_s
+    tokens_per_step = sched.totals.tokens_per_tree_step or 1.0
+    expected = max(tokens_per_step - 1.0, 0.0)
+    return steady_slo_load(slo_s, len(sched.waiting), full_step_s, expected / (1.0 + expected), sched.token_budget,
                            engine.config.max_tree_nodes, engine.config.max_draft_depth, prefill_tokens_per_s)
 
 

@@ -145,11 +145,10 @@ class ClusterSimulator(Simulator):
                                   self.n_max)
         spare = spare_budget(self.token_budget - len(rep.running), need)
         running = np.asarray(rep.running, dtype=np.int64)
-        context = float((self.prompt[running] + self.out[running]).sum())
-        steady = steady_slo_load(self.slo_s[running], len(rep.waiting),
-                                 lambda tokens: float(self.p.target.predict(tokens, context)) + self.p.overhead_s,
-                                 e / (1.0 + e), self.token_budget, self.n_max, self.cfg.engine.max_draft_depth,
-                                 self._prefill_rate(rep, now))
+        full_step_s = float(self.p.target.predict(self.token_budget, float((self.prompt[running] + self.out[running])
+                                                                           .sum()))) + self.p.overhead_s
+        steady = steady_slo_load(self.slo_s[running], len(rep.waiting), full_step_s, e / (1.0 + e), self.token_budget,
+                                 self.n_max, self.cfg.engine.max_draft_depth, self._prefill_rate(rep, now))
         return replica_load(spare, self.token_budget, len(rep.running), self.cfg.engine.max_num_seqs,
                             waiting_requests=len(rep.waiting), steady_load=steady)
 

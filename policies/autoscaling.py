@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 
@@ -85,37 +85,25 @@ def replica_load(spare_token_budget: float, token_budget: float, running_request
     return min(max(token_share, slot_share, float(steady_load), 0.0), MAX_REPLICA_LOAD)
 
 
-def steady_slo_load(tpot_slo_s: np.ndarray, num_waiting: int, step_time_s: Callable[[float], float],
-                    acceptance_rate: float, token_budget: int, max_nodes: int, max_depth: int,
-                    prefill_tokens_per_s: float = 0.0, iterations: int = 12) -> float:
-    """Share of the step budget the replica's requests need to hold their TPOT SLOs at their steady pace.
-
-    At steady pace a step of ``S`` tokens takes ``t = step_time_s(S)``; each running request must then gain
-    ``t / slo`` tokens a step (``A`` with the request exactly on pace), costing its root plus the draft nodes that
-    yield it (``policies.budget.required_nodes``); each waiting request costs the running ones' mean; the prompts
-    arriving take ``prefill_tokens_per_s x t`` tokens. ``S`` is the least fixed point of that demand (iterated up
-    from one token per request; both sides grow with ``S``); past ``MAX_REPLICA_LOAD`` budgets it stops.
+def steady_slo_load(tpot_slo_s: np.ndarray, num_waiting: int, full_step_s: float, acceptance_rate: float,
+                    token_budget: int, max_nodes: int, max_depth: int, prefill_tokens_per_s: float = 0.0) -> float:
+    """Share of the step budget the replica's requests need to hold their TPOT SLOs at their steady pace, with the
+    replica's steps at full budget (``full_step_s``): each running request must gain ``full_step_s / slo`` tokens a
+    step (``A`` with the request exactly on pace), costing its root plus the draft nodes that yield it
+    (``policies.budget.required_nodes``); each waiting request costs the running ones' mean; and the prompts
+    arriving take ``prefill_tokens_per_s`` x ``full_step_s`` tokens of every step.
 
     Why not the spare budget: that need is the SLO *debt* of this step, near zero for requests ahead of their pace
     on a lightly loaded replica, so it says nothing about how the same requests would fare on fewer replicas. This
-    one grows with the number of requests and the prompts arriving, which is what sizing a deployment needs."""
-    if token_budget <= 0:
-        return MAX_REPLICA_LOAD
+    one grows with the number of requests, which is what sizing a deployment needs."""
     slo = np.asarray(tpot_slo_s, dtype=np.float64)
     slo = np.where(slo > 0, slo, np.inf)
-    cap = MAX_REPLICA_LOAD * token_budget
-    step_tokens = demand = float(max(slo.size + num_waiting, 1))
-    for _ in range(iterations):
-        t = float(step_time_s(min(step_tokens, cap)))
-        cost = 1.0 + required_nodes(np.clip(t / slo, 1.0, float(max_depth) + 1.0), acceptance_rate, max_nodes)
-        mean_cost = float(cost.mean()) if cost.size else 1.0
-        demand = float(cost.sum()) + num_waiting * mean_cost + float(prefill_tokens_per_s) * t
-        if demand >= cap or abs(demand - step_tokens) < 0.5:
-            break
-        step_tokens = demand
-    if slo.size + num_waiting == 0 and not prefill_tokens_per_s:
-        return 0.0
-    return min(demand, cap) / token_budget
+    accept = np.clip(float(full_step_s) / slo, 1.0, float(max_depth) + 1.0)
+    cost = 1.0 + required_nodes(accept, acceptance_rate, max_nodes)
+    mean_cost = float(cost.mean()) if cost.size else 1.0
+    prefill = float(prefill_tokens_per_s) * float(full_step_s)
+    return ((float(cost.sum()) + num_waiting * mean_cost + prefill) / token_budget if token_budget > 0
+            else MAX_REPLICA_LOAD)
 
 
 def replicas_for_load(total_load: float, headroom: float) -> int:

@@ -46,31 +46,18 @@ def test_replica_load_is_the_larger_of_budget_and_slots() -> None:
 
 
 def test_steady_slo_load_grows_with_the_requests_not_their_lead() -> None:
-    flat = lambda tokens: 0.06  # noqa: E731 - a step takes 60 ms whatever its size
-    # SLO 30 ms: 2 tokens a step; at acceptance 0.75 a 2-chain yields 1.31 >= 1 -> 1 + 2 nodes; no SLO: the root
-    # only; the waiting one costs the mean (7/3); budget 10
-    load = steady_slo_load(np.array([0.03, 0.03, np.inf]), num_waiting=1, step_time_s=flat, acceptance_rate=0.75,
+    # full step 60 ms, SLO 30 ms: 2 tokens a step; at acceptance 0.75 a 2-chain yields 1.31 >= 1 -> 1 + 2 nodes;
+    # no SLO: the root only; the waiting one costs the mean (7/3); budget 10
+    load = steady_slo_load(np.array([0.03, 0.03, np.inf]), num_waiting=1, full_step_s=0.06, acceptance_rate=0.75,
                            token_budget=10, max_nodes=32, max_depth=8)
     assert load == pytest.approx((7 + 7 / 3) / 10)
     # twice the requests, twice the load (what sizing needs); an unreachable pace costs max_nodes
-    assert steady_slo_load(np.array([0.03] * 4), 0, flat, 0.75, 10, 32, 8) == pytest.approx(12 / 10)
-    assert steady_slo_load(np.array([0.03]), 0, flat, 0.5, 10, 32, 8) == pytest.approx(33 / 10)
-    assert steady_slo_load(np.array([]), 0, flat, 0.75, 10, 32, 8) == 0.0
+    assert steady_slo_load(np.array([0.03] * 4), 0, 0.06, 0.75, 10, 32, 8) == pytest.approx(12 / 10)
+    assert steady_slo_load(np.array([0.03]), 0, 0.06, 0.5, 10, 32, 8) == pytest.approx(33 / 10)
+    assert steady_slo_load(np.array([]), 0, 0.06, 0.75, 10, 32, 8) == 0.0
     # prompts arriving at 50 tokens/s take 3 tokens of each 60 ms step
-    assert steady_slo_load(np.array([]), 0, flat, 0.75, 10, 32, 8, prefill_tokens_per_s=50.0) == pytest.approx(0.3)
+    assert steady_slo_load(np.array([]), 0, 0.06, 0.75, 10, 32, 8, prefill_tokens_per_s=50.0) == pytest.approx(0.3)
     assert replica_load(200, 256, 2, 32, steady_load=0.9) == 0.9
-
-
-def test_steady_slo_load_is_the_fixed_point_of_step_size_and_pace() -> None:
-    # step time 10 ms + 1 ms per token; SLO 20 ms per token; no draft acceptance (a root token a step).
-    # 10 requests: S = 10 -> t = 20 ms = the SLO -> A = 1 -> demand 10: the fixed point, load 10 / 40
-    linear = lambda tokens: 0.010 + 0.001 * tokens  # noqa: E731
-    assert steady_slo_load(np.full(10, 0.020), 0, linear, 0.0, 40, 32, 8) == pytest.approx(0.25)
-    # with prompts at 500 tokens/s: S = 10 + 0.5 (10 + S) -> S = 30, t = 40 ms, but then A = 2 is past what a
-    # root-only step gives: each request costs max_nodes + 1 and the replica is over MAX_REPLICA_LOAD budgets
-    assert steady_slo_load(np.full(10, 0.020), 0, linear, 0.0, 40, 32, 8, 500.0) == MAX_REPLICA_LOAD
-    # a looser SLO absorbs the same prompts: SLO 60 ms, S = 30 -> t = 40 ms < 60 -> A = 1 -> load 30 / 40
-    assert steady_slo_load(np.full(10, 0.060), 0, linear, 0.0, 40, 32, 8, 500.0) == pytest.approx(0.75, abs=0.02)
 
 
 def test_replicas_for_load() -> None:
