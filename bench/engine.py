@@ -10,7 +10,7 @@ over repeats is reported, with each engine's ratio to transformers and the packe
 Also prints KV bytes per token and the engine's peak KV use per request.
 
 --profile: torch profiler over a decode step (one request, one token after --context) and a verify step (one
---tree-nodes chain tree): ms per step by operator, and by part of the model (each projection, the LM head, the
+--tree-nodes chain tree), packed and unpacked: ms per step by operator, and by part of the model (each projection, the LM head, the
 attention ops, the rest) from the operators' self times and weight shapes.
 """
 
@@ -157,12 +157,14 @@ def main() -> None:
     engine = make(True)
     print(f"device={engine.device} dtype={engine.dtype} threads={torch.get_num_threads()} "
           f"packed={engine.model.packed} KV bytes/token={engine.model.kv_bytes_per_token()}")
-    if args.profile:
-        profile_steps(engine, args.context, args.tree_nodes)
-        return
     engines = {"engine": engine}
     if engine.model.packed and not args.no_unpacked:
         engines["engine unpacked"] = make(False)
+    if args.profile:
+        for name, e in engines.items():
+            print(f"\n=== {name}")
+            profile_steps(e, args.context, args.tree_nodes)
+        return
     tok = engine.tokenizer
     hf = None
     if not args.skip_hf:
