@@ -9,32 +9,25 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import threading
 import time
-from pathlib import Path
 
 import httpx
 import pytest
-import ray
 from prometheus_client.parser import text_string_to_metric_families
 from ray import serve
-from ray.serve._private.api import serve_start
-from ray.serve.schema import ServeDeploySchema
 
 from app.config import load_serve_config
-from test_app_serve import SLOW_MACHINE_ENV, _free_port, _wait_running
+from tests.serve_harness import ROOT, serve_app
 
 pytestmark = pytest.mark.slow
 
-ROOT = Path(__file__).resolve().parents[2]
 MODEL = "SmolLM2-135M-Instruct"
 MAX_NUM_SEQS = 4
 
 
-def _test_config(port: int) -> dict:
+def _test_config() -> dict:
     raw = copy.deepcopy(load_serve_config(ROOT / "serve_config.autoscale.yaml"))
-    raw["http_options"] = {"host": "127.0.0.1", "port": port}
     args = raw["applications"][0]["args"]
     args["engine"].update(num_kv_blocks=128, max_num_seqs=MAX_NUM_SEQS)
     # no SLO: fail-fast admission would refuse (429) TTFTs a loaded 2-core box cannot meet; this test is about
@@ -48,22 +41,8 @@ def _test_config(port: int) -> dict:
 
 @pytest.fixture(scope="module")
 def server():
-    port = _free_port()
-    env = {**SLOW_MACHINE_ENV, "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH"))
-                                                             if p)}
-    with pytest.MonkeyPatch.context() as mp:
-        for key, value in env.items():
-            mp.setenv(key, value)
-        ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
-        try:
-            config = ServeDeploySchema.model_validate(_test_config(port))
-            client = serve_start(http_options=config.http_options.model_dump(), proxy_location=config.proxy_location)
-            client.deploy_apps(config)
-            _wait_running("adaserve", timeout_s=300)
-            yield f"http://127.0.0.1:{port}"
-        finally:
-            serve.shutdown()
-            ray.shutdown()
+    with serve_app(_test_config()) as base_url:
+        yield base_url
 
 
 def _running_replicas() -> int:

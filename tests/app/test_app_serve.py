@@ -12,7 +12,6 @@ import contextlib
 import copy
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -28,6 +27,7 @@ from ray.serve._private.api import serve_start
 from ray.serve.schema import ServeDeploySchema
 
 from app.config import load_serve_config
+from tests.serve_harness import SLOW_MACHINE_ENV, free_port as _free_port, wait_running as _wait_running
 
 pytestmark = pytest.mark.slow
 
@@ -37,12 +37,6 @@ PROMPT = "The capital of France is"
 CHAT_PROMPT = "Name three colours."
 NUM_TOKENS = 12
 NUM_KV_BLOCKS = 64
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _test_config(port: int) -> dict:
@@ -58,10 +52,6 @@ def _cli(*extra: str) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "app.engine", "generate", "--max-tokens", str(NUM_TOKENS), "--json", *extra]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # as in the replica; also keeps a shared CI box responsive
     return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-
-
-# A shared 2-core CI box can take longer than Serve's 5 s default to report a new proxy ready; Serve then kills it.
-SLOW_MACHINE_ENV = {"RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "60", "RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S": "30"}
 
 
 @pytest.fixture(scope="module")
@@ -92,18 +82,6 @@ def server():
                 cli_proc.kill()
             serve.shutdown()
             ray.shutdown()
-
-
-def _wait_running(app: str, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        status = serve.status().applications.get(app)
-        if status is not None and status.status == "RUNNING":
-            return
-        if status is not None and status.status == "DEPLOY_FAILED":
-            raise RuntimeError(status.message)
-        time.sleep(0.5)
-    raise TimeoutError(f"{app} not running after {timeout_s} s")
 
 
 def _oai(base_url: str) -> openai.OpenAI:
