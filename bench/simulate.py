@@ -49,8 +49,8 @@ from bench.paths import RESULTS
 from bench.traces import AcceptanceModel, load_trace
 from bench.workloads import SLO_CLASSES, WorkloadRequest
 from policies import routing, token_tree
-from policies.admission import (deadline_order, idle_prefill_s, newcomer_fits, running_finish_times_s,
-                                slot_ready_times_s, ttft_feasible, ttft_prefill_floor)
+from policies.admission import (deadline_order, idle_prefill_s, newcomer_fits, pace_tpot_slo_s, running_finish_times_s,
+                                slot_ready_times_s, tpot_pace_admits, ttft_feasible, ttft_prefill_floor)
 from policies.budget import choose_token_budget, slo_step_plan, throughput_cut_path_prob
 from policies.step_plan import split_step_tokens
 from policies.latency_model import LatencyModel, PiecewiseLinear
@@ -300,7 +300,7 @@ class Simulator:
             queued, after_order = self._queued(rep), self._queued(rep, extra=i)
             before = self._feasible(rep, queued, now)
             after = self._feasible(rep, after_order, now, newcomer=i, headroom=e.ttft_admission_headroom)
-            if newcomer_fits(queued, before, after_order, after, i):
+            if newcomer_fits(queued, before, after_order, after, i) and self._pace_admits(rep, after_order, i, now):
                 return rep
         if e.on_unattainable == "best_effort":
             self.best_effort[i] = True
@@ -332,6 +332,37 @@ class Simulator:
             i = newcomer
             args["deadline_s"][queued.index(i)] = self.arrival[i] + (self.deadline[i] - self.arrival[i]) * (1 - headroom)
         return ttft_feasible(self.p.target, **args)
+
+    def _pace_admits(self, rep: _Replica, queued: list[int], newcomer: int, now: float) -> bool:
+        """The scheduler's ``tpot_pace_admits`` where the SLO pace plan runs: the decoding requests, then the queued
+        prompts with the newcomer (``queued``), each as if its first token were out."""
+        if not self.slo_prefill:
+            return True
+        e = self.cfg.engine
+        dec = np.asarray([i for i in rep.running if self.out[i] > 0], dtype=np.int64)
+        q = np.asarray(queued, dtype=np.int64)
+        ids = np.concatenate([dec, q])
+        first = np.concatenate([self.first_t[dec], np.full(q.size, np.nan)])
+        acceptance, gain, gain_sd = self._gain_stats()
+        floor, _ = self._ttft_floor(rep, queued, now)
+        return tpot_pace_admits(
+            self.p.target, newcomer=dec.size + queued.index(newcomer),
+            tpot_slo_s=pace_tpot_slo_s(self.slo_s[ids], first, self.deadline[ids], self.best_effort[ids]),
+            remaining_tokens=np.concatenate([self.maxtok[dec] - self.out[dec], np.maximum(self.maxtok[q] - 1, 0)]),
+            decode_time_s=np.concatenate([now - self.first_t[dec], np.zeros(q.size)]),
+            decoded_tokens=np.concatenate([np.maximum(self.out[dec] - 1, 0), np.zeros(q.size)]),
+            prefill_floor_tokens=floor, context_tokens=float((self.prompt[ids] + self.out[ids]).sum()),
+            acceptance_rate=acceptance, tokens_per_step=gain, tokens_per_step_sd=gain_sd,
+            max_nodes_per_request=self.n_max, max_tokens=e.max_num_batched_tokens,
+            max_prefill_tokens=e.max_num_batched_tokens, overhead_s=self.step_overhead_s,
+            confidence_z=e.slo_prefill_confidence_z)
+
+    def _gain_stats(self) -> tuple[float, float, float]:
+        """(per-token acceptance, tokens per speculating step, its standard deviation), as the engine measures them."""
+        spec_steps = int(self.spec_steps.sum())
+        e = float(self.accepted.sum()) / spec_steps if spec_steps else 0.0
+        sd = math.sqrt(max(self.gain_sq / spec_steps - (1.0 + e) ** 2, 0.0)) if spec_steps else 0.0
+        return e / (1.0 + e), 1.0 + e, sd
 
     def _ttft_floor(self, rep: _Replica, queued: list[int], now: float) -> tuple[int, np.ndarray]:
         args = self._ttft_inputs(rep, queued, now)
@@ -416,15 +447,14 @@ class Simulator:
             queued = list(rep.waiting) + [i for i in rep.running if self.out[i] == 0]
             if queued and now - float(self.arrival[queued].min()) >= cfg.max_prefill_wait_s:
                 return cfg.max_num_batched_tokens, 0
-        spec_steps = int(self.spec_steps.sum())
-        e = float(self.accepted.sum()) / spec_steps if spec_steps else 0.0
-        sd = math.sqrt(max(self.gain_sq / spec_steps - (1.0 + e) ** 2, 0.0)) if spec_steps else 0.0
+        acceptance, gain, gain_sd = self._gain_stats()
         ttft_floor, _ = self._ttft_floor(rep, self._queued(rep), now)
         prefill, nodes = slo_step_plan(
             self.p.target, root_tokens=dec.size, context_tokens=float((self.prompt[dec] + self.out[dec]).sum()),
             decode_time_s=now - self.first_t[dec], decoded_tokens=np.maximum(self.out[dec] - 1, 0),
-            tpot_slo_s=self.slo_s[dec], remaining_tokens=self.maxtok[dec] - self.out[dec],
-            acceptance_rate=e / (1.0 + e), tokens_per_step=1.0 + e, tokens_per_step_sd=sd,
+            tpot_slo_s=pace_tpot_slo_s(self.slo_s[dec], self.first_t[dec], self.deadline[dec], self.best_effort[dec]),
+            remaining_tokens=self.maxtok[dec] - self.out[dec],
+            acceptance_rate=acceptance, tokens_per_step=gain, tokens_per_step_sd=gain_sd,
             max_nodes_per_request=self.n_max,
             max_tokens=cfg.max_num_batched_tokens, max_prefill_tokens=cfg.max_num_batched_tokens,
             overhead_s=self.step_overhead_s, confidence_z=cfg.slo_prefill_confidence_z)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from policies.budget import slo_pace_plan
 from policies.latency_model import LatencyModel
 
 
@@ -130,3 +131,49 @@ def idle_prefill_s(model: LatencyModel, num_prompt_tokens: int, chunk_tokens: in
     starts = np.arange(0, max(n, 1), chunk)
     sizes = np.minimum(chunk, n - starts)
     return float(np.sum(np.asarray(model.predict(sizes, starts), np.float64) + float(overhead_s)))
+
+
+def tpot_pace_admits(model: LatencyModel, *, newcomer: int, tpot_slo_s: np.ndarray, remaining_tokens: np.ndarray,
+                     decode_time_s: np.ndarray, decoded_tokens: np.ndarray, prefill_floor_tokens: int,
+                     **pace_kw) -> bool:
+    """Fail fast's TPOT rule: may the newcomer join without breaking the TPOT pace of the requests already here?
+
+    The requests ([R]) are every decoding request, then every admitted prompt still queued or in prefill and the
+    newcomer (index ``newcomer``), each counted as if it already decoded (its first token out, every output token
+    to come): the load the replica has taken on once their prompts are in. The SLO pace plan
+    (``policies.budget.slo_pace_plan``, ``pace_kw`` its other inputs, their context included) is made with and
+    without the newcomer, and the newcomer is admitted only if, with it, one step size still keeps every protected
+    request on pace, every request protected without it stays protected, the newcomer is protected if it has a
+    TPOT SLO, and the step still leaves at least ``prefill_floor_tokens`` (the TTFT floor with the newcomer queued,
+    ``ttft_prefill_floor``) for the prompts. Otherwise admitting it buys a TPOT miss (its own, or another's) or a
+    TTFT miss, and under overload the replica that refuses early serves more requests within both SLOs than one
+    that admits everyone and misses most of them.
+
+    The plan here has no cushion (``confidence_z`` 0): admission asks whether the load fits at the expected gain per
+    step; the cushion is the step-by-step plan's headroom for the running requests' unlucky acceptance, and
+    refusing on it turns away requests that fit (docs/results.md, 2026-12-07)."""
+    pace_kw = {**pace_kw, "confidence_z": 0.0}
+    slo = np.asarray(tpot_slo_s, np.float64)
+    arrays = dict(tpot_slo_s=slo, remaining_tokens=np.asarray(remaining_tokens, np.float64),
+                  decode_time_s=np.asarray(decode_time_s, np.float64),
+                  decoded_tokens=np.asarray(decoded_tokens, np.float64))
+    others = np.arange(slo.size) != int(newcomer)
+    after = slo_pace_plan(model, root_tokens=slo.size, **arrays, **pace_kw)
+    before = slo_pace_plan(model, root_tokens=slo.size - 1, **{k: v[others] for k, v in arrays.items()}, **pace_kw)
+    if not after.feasible or after.prefill_tokens < int(prefill_floor_tokens):
+        return False
+    if np.isfinite(slo[newcomer]) and slo[newcomer] > 0 and not after.protected[newcomer]:
+        return False
+    return bool(np.all(after.protected[others] | ~before.protected))
+
+
+def pace_tpot_slo_s(tpot_slo_s: np.ndarray, first_token_s: np.ndarray, ttft_deadline_s: np.ndarray,
+                    best_effort: np.ndarray) -> np.ndarray:
+    """[R] the TPOT SLO the pace plan protects each request by: none (inf) for a best-effort request (served after
+    the protected ones, as promised) and for one whose first token came after its TTFT deadline (nan: not yet
+    out). Such a request has missed already; holding prompts back for its pace would only make attainable
+    newcomers late."""
+    first = np.asarray(first_token_s, np.float64)
+    with np.errstate(invalid="ignore"):
+        late = first > np.asarray(ttft_deadline_s, np.float64)
+    return np.where(np.asarray(best_effort, bool) | late, np.inf, np.asarray(tpot_slo_s, np.float64))

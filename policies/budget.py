@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import numpy as np
 
@@ -140,7 +141,24 @@ def throughput_cut_path_prob(path_probs: np.ndarray, model: LatencyModel, step_t
     return float(v)
 
 
-def slo_step_plan(
+class PacePlan(NamedTuple):
+    """What ``slo_pace_plan`` decided: the step's prefill and reserved SLO nodes, which requests it protects, and
+    whether one step size keeps every protected request on its pace (False: the plan is over-committed and the
+    step prefills nothing)."""
+
+    prefill_tokens: int
+    slo_nodes: int
+    protected: np.ndarray  # [R] bool
+    feasible: bool
+
+
+def slo_step_plan(model: LatencyModel, **kwargs) -> tuple[int, int]:
+    """(prefill tokens, SLO nodes) of ``slo_pace_plan``: the step's split, as the scheduler and the simulator use it."""
+    plan = slo_pace_plan(model, **kwargs)
+    return plan.prefill_tokens, plan.slo_nodes
+
+
+def slo_pace_plan(
     model: LatencyModel,
     *,
     root_tokens: int,
@@ -157,9 +175,9 @@ def slo_step_plan(
     max_prefill_tokens: int,
     overhead_s: float = 0.0,
     confidence_z: float = 2.0,
-) -> tuple[int, int]:
-    """(prefill tokens, SLO nodes) for a step that keeps every protected decoding request on a pace that finishes
-    it within its TPOT SLO, and prefills as fast as that allows.
+) -> PacePlan:
+    """The prefill tokens and SLO nodes of a step that keeps every protected decoding request on a pace that
+    finishes it within its TPOT SLO, and prefills as fast as that allows.
 
     Request r has ``T = (o + m) * slo - l`` seconds left for its ``m`` remaining tokens (``l`` seconds spent on
     ``o``). Its pace is ``(m + z * sd * sqrt(m / g)) / T`` tokens per second: the remaining tokens plus a cushion
@@ -183,8 +201,9 @@ def slo_step_plan(
     no SLO nodes.
     """
     max_prefill = max(int(max_prefill_tokens), 0)
+    num_requests = np.asarray(tpot_slo_s).size
     if max_tokens <= root_tokens:
-        return 0, 0
+        return PacePlan(0, 0, np.zeros(num_requests, bool), False)
     slo = np.asarray(tpot_slo_s, dtype=np.float64)
     slo = np.where(np.isfinite(slo) & (slo > 0), slo, np.inf)
     l_s = np.asarray(decode_time_s, dtype=np.float64)
@@ -204,7 +223,7 @@ def slo_step_plan(
     pace_plain = m / left_s  # tokens per second
     keep &= t_s[0] * pace_plain <= g * (1.0 + 1e-9)  # it can still finish on its SLO at the usual gain
     if not keep.any():
-        return max_prefill, 0
+        return PacePlan(max_prefill, 0, keep, True)
     pace = (m + cushion)[keep] / left_s[keep]
     pace = np.where(t_s[0] * pace <= g_max * (1.0 + 1e-9), pace, pace_plain[keep])
     need = t_s[:, None] * pace[None, :]  # [S, K] tokens this step
@@ -213,7 +232,7 @@ def slo_step_plan(
     prefill = sizes - root_tokens - nodes
     ok = reach & (prefill >= 0)
     if not ok.any():
-        return 0, int(nodes[0])
+        return PacePlan(0, int(nodes[0]), keep, False)
     rate = np.where(ok, np.minimum(prefill, max_prefill) / np.maximum(t_s, 1e-9), -1.0)
     best = int(np.argmax(rate))  # the first maximum: the shortest step among ties
-    return int(min(prefill[best], max_prefill)), int(nodes[best])
+    return PacePlan(int(min(prefill[best], max_prefill)), int(nodes[best]), keep, True)

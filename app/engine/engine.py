@@ -252,8 +252,10 @@ class LLMEngine:
 
     def _admit_ttft(self, req: Request) -> None:
         """Fail fast: a TTFT target below the idle prefill time is a client error; one that the queue ahead makes
-        unattainable (or that would push an admitted request past its own deadline) is refused or served best
-        effort (``on_unattainable``). Needs the latency profile; without it every request is admitted."""
+        unattainable (or that would push an admitted request past its own deadline), or, where the SLO pace plan
+        runs, one that would break a TPOT pace (its own or a running request's: ``Scheduler.pace_admits``), is
+        refused or served best effort (``on_unattainable``). Needs the latency profile; without it every request is
+        admitted."""
         idle_s = self.idle_prefill_s(req.num_prompt_tokens)
         if req.ttft_slo_ms / 1e3 < idle_s:
             raise InvalidRequestError(
@@ -265,15 +267,18 @@ class LLMEngine:
         before, queued_before = self.scheduler.ttft_feasible(now)
         # the newcomer must fit with headroom: a prediction made now misses the load that arrives after it
         after, queued = self.scheduler.ttft_feasible(now, extra=req, headroom=self.config.ttft_admission_headroom)
-        if newcomer_fits([r.request_id for r in queued_before], before, [r.request_id for r in queued], after,
-                         req.request_id):
+        ttft_fits = newcomer_fits([r.request_id for r in queued_before], before, [r.request_id for r in queued],
+                                  after, req.request_id)
+        if ttft_fits and self.scheduler.pace_admits(now, req):
             return
         if self.config.on_unattainable == "best_effort":
             req.best_effort = True
             return
+        why = ("the prompts queued ahead of it take longer" if not ttft_fits else
+               "the requests it already serves leave no room on their TPOT pace for it")
         raise SLOUnattainableError(
-            f"this replica cannot meet ttft_slo_ms {req.ttft_slo_ms:.4g} for a {req.num_prompt_tokens}-token prompt "
-            "now: the prompts queued ahead of it take longer", retry_after_s=self.scheduler.queue_drain_s(now))
+            f"this replica cannot meet ttft_slo_ms {req.ttft_slo_ms:.4g} and tpot_slo_ms {req.tpot_slo_ms} for a "
+            f"{req.num_prompt_tokens}-token prompt now: {why}", retry_after_s=self.scheduler.queue_drain_s(now))
 
     def abort(self, request_id: str) -> bool:
         """Stop a request and free its KV blocks; False if it is unknown or already finished."""

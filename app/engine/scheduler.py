@@ -20,8 +20,8 @@ from app.engine.kv_cache import KVCache
 from app.engine.request import Request, RequestStatus
 from app.engine.step import NodePricing, ScheduledChunk, StepPlan, StepResult, StepTotals
 from kernels.metadata import MAX_TREE_TOKENS
-from policies.admission import (deadline_order, running_finish_times_s, slot_ready_times_s, ttft_feasible,
-                                ttft_prefill_floor)
+from policies.admission import (deadline_order, pace_tpot_slo_s, running_finish_times_s, slot_ready_times_s,
+                                tpot_pace_admits, ttft_feasible, ttft_prefill_floor)
 from policies.budget import min_worthwhile_path_prob, required_nodes, slo_step_plan, spare_budget
 from policies.latency_model import LatencyModel
 from policies.step_plan import split_step_tokens
@@ -150,16 +150,64 @@ class Scheduler:
         """Which queued prompts (``extra``, a newcomer, in its EDF place, judged against ``1 - headroom`` of its TTFT
         SLO) the latency model says can still get their first token by their TTFT deadline at full prefill speed,
         in service order."""
-        queued = self._prefill_candidates()
-        if extra is not None:
-            running = len(queued) - len(self.waiting)
-            queued = queued[:running] + _service_order(queued[running:] + [extra])
+        queued = self._queued_with(extra)
         args = self._ttft_inputs(queued, now)
         if args is None:
             return np.ones(len(queued), bool), queued
         if extra is not None:
             args["deadline_s"][queued.index(extra)] = extra.arrival_time + extra.ttft_slo_ms / 1e3 * (1.0 - headroom)
         return ttft_feasible(self.latency_model, **args), queued
+
+    def _queued_with(self, extra: Request | None) -> list[Request]:
+        """The prefill candidates in service order, with ``extra`` (a newcomer) in its EDF place among the waiting."""
+        queued = self._prefill_candidates()
+        if extra is None:
+            return queued
+        running = len(queued) - len(self.waiting)
+        return queued[:running] + _service_order(queued[running:] + [extra])
+
+    def pace_admits(self, now: float, extra: Request) -> bool:
+        """Fail fast's TPOT rule (``policies.admission.tpot_pace_admits``) where the SLO pace plan bounds prefill:
+        may ``extra`` join the decoding requests and the queued prompts (each counted as decoding) without breaking a
+        protected request's TPOT pace, its own included, or the TTFT floor?"""
+        if not self._paced([extra] + [r for r in self.running if r.is_decoding]) or not self.config.ttft_admission:
+            return True
+        queued = self._queued_with(extra)
+        reqs = [r for r in self.running if r.is_decoding] + queued
+        floor, _ = self._ttft_floor(queued, now)
+        return tpot_pace_admits(
+            self.latency_model, newcomer=reqs.index(extra), tpot_slo_s=self._pace_slo_s(reqs),
+            remaining_tokens=np.array([r.sampling.max_tokens - max(r.num_output_tokens, 1) for r in reqs]),
+            decode_time_s=np.array([r.decode_time_s(now) for r in reqs]),
+            decoded_tokens=np.array([max(r.num_output_tokens - 1, 0) for r in reqs]), prefill_floor_tokens=floor,
+            **self._pace_kw(sum(r.num_computed_tokens if r.is_decoding else len(r.token_ids) for r in reqs)))
+
+    def _paced(self, reqs: list[Request]) -> bool:
+        """Whether the SLO pace plan bounds prefill in a step that decodes ``reqs`` (``slo_prefill``; None: where
+        one of them runs adaserve). Pricing a chunk needs the latency profile."""
+        cfg = self.config
+        if cfg.slo_prefill is False or self.latency_model is None:
+            return False
+        return cfg.slo_prefill is True or (self.speculative and any(
+            self.policy_of(r).kind == "adaserve" for r in reqs))
+
+    @staticmethod
+    def _pace_slo_s(reqs: list[Request]) -> np.ndarray:
+        """[R] the TPOT SLO the pace plan protects each request by (``policies.admission.pace_tpot_slo_s``)."""
+        return pace_tpot_slo_s(
+            np.array([r.tpot_slo_ms / 1e3 if r.tpot_slo_ms else np.inf for r in reqs]),
+            np.array([np.nan if r.first_token_time is None else r.first_token_time for r in reqs]),
+            np.array([r.ttft_deadline for r in reqs]), np.array([r.best_effort for r in reqs]))
+
+    def _pace_kw(self, context_tokens: float) -> dict:
+        """The pace plan's inputs besides the requests: the measured gain per step and the step's limits."""
+        gain = self.totals.tokens_per_tree_step
+        limit = self.config.max_num_batched_tokens
+        return dict(context_tokens=context_tokens, acceptance_rate=(gain - 1.0) / gain, tokens_per_step=gain,
+                    tokens_per_step_sd=self.totals.tokens_per_tree_step_sd,
+                    max_nodes_per_request=self.max_tree_nodes if self.speculative else 0,
+                    max_tokens=limit, max_prefill_tokens=limit, overhead_s=self.step_overhead_ema_s,
+                    confidence_z=self.config.slo_prefill_confidence_z)
 
     def _ttft_floor(self, queued: list[Request], now: float) -> tuple[int, np.ndarray]:
         args = self._ttft_inputs(queued, now)
@@ -233,28 +281,18 @@ class Scheduler:
         ``max_prefill_wait_s`` lifts the bound. ``slo_prefill=None`` bounds only steps where a decoding request runs
         adaserve; pricing a chunk needs the latency profile."""
         cfg = self.config
-        if cfg.slo_prefill is False or self.latency_model is None:
+        if not self._paced(decodes):
             return None, 0
-        if cfg.slo_prefill is None and (not self.speculative or not any(
-                self.policy_of(r).kind == "adaserve" for r in decodes)):
-            return None, 0
-        limit = cfg.max_num_batched_tokens
         queued = self._prefill_candidates()
         if cfg.max_prefill_wait_s is not None and any(now - r.arrival_time >= cfg.max_prefill_wait_s for r in queued):
-            return limit, 0
+            return cfg.max_num_batched_tokens, 0
         ttft_floor, _ = self._ttft_floor(queued, now)
-        gain = self.totals.tokens_per_tree_step
         prefill, nodes = slo_step_plan(
-            self.latency_model, root_tokens=len(decodes), context_tokens=sum(r.num_computed_tokens for r in decodes),
-            decode_time_s=np.array([r.decode_time_s(now) for r in decodes]),
+            self.latency_model, root_tokens=len(decodes), decode_time_s=np.array([r.decode_time_s(now) for r in decodes]),
             decoded_tokens=np.array([max(r.num_output_tokens - 1, 0) for r in decodes]),
-            tpot_slo_s=np.array([r.tpot_slo_ms / 1e3 if r.tpot_slo_ms else np.inf for r in decodes]),
+            tpot_slo_s=self._pace_slo_s(decodes),
             remaining_tokens=np.array([r.sampling.max_tokens - r.num_output_tokens for r in decodes]),
-            acceptance_rate=(gain - 1.0) / gain, tokens_per_step=gain,
-            tokens_per_step_sd=self.totals.tokens_per_tree_step_sd,
-            max_nodes_per_request=self.max_tree_nodes if self.speculative else 0,
-            max_tokens=limit, max_prefill_tokens=limit, overhead_s=self.step_overhead_ema_s,
-            confidence_z=cfg.slo_prefill_confidence_z)
+            **self._pace_kw(sum(r.num_computed_tokens for r in decodes)))
         return max(prefill, ttft_floor), nodes
 
     def _price(self, plan: StepPlan) -> None:

@@ -187,6 +187,21 @@ def test_simulator_and_engine_make_the_same_admission_decision():
     assert sim._feasible(rep, order, 0.0).tolist() == feasible.tolist()
     assert not feasible.all() and feasible.any()  # a real decision: some make it, some do not
 
+    # the TPOT pace rule, where the pace plan runs: every request with a TPOT SLO of x, the newcomer refused once
+    # the four requests' steps (their prompts' floor included) no longer fit in x
+    engine_paced = dataclasses.replace(engine.config, slo_prefill=True)
+    sched.config, sim.slo_prefill = engine_paced, True
+    sim.first_t, sim.gain_sq = np.full(4, np.nan), 0.0
+    decisions = []
+    for tpot_s in (0.02, 0.05, 0.08, 0.12, 0.5):
+        for r in reqs:
+            r.tpot_slo_ms = tpot_s * 1e3
+        sim.slo_s = np.full(4, tpot_s)
+        decision = sched.pace_admits(now, reqs[-1])
+        assert sim._pace_admits(rep, order, 3, 0.0) == decision
+        decisions.append(decision)
+    assert decisions[0] is False and decisions[-1] is True  # a real decision
+
 
 def test_fail_fast_bounds_ttft_under_overload_and_counts_refusals_as_misses():
     from bench.simulate import with_ttft

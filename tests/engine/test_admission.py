@@ -127,3 +127,22 @@ def test_admission_keeps_headroom_for_load_that_arrives_later():
         except SLOUnattainableError:
             ok = False
         assert ok == admitted
+
+
+def test_a_newcomer_that_would_break_the_tpot_pace_is_refused_where_the_pace_plan_runs():
+    # no speculation: one token a step, so a 15 ms TPOT SLO needs steps of at most 15 ms = 5 tokens (10 + 1 ms each):
+    # four requests leave one prompt token a step for the prompts' first tokens; a fifth leaves none
+    def admitted(engine, n):
+        ok = []
+        for i in range(n):
+            try:
+                engine.add_request("Hi", SamplingParams(max_tokens=4), request_id=f"r{i}", tpot_slo_ms=15.0,
+                                   ttft_slo_ms=60_000.0)
+                ok.append(True)
+            except SLOUnattainableError as err:
+                assert "TPOT pace" in str(err) and err.retry_after_s >= 0
+                ok.append(False)
+        return ok
+
+    assert admitted(_engine(slo_prefill=True), 5) == [True] * 4 + [False]
+    assert admitted(_engine(slo_prefill=False), 5) == [True] * 5  # no pace plan: only the TTFT rule

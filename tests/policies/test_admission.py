@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from policies.admission import deadline_order, first_token_times_s, idle_prefill_s, ttft_prefill_floor
+from policies.admission import (deadline_order, first_token_times_s, idle_prefill_s, pace_tpot_slo_s, tpot_pace_admits,
+                                ttft_prefill_floor)
 from policies.latency_model import LatencyModel, PiecewiseLinear
 
 # 10 ms a step plus 1 ms a token: a step of P prefill tokens (no roots) takes 0.01 + 0.001 P seconds
@@ -69,3 +70,50 @@ def test_feasibility_looks_at_every_step_size_not_only_the_largest():
     p, feasible = ttft_prefill_floor(cliff, now_s=0.0, deadline_s=[0.1], remaining_tokens=[8], num_roots=0,
                                      context_tokens=0, max_prefill_tokens=256)
     assert feasible.tolist() == [True] and p <= 40
+
+
+def _pace_admits(slo_s, remaining, decode_time_s=None, decoded=None, floor=0, sd=0.0):
+    """The last request is the newcomer; no speculation (a = 0: one token a step), so a request of SLO s with its
+    remaining tokens' time left needs a step of at most s seconds: at most 1000 s - 10 tokens."""
+    n = len(slo_s)
+    return tpot_pace_admits(
+        LINEAR, newcomer=n - 1, tpot_slo_s=np.array(slo_s, float), remaining_tokens=np.array(remaining, float),
+        decode_time_s=np.zeros(n) if decode_time_s is None else np.array(decode_time_s, float),
+        decoded_tokens=np.zeros(n) if decoded is None else np.array(decoded, float), prefill_floor_tokens=floor,
+        context_tokens=0.0, acceptance_rate=0.0, tokens_per_step=1.0, tokens_per_step_sd=sd,
+        max_nodes_per_request=8, max_tokens=256, max_prefill_tokens=252, overhead_s=0.0, confidence_z=2.0)
+
+
+def test_pace_admission_prices_the_ttft_floor_against_the_tpot_pace():
+    # four requests of a 100 ms SLO: steps of at most 100 ms = 90 tokens, 4 of them roots, 86 left for prefill
+    assert _pace_admits([0.1] * 4, [10] * 4, floor=86)
+    assert not _pace_admits([0.1] * 4, [10] * 4, floor=87)  # its prompts would need steps that break the pace
+
+
+def test_pace_admission_refuses_a_newcomer_that_cannot_keep_its_own_tpot():
+    # an 11 ms SLO needs steps of at most 11 ms; four roots already take 14 ms
+    assert not _pace_admits([0.1, 0.1, 0.1, 0.011], [10] * 4)
+    assert _pace_admits([0.1, 0.1, 0.1, 0.014], [10] * 4)  # 14 ms: on pace in the roots-only step
+    assert _pace_admits([0.1, 0.1, 0.1, np.inf], [10] * 4)  # no TPOT SLO: nothing of its own to keep
+
+
+def test_pace_admission_refuses_a_newcomer_that_pushes_a_running_request_off_its_pace():
+    # the first request has 135 ms for its last 10 tokens: steps of at most 13.5 ms, i.e. 3 roots, not 4
+    running = dict(decode_time_s=[1.215, 0, 0, 0], decoded=[90, 0, 0, 0])  # (90 + 10) x 13.5 ms - 1.215 s = 135 ms
+    assert not _pace_admits([0.0135, 0.1, 0.1, 0.1], [10] * 4, **running)
+    three = {k: v[:3] for k, v in running.items()}
+    assert _pace_admits([0.0135, 0.1, 0.1], [10] * 3, **three)  # the same newcomer behind two requests fits
+    # one already off its pace (it cannot keep it even alone) is not protected, so it does not stop the newcomer
+    assert _pace_admits([0.009, 0.1, 0.1, 0.1], [10] * 4, **running)
+
+
+def test_pace_admission_judges_the_expected_pace_without_the_cushion():
+    # a spread of 0.5 tokens a step would give the step plan a cushion (2 x 0.5 x sqrt(10) tokens: steps of 75 ms,
+    # 61 prefill tokens); admission asks whether the load fits at the expected gain: 86 prefill tokens
+    assert _pace_admits([0.1] * 4, [10] * 4, floor=80, sd=0.5)
+
+
+def test_the_pace_protects_neither_best_effort_requests_nor_those_that_missed_their_ttft():
+    slo = pace_tpot_slo_s(tpot_slo_s=[0.05, 0.05, 0.05, 0.05, 0.05], first_token_s=[1.0, 3.0, np.nan, np.nan, 1.0],
+                          ttft_deadline_s=[2.0, 2.0, 2.0, np.inf, np.inf], best_effort=[False, False, False, False, True])
+    assert slo.tolist() == [0.05, np.inf, 0.05, 0.05, np.inf]
