@@ -61,7 +61,7 @@ def _stream(base_url: str, prompt: str = PROMPT, **fields: Any) -> dict[str, Any
     """A streamed completion's outcome: status, the text, and the in-band error if one came."""
     body = {"model": MODEL, "prompt": prompt, "max_tokens": NUM_TOKENS, "temperature": 0, "ignore_eos": True,
             "stream": True, **fields}
-    text, error, done = [], None, False
+    text, error, done, finish_reason = [], None, False, None
     with httpx.stream("POST", f"{base_url}/v1/completions", json=body, headers=AUTH, timeout=TIMEOUT) as response:
         if response.status_code != 200:
             response.read()
@@ -77,7 +77,8 @@ def _stream(base_url: str, prompt: str = PROMPT, **fields: Any) -> dict[str, Any
                 error = chunk["error"]
             else:
                 text.append(chunk["choices"][0]["text"])
-    return {"status": 200, "error": error, "text": "".join(text), "done": done}
+                finish_reason = chunk["choices"][0]["finish_reason"] or finish_reason
+    return {"status": 200, "error": error, "text": "".join(text), "done": done, "finish_reason": finish_reason}
 
 
 def _gauges(base_url: str) -> dict[str, float]:
@@ -294,3 +295,15 @@ def test_sigkill_of_the_replica_ends_every_stream_within_10_s_and_serving_resume
         time.sleep(2)
     new_pid = handle.pid.remote().result(timeout_s=30)
     assert new_pid != pid
+
+
+def test_shutting_the_app_down_lets_running_streams_finish(base_url: str) -> None:
+    """Graceful drain: the replica stops taking requests but finishes the ones it runs (graceful_shutdown_timeout_s
+    in serve_config.yaml). Last in this module: it deletes the app."""
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        streams = [pool.submit(_stream, base_url, max_tokens=60) for _ in range(2)]
+        time.sleep(2.0)  # the streams are running
+        serve.delete("adaserve", _blocking=False)
+        results = [f.result(timeout=120) for f in streams]
+    for r in results:  # every token the request asked for (ignore_eos), not a cut stream
+        assert r["status"] == 200 and r["error"] is None and r["done"] and r["finish_reason"] == "length", r
