@@ -26,7 +26,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from bench.loadgen import run_http
 from bench.paths import run_dir
 from bench.serve import MODEL, PORT, ROOT, Server
-from bench.simulate_cluster import expected_arrivals, ramp_arrivals, ramp_knots, summarize_run
+from bench.simulate_cluster import (expected_arrivals, print_rule, ramp_arrivals, ramp_knots, summarize_run,
+                                    write_results)
 from bench.workloads import build_workload
 
 CONFIG = ROOT / "serve_config.autoscale.yaml"
@@ -120,17 +121,9 @@ def main() -> None:
         summary["failed"] = sum(1 for r in records if r["error"] and not r["error"].startswith("http 429"))
         results[rule] = {"summary": summary, "timeline": timeline, "records": records}
         (out / f"records_{rule}.json").write_text(json.dumps(records))
-        print(f"{rule:>6}: ramp attainment {summary['ramp_attainment'] * 100:5.1f}% (refused "
-              f"{summary['ramp_refused']}, TTFT p90 {(summary['ramp_ttft_p90_s'] or 0):.2f} s, "
-              f"{summary['ramp_requests']} requests), time to scale up {summary['time_to_scale_up_s']} s, "
-              f"max {summary['max_routing']} replicas, failed {summary['failed']}", flush=True)
-    (out / "summary.json").write_text(json.dumps({"args": vars(args), "knots": knots, "results": {
-        rule: {k: v for k, v in r.items() if k != "records"} for rule, r in results.items()}}))
-    from bench.plots import autoscale_plot
-
-    autoscale_plot(results, knots, out / "autoscale.png",
-                   title=f"serve_config.autoscale.yaml on CPU: {args.peak_x:g}x one replica's capacity")
-    print(f"wrote {out}")
+        print_rule(rule, summary, f"failed {summary['failed']}")
+    write_results(out, args, knots, results, "autoscale.png",
+                  f"serve_config.autoscale.yaml on CPU: {args.peak_x:g}x one replica's capacity")
 
 
 if __name__ == "__main__":

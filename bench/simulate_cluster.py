@@ -241,17 +241,26 @@ def main() -> None:
         records, _ = sim.run(reqs)
         summary = summarize_run(records, sim.timeline, window)
         results[rule] = {"summary": summary, "timeline": sim.timeline, "records": records}
-        print(f"{rule:>6}: ramp attainment {summary['ramp_attainment'] * 100:5.1f}% (refused "
-              f"{summary['ramp_refused']}, TTFT p90 {(summary['ramp_ttft_p90_s'] or 0):.2f} s, "
-              f"{summary['ramp_requests']} requests), time to scale up {summary['time_to_scale_up_s']} s, "
-              f"max {summary['max_routing']} replicas, {summary['replica_s']:.0f} replica-s, "
-              f"lost {summary['lost']}", flush=True)
-    (out / "summary.json").write_text(json.dumps({"args": vars(args), "knots": knots, "results": {
-        rule: {k: v for k, v in r.items() if k != "records"} for rule, r in results.items()}}))
+        print_rule(rule, summary, f"{summary['replica_s']:.0f} replica-s, lost {summary['lost']}")
+    write_results(out, args, knots, results, "autoscale_sim.png",
+                  f"{profile.name}: {args.peak_x:g}x one replica's capacity, 1-{args.max_replicas} replicas")
+
+
+def print_rule(rule: str, summary: dict, tail: str) -> None:
+    """One line per scaling rule: the ramp's attainment, refusals, TTFT p90, time to scale up, most replicas."""
+    print(f"{rule:>6}: ramp attainment {summary['ramp_attainment'] * 100:5.1f}% (refused "
+          f"{summary['ramp_refused']}, TTFT p90 {(summary['ramp_ttft_p90_s'] or 0):.2f} s, "
+          f"{summary['ramp_requests']} requests), time to scale up {summary['time_to_scale_up_s']} s, "
+          f"max {summary['max_routing']} replicas, {tail}", flush=True)
+
+
+def write_results(out, args: argparse.Namespace, knots: list, results: dict, plot_name: str, title: str) -> None:
+    """summary.json (every rule's summary and timeline, without the per-request records) and the ramp's plot."""
     from bench.plots import autoscale_plot
 
-    autoscale_plot(results, knots, out / "autoscale_sim.png",
-                   title=f"{profile.name}: {args.peak_x:g}x one replica's capacity, 1-{args.max_replicas} replicas")
+    (out / "summary.json").write_text(json.dumps({"args": vars(args), "knots": knots, "results": {
+        rule: {k: v for k, v in r.items() if k != "records"} for rule, r in results.items()}}))
+    autoscale_plot(results, knots, out / plot_name, title=title)
     print(f"wrote {out}")
 
 
