@@ -361,10 +361,14 @@ class LLMEngine:
         logprob_rows: list[tuple[Request, list[int], list[int]]] = []  # (request, logit rows, its new tokens)
         chunks = plan.chunks
         plain = [(i, c) for i, c in enumerate(chunks) if c.completes and c.request.request_id not in trees]
+        # one argmax and one finiteness check for every logits row of the step (plain samples and tree walks)
+        greedy = torch.argmax(out.logits, dim=-1).tolist() if plain or trees else []
+        finite = finite_rows(out.logits) if plain or trees else []
         if plain:
             rows = [out.logit_rows[i][0] for i, _ in plain]
             tokens = sample_rows(out.logits[rows], [c.request.sampling for _, c in plain],
-                                 [c.request.generator for _, c in plain])
+                                 [c.request.generator for _, c in plain], [greedy[r] for r in rows],
+                                 [finite[r] for r in rows])
             for (i, c), t in zip(plain, tokens):
                 if isinstance(t, NonFiniteLogitsError):
                     result.failed[c.request.request_id] = str(t)
@@ -375,8 +379,6 @@ class LLMEngine:
             for i, c in enumerate(chunks):
                 if c.request.request_id not in trees:
                     self._record_hidden(source, c.request, out.hidden[out.token_rows[i]])
-        greedy = torch.argmax(out.logits, dim=-1).tolist() if trees else []  # one argmax for every greedy walk
-        finite = finite_rows(out.logits) if trees else []
         moves = []
         for i, c in enumerate(chunks):
             req = c.request

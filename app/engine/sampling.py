@@ -78,12 +78,12 @@ def token_logprobs(logits: torch.Tensor, tokens: list[int], num_top: list[int]) 
             for i, (t, lp, n) in enumerate(zip(tokens, chosen, num_top))]
 
 
-def sample_rows(logits: torch.Tensor, params: list[SamplingParams],
-                generators: list[torch.Generator | None]) -> list[int | NonFiniteLogitsError]:
+def sample_rows(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None],
+                greedy: list[int], finite: list[bool]) -> list[int | NonFiniteLogitsError]:
     """One token per row of logits [n, V]; a row whose numerics fail gets its NonFiniteLogitsError instead, so
-    that only its request fails."""
-    tokens: list[int | NonFiniteLogitsError] = torch.argmax(logits, dim=-1).tolist()
-    finite = finite_rows(logits)
+    that only its request fails. greedy / finite: each row's argmax and ``finite_rows``, computed once per step
+    by the caller for every row it verifies."""
+    tokens: list[int | NonFiniteLogitsError] = list(greedy)
     for i, p in enumerate(params):
         try:
             if not finite[i]:
