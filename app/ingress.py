@@ -151,10 +151,11 @@ class GuardMiddleware:
             return
         state = scope["app"].state if "app" in scope else fastapi_app.state
         path = scope.get("path", "")
+        headers = dict(scope.get("headers") or [])
         keys: frozenset[str] = getattr(state, "api_keys", frozenset())
         needs_key = path.startswith("/v1/") or (path == "/metrics" and getattr(state, "metrics_require_api_key", False))
         if keys and needs_key:
-            err = _check_api_key(dict(scope.get("headers") or []).get(b"authorization"), keys)
+            err = _check_api_key(headers.get(b"authorization"), keys)
             if err is not None:
                 await err.response()(scope, receive, send)
                 return
@@ -162,7 +163,7 @@ class GuardMiddleware:
         if not limit:
             await self.app(scope, receive, send)
             return
-        length = dict(scope.get("headers") or []).get(b"content-length")
+        length = headers.get(b"content-length")
         if length is not None and length.isdigit() and int(length) > limit:
             await _too_large(limit).response()(scope, receive, send)
             return

@@ -382,6 +382,7 @@ class LLMReplica:
         probe_tokens = self.settings.unloaded_tpot_probe_tokens
         unloaded_tpot_s = measure_unloaded_tpot_s(self.engine, probe_tokens)
         self.capacity = self.engine.config.max_num_seqs + self.settings.max_waiting
+        self._process = psutil.Process()  # this replica's process, for its RSS in the routing stats
         self._active: set[str] = set()  # requests this replica holds: queued commands, waiting, running
         self.loop = EngineLoop(self.engine, unloaded_tpot_s=unloaded_tpot_s,
                                probe=lambda: measure_unloaded_tpot_s(self.engine, probe_tokens, num_probes=1),
@@ -482,7 +483,7 @@ class LLMReplica:
             "healthy": self.loop.health_problem() is None,
             "step_errors": self.loop.num_step_errors,
             "loop_errors": self.loop.num_loop_errors,
-            "rss_bytes": psutil.Process().memory_info().rss,  # the soak benchmark watches it for leaks
+            "rss_bytes": self._process.memory_info().rss,  # the soak benchmark watches it for leaks
             "recorded_at": time.time(),
         }
 
