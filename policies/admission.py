@@ -147,7 +147,9 @@ def tpot_pace_admits(model: LatencyModel, *, newcomer: int, tpot_slo_s: np.ndarr
     TPOT SLO, and the step still leaves at least ``prefill_floor_tokens`` (the TTFT floor with the newcomer queued,
     ``ttft_prefill_floor``) for the prompts. Otherwise admitting it buys a TPOT miss (its own, or another's) or a
     TTFT miss, and under overload the replica that refuses early serves more requests within both SLOs than one
-    that admits everyone and misses most of them.
+    that admits everyone and misses most of them. A newcomer whose pace even an idle replica could not keep (the
+    measured gain per step and step overhead are worse than its SLO allows) is judged as if it had no TPOT SLO:
+    refusing it would blame a load that is not the cause, and every retry would get the same answer.
 
     The plan here has no cushion (``confidence_z`` 0): admission asks whether the load fits at the expected gain per
     step; the cushion is the step-by-step plan's headroom for the running requests' unlucky acceptance, and
@@ -158,11 +160,17 @@ def tpot_pace_admits(model: LatencyModel, *, newcomer: int, tpot_slo_s: np.ndarr
                   decode_time_s=np.asarray(decode_time_s, np.float64),
                   decoded_tokens=np.asarray(decoded_tokens, np.float64))
     others = np.arange(slo.size) != int(newcomer)
+    own_pace = bool(np.isfinite(slo[newcomer]) and slo[newcomer] > 0)
+    if own_pace:
+        alone = slo_pace_plan(model, root_tokens=1, **{k: v[~others] for k, v in arrays.items()}, **pace_kw)
+        if not (alone.feasible and alone.protected[0]):  # no replica could keep it: judged as having no TPOT SLO
+            own_pace = False
+            arrays["tpot_slo_s"] = np.where(others, slo, np.inf)
     after = slo_pace_plan(model, root_tokens=slo.size, **arrays, **pace_kw)
     before = slo_pace_plan(model, root_tokens=slo.size - 1, **{k: v[others] for k, v in arrays.items()}, **pace_kw)
     if not after.feasible or after.prefill_tokens < int(prefill_floor_tokens):
         return False
-    if np.isfinite(slo[newcomer]) and slo[newcomer] > 0 and not after.protected[newcomer]:
+    if own_pace and not after.protected[newcomer]:
         return False
     return bool(np.all(after.protected[others] | ~before.protected))
 

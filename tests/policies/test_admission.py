@@ -97,6 +97,15 @@ def test_pace_admission_refuses_a_newcomer_that_cannot_keep_its_own_tpot():
     assert _pace_admits([0.1, 0.1, 0.1, np.inf], [10] * 4)  # no TPOT SLO: nothing of its own to keep
 
 
+def test_pace_admission_does_not_blame_the_load_for_a_pace_no_replica_could_keep():
+    # a 9 ms SLO is below even the one-root step (11 ms): an idle replica misses it too, so refusing helps no one
+    assert _pace_admits([0.009], [10])
+    assert _pace_admits([0.1, 0.1, 0.1, 0.009], [10] * 4)
+    # 12 ms: on pace alone (11 ms), not behind three others (14 ms); the load is the cause, so it is refused
+    assert _pace_admits([0.012], [10])
+    assert not _pace_admits([0.1, 0.1, 0.1, 0.012], [10] * 4)
+
+
 def test_pace_admission_refuses_a_newcomer_that_pushes_a_running_request_off_its_pace():
     # the first request has 135 ms for its last 10 tokens: steps of at most 13.5 ms, i.e. 3 roots, not 4
     running = dict(decode_time_s=[1.215, 0, 0, 0], decoded=[90, 0, 0, 0])  # (90 + 10) x 13.5 ms - 1.215 s = 135 ms
