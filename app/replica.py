@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import copy
+import ctypes
 import dataclasses
 import logging
 import queue
@@ -48,6 +49,21 @@ ROUTER_CLASS_PATH = "app.router.SLORequestRouter"
 Sink = Callable[[dict[str, Any]], None]
 
 
+def _load_malloc_trim() -> Callable[[], None] | None:
+    """glibc's ``malloc_trim(0)``: returns the free pages of every malloc arena to the OS. None elsewhere (musl,
+    macOS), where there is nothing to call."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        trim = libc.malloc_trim
+    except (OSError, AttributeError):
+        return None
+    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+    return lambda: trim(0)
+
+
+release_free_heap = _load_malloc_trim()
+
+
 def _error(status: int, message: str, param: str | None = None, code: str | None = None,
            retry_after_s: float | None = None) -> dict[str, Any]:
     return {"type": "error", "status": status, "message": message, "param": param, "code": code,
@@ -65,8 +81,15 @@ class EngineLoop:
 
     def __init__(self, engine: Any, idle_wait_s: float = 0.05, unloaded_tpot_s: float | None = None,
                  probe: Callable[[], float] | None = None, reprobe_idle_s: float = 2.0, max_reprobes: int = 3,
-                 stall_timeout_s: float = 120.0, max_consecutive_step_errors: int = 3):
+                 stall_timeout_s: float = 120.0, max_consecutive_step_errors: int = 3,
+                 heap_trim_interval_s: float = 0.0, trim_heap: Callable[[], Any] | None = release_free_heap):
         self.engine = engine
+        # Between steps, every heap_trim_interval_s (0: never), trim_heap hands the heap's free pages back to the OS:
+        # torch frees activations of every shape to malloc, which keeps the pages, so RSS creeps up under traffic.
+        self._heap_trim_interval_s = heap_trim_interval_s if trim_heap is not None else 0.0
+        self._trim_heap = trim_heap
+        self._last_heap_trim = time.monotonic()
+        self.num_heap_trims = 0
         # Liveness (``health_problem``): a step running longer than stall_timeout_s, or that many failed steps in a
         # row, make Serve's health check fail and restart the replica rather than leave clients waiting on it.
         self.stall_timeout_s = stall_timeout_s
@@ -145,6 +168,8 @@ class EngineLoop:
                 self._last_busy = time.monotonic()
             elif self._reprobes_left and time.monotonic() - self._last_busy >= self._reprobe_idle_s:
                 self._reprobe()
+            if self._heap_trim_interval_s and time.monotonic() - self._last_heap_trim >= self._heap_trim_interval_s:
+                self._trim()
             try:
                 self._publish_stats()
             except Exception:
@@ -165,6 +190,15 @@ class EngineLoop:
         if self.num_consecutive_step_errors >= self.max_consecutive_step_errors:
             return f"{self.num_consecutive_step_errors} engine steps failed in a row"
         return None
+
+    def _trim(self) -> None:
+        self._last_heap_trim = time.monotonic()
+        try:
+            self._trim_heap()
+            self.num_heap_trims += 1
+        except Exception:
+            self.num_loop_errors += 1
+            logger.exception("returning free heap pages to the OS failed; the loop goes on")
 
     def _reprobe(self) -> None:
         self._reprobes_left -= 1
@@ -388,7 +422,8 @@ class LLMReplica:
                                probe=lambda: measure_unloaded_tpot_s(self.engine, probe_tokens, num_probes=1),
                                max_reprobes=self.settings.unloaded_tpot_reprobes,
                                stall_timeout_s=self.settings.replica_stall_timeout_s,
-                               max_consecutive_step_errors=self.settings.max_consecutive_step_errors)
+                               max_consecutive_step_errors=self.settings.max_consecutive_step_errors,
+                               heap_trim_interval_s=self.settings.heap_trim_interval_s)
         self.loop.start()
         logger.info("replica ready: unloaded TPOT %.1f ms, capacity %d", unloaded_tpot_s * 1e3, self.capacity)
 

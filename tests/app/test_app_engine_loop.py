@@ -264,3 +264,41 @@ def test_prompts_are_tokenized_with_the_chat_template_or_as_text() -> None:
     assert prompt_token_ids(tok, {"prompt": "Hi there"}) == tok.encode("Hi there", add_special_tokens=False)
     assert prompt_token_ids(tok, {"prompt": [4, 5]}) == [4, 5]
     assert prompt_token_ids(tok, {"prompt": "Hi", "chat": True}) == prompt_token_ids(tok, {"messages": messages})
+
+
+def test_free_heap_goes_back_to_the_os_every_interval_while_busy_and_idle() -> None:
+    """A loop serving a long request and then idling trims at its interval, between steps; a failing trim is
+    counted as a loop error and the stream goes on."""
+    engine, trims = FakeEngine(), []
+
+    def trim() -> None:
+        trims.append(time.monotonic())
+        if len(trims) == 2:
+            raise OSError("trim failed")
+
+    loop = EngineLoop(engine, idle_wait_s=0.01, heap_trim_interval_s=0.1, trim_heap=trim)
+    loop.start()
+    try:
+        inbox = Inbox()
+        loop.add("long", {"prompt": "hi", "sampling": {"max_tokens": 40}}, inbox)  # ~0.4 s of 10 ms steps
+        assert inbox.done.wait(5) and inbox.messages[-1]["finished"]
+        busy = len(trims)
+        time.sleep(0.35)
+    finally:
+        loop.stop()
+    assert busy >= 2 and len(trims) >= busy + 2
+    assert all(b - a >= 0.1 for a, b in zip(trims, trims[1:]))
+    assert loop.num_heap_trims == len(trims) - 1 and loop.num_loop_errors == 1
+
+
+def test_no_trimming_when_the_interval_is_zero_and_glibc_trim_is_callable() -> None:
+    from app.replica import release_free_heap
+
+    trims = []
+    loop = EngineLoop(FakeEngine(), idle_wait_s=0.01, heap_trim_interval_s=0.0, trim_heap=lambda: trims.append(1))
+    loop.start()
+    time.sleep(0.1)
+    loop.stop()
+    assert trims == []
+    assert release_free_heap is not None  # Linux with glibc, as on every machine this project runs on
+    release_free_heap()
