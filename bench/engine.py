@@ -7,7 +7,8 @@ transformers `generate`, same prompts, same machine, one run; and a profile of o
 Decode tokens/s counts tokens after the first one of each request over the time after prefill, for all of them.
 The contenders take turns within each repeat (a shared 2-core VM drifts by 20-30% within minutes) and the median
 over repeats is reported, with each engine's ratio to transformers and the packed engine's to the unpacked one.
-Also prints KV bytes per token and the engine's peak KV use per request.
+Also prints KV bytes per token, the engine's peak KV use per request, and the batch-1 ceiling that the weights'
+bytes and this machine's memory bandwidth set.
 
 --profile: torch profiler over a decode step (one request, one token after --context) and a verify step (one
 --tree-nodes chain tree), packed and unpacked: ms per step by operator, and by part of the model (each projection, the LM head, the
@@ -38,6 +39,27 @@ PROMPTS = [
     "Describe the water cycle to a ten-year-old.",
     "What is the difference between a process and a thread?",
 ]
+
+
+def read_bandwidth_gb_s(num_bytes: int = 1 << 29, repeats: int = 5) -> float:
+    """This machine's memory read bandwidth as torch sees it: the best of a few sums over a float32 tensor far
+    larger than the caches."""
+    data = torch.ones(num_bytes // 4)
+    best_s = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        data.sum()
+        best_s = min(best_s, time.perf_counter() - t)
+    return num_bytes / best_s / 1e9
+
+
+def weight_stream_ceiling(engine: LLMEngine) -> str:
+    """Why single-stream decode cannot go past a figure here: every step reads every weight once (the tied
+    embedding as the LM head), so at batch 1 tokens/s <= bandwidth / weight bytes, whatever the host overhead."""
+    weight_bytes = engine.model_config.num_params() * engine.dtype.itemsize
+    bandwidth = read_bandwidth_gb_s()
+    return (f"weights read per decode step {weight_bytes / 2**20:.0f} MiB; memory read bandwidth {bandwidth:.1f} GB/s "
+            f"({torch.get_num_threads()} threads) -> single-stream ceiling {bandwidth * 1e9 / weight_bytes:.1f} tok/s")
 
 
 def engine_decode_tps(engine: LLMEngine, prompts: list[list[int]], new_tokens: int) -> tuple[float, float]:
@@ -174,6 +196,7 @@ def main() -> None:
 
         hf = AutoModelForCausalLM.from_pretrained(str(resolve_model_dir(args.model)), dtype=engine.dtype).to(
             engine.device).eval()
+    print(weight_stream_ceiling(engine))
     names = list(engines) + (["transformers"] if hf is not None else [])
     print(f"{'batch':>5} " + " ".join(f"{n + ' tok/s':>22}" for n in names) + f" {'x unpacked':>10} "
           f"{'x transformers':>14} {'KV bytes/request (peak)':>24}")

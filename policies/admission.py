@@ -149,7 +149,8 @@ def tpot_pace_admits(model: LatencyModel, *, newcomer: int, tpot_slo_s: np.ndarr
     TTFT miss, and under overload the replica that refuses early serves more requests within both SLOs than one
     that admits everyone and misses most of them. A newcomer whose pace even an idle replica could not keep (the
     measured gain per step and step overhead are worse than its SLO allows) is judged as if it had no TPOT SLO:
-    refusing it would blame a load that is not the cause, and every retry would get the same answer.
+    refusing it would blame a load that is not the cause, and every retry would get the same answer. Nor does an
+    idle replica refuse on pace: there is no load to protect.
 
     The plan here has no cushion (``confidence_z`` 0): admission asks whether the load fits at the expected gain per
     step; the cushion is the step-by-step plan's headroom for the running requests' unlucky acceptance, and
@@ -160,6 +161,8 @@ def tpot_pace_admits(model: LatencyModel, *, newcomer: int, tpot_slo_s: np.ndarr
                   decode_time_s=np.asarray(decode_time_s, np.float64),
                   decoded_tokens=np.asarray(decoded_tokens, np.float64))
     others = np.arange(slo.size) != int(newcomer)
+    if not others.any():
+        return True  # an idle replica: nothing to protect, and its own TTFT is ttft_feasible's to judge
     own_pace = bool(np.isfinite(slo[newcomer]) and slo[newcomer] > 0)
     if own_pace:
         alone = slo_pace_plan(model, root_tokens=1, **{k: v[~others] for k, v in arrays.items()}, **pace_kw)

@@ -100,6 +100,7 @@ def test_pace_admission_refuses_a_newcomer_that_cannot_keep_its_own_tpot():
 def test_pace_admission_does_not_blame_the_load_for_a_pace_no_replica_could_keep():
     # a 9 ms SLO is below even the one-root step (11 ms): an idle replica misses it too, so refusing helps no one
     assert _pace_admits([0.009], [10])
+    assert _pace_admits([0.1], [10], floor=10**6)  # an idle replica: its TTFT is judged elsewhere
     assert _pace_admits([0.1, 0.1, 0.1, 0.009], [10] * 4)
     # 12 ms: on pace alone (11 ms), not behind three others (14 ms); the load is the cause, so it is refused
     assert _pace_admits([0.012], [10])
