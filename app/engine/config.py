@@ -67,11 +67,15 @@ class EngineConfig:
     # serves it after every protected request
     cpu_weight_prepack: bool = True  # CPU: the matmul weights packed for oneDNN at load (app/engine/layers.py), where
     # ATen's MKL GEMMs stream them at a third of the bandwidth; same float32 maths, summed in another order
+    cpu_kernel_cache_entries: int = 128  # CPU: shapes oneDNN (ONEDNN_PRIMITIVE_CACHE_CAPACITY) and ideep
+    # (LRU_CACHE_CAPACITY) keep a compiled kernel for, each, unless those variables are set; their default, 1024,
+    # lets a serving process's RSS grow for hours as new token counts arrive (app/engine/model.py)
 
     def __post_init__(self) -> None:
         if isinstance(self.draft, (list, tuple)):  # YAML `draft: [distilled, ngram]` -> "distilled,ngram"
             object.__setattr__(self, "draft", ",".join(str(d) for d in self.draft) or None)
-        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "prefill_chunk_tokens"):
+        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "prefill_chunk_tokens",
+                     "cpu_kernel_cache_entries"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")
         if self.load_format not in ("auto", "dummy"):

@@ -22,7 +22,7 @@ from app.engine.config import EngineConfig, SamplingParams
 from app.engine.errors import InvalidRequestError, SLOUnattainableError
 from app.engine.kv_cache import KVCache
 from app.engine.memory_plan import GIB, MemoryPlan, forward_workspace_bytes, plan_memory
-from app.engine.model import LlamaModel, packing_available
+from app.engine.model import LlamaModel, bound_cpu_kernel_caches, packing_available
 from app.engine.output import append_tokens, make_output
 from app.engine.request import Request, RequestOutput
 from app.engine.runner import ForwardOutput, ModelRunner, SeqInput
@@ -93,6 +93,8 @@ class LLMEngine:
     def __init__(self, config: EngineConfig = EngineConfig()):
         self.config = config
         self.device = resolve_device(config.device)
+        if self.device.type == "cpu":
+            bound_cpu_kernel_caches(config.cpu_kernel_cache_entries)
         self.dtype = resolve_dtype(config.dtype, self.device)
         cache_dir = Path(config.cache_dir) if config.cache_dir else None
         gpu_free_at_start = self._gpu_free_bytes()  # before any weights load: the memory plan's budget

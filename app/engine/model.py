@@ -10,6 +10,7 @@ stream at a third of the bandwidth.
 from __future__ import annotations
 
 import math
+import os
 from functools import partial
 
 import torch
@@ -105,6 +106,22 @@ class LlamaModel:
         if self._head_source is not self.lm_head:  # packed on first use: drafts replace lm_head after __init__
             self._head_source, self._head_packed = self.lm_head, pack_linear_weight(self.lm_head)
         return linear(hidden, self._head_packed).float()
+
+
+def bound_cpu_kernel_caches(entries: int) -> dict[str, str]:
+    """Cap the per-shape kernel caches of oneDNN and of ideep (PyTorch's oneDNN wrapper) at ``entries`` shapes each,
+    unless the environment already sets them; returns the values in force.
+
+    Why: every new matmul row count (a step's tokens) compiles and keeps a kernel in each cache, ~100-250 KB apiece;
+    at their default of 1024 shapes a replica serving mixed traffic grows by a few hundred MB over its first hours.
+    128 kept the same speed on this project's workloads (docs/results.md, 2026-12-07): the row counts a replica
+    keeps seeing stay cached, a rare one costs a kernel build (~0.6 ms). Both libraries read the variables when
+    they first run, so this must come before the first CPU matmul of the process (the engine calls it first thing);
+    later it has no effect.
+    """
+    for name in ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY"):
+        os.environ.setdefault(name, str(int(entries)))
+    return {name: os.environ[name] for name in ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY")}
 
 
 def packing_available(device: torch.device, dtype: torch.dtype) -> bool:

@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+from app.engine.config import EngineConfig
 from app.engine.kv_cache import KVCache
 from app.engine.model import LlamaModel, packing_available
 from app.engine.runner import ModelRunner, SeqInput
@@ -189,3 +190,13 @@ def test_unknown_model_path_is_a_clear_error(tmp_path):
     (tmp_path / "cfg" / "config.json").write_text(json.dumps({"model_type": "llama"}))
     with pytest.raises(ModelLoadError, match="config.json lacks"):
         load_checkpoint(str(tmp_path / "cfg"))
+
+
+def test_cpu_kernel_caches_are_bounded_unless_the_environment_says_otherwise(monkeypatch) -> None:
+    from app.engine.model import bound_cpu_kernel_caches
+
+    monkeypatch.delenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", raising=False)
+    monkeypatch.setenv("LRU_CACHE_CAPACITY", "7")  # a user's own setting wins
+    assert bound_cpu_kernel_caches(64) == {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "64", "LRU_CACHE_CAPACITY": "7"}
+    with pytest.raises(ValueError, match="cpu_kernel_cache_entries must be positive"):
+        EngineConfig(cpu_kernel_cache_entries=0)
