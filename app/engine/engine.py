@@ -271,7 +271,7 @@ class LLMEngine:
         after, queued = self.scheduler.ttft_feasible(now, extra=req, headroom=self.config.ttft_admission_headroom)
         ttft_fits = newcomer_fits([r.request_id for r in queued_before], before, [r.request_id for r in queued],
                                   after, req.request_id)
-        if ttft_fits and self.scheduler.pace_admits(now, req):
+        if ttft_fits and self.scheduler.pace_admits(now, req, queued):
             return
         if self.config.on_unattainable == "best_effort":
             req.best_effort = True

@@ -108,6 +108,9 @@ class LlamaModel:
         return linear(hidden, self._head_packed).float()
 
 
+CPU_KERNEL_CACHE_VARS = ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY")  # oneDNN's, ideep's
+
+
 def bound_cpu_kernel_caches(entries: int) -> dict[str, str]:
     """Cap the per-shape kernel caches of oneDNN and of ideep (PyTorch's oneDNN wrapper) at ``entries`` shapes each,
     unless the environment already sets them; returns the values in force.
@@ -119,9 +122,7 @@ def bound_cpu_kernel_caches(entries: int) -> dict[str, str]:
     they first run, so this must come before the first CPU matmul of the process (the engine calls it first thing);
     later it has no effect.
     """
-    for name in ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY"):
-        os.environ.setdefault(name, str(int(entries)))
-    return {name: os.environ[name] for name in ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY")}
+    return {name: os.environ.setdefault(name, str(int(entries))) for name in CPU_KERNEL_CACHE_VARS}
 
 
 def packing_available(device: torch.device, dtype: torch.dtype) -> bool:

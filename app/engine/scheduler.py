@@ -166,13 +166,14 @@ class Scheduler:
         running = len(queued) - len(self.waiting)
         return queued[:running] + _service_order(queued[running:] + [extra])
 
-    def pace_admits(self, now: float, extra: Request) -> bool:
+    def pace_admits(self, now: float, extra: Request, queued: list[Request] | None = None) -> bool:
         """Fail fast's TPOT rule (``policies.admission.tpot_pace_admits``) where the SLO pace plan bounds prefill:
         may ``extra`` join the decoding requests and the queued prompts (each counted as decoding) without breaking a
-        protected request's TPOT pace, its own included, or the TTFT floor?"""
+        protected request's TPOT pace, its own included, or the TTFT floor? ``queued``: the prefill candidates with
+        ``extra`` in its place, as ``ttft_feasible(now, extra=...)`` returned them (None: made here)."""
         if not self._paced([extra] + [r for r in self.running if r.is_decoding]) or not self.config.ttft_admission:
             return True
-        queued = self._queued_with(extra)
+        queued = self._queued_with(extra) if queued is None else queued
         reqs = [r for r in self.running if r.is_decoding] + queued
         floor, _ = self._ttft_floor(queued, now)
         return tpot_pace_admits(

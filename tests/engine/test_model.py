@@ -195,7 +195,8 @@ def test_unknown_model_path_is_a_clear_error(tmp_path):
 def test_cpu_kernel_caches_are_bounded_unless_the_environment_says_otherwise(monkeypatch) -> None:
     from app.engine.model import bound_cpu_kernel_caches
 
-    monkeypatch.delenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", raising=False)
+    monkeypatch.setenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "")  # so that teardown restores what was there
+    monkeypatch.delenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY")
     monkeypatch.setenv("LRU_CACHE_CAPACITY", "7")  # a user's own setting wins
     assert bound_cpu_kernel_caches(64) == {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "64", "LRU_CACHE_CAPACITY": "7"}
     with pytest.raises(ValueError, match="cpu_kernel_cache_entries must be positive"):
