@@ -60,6 +60,14 @@ class RequestRecord:
         self.num_tokens += n
         self.token_times.append([round(t, 5), n])
 
+    def shift(self, dt_s: float) -> None:
+        """Move every time of the record by ``dt_s`` (a run that replayed a later block of a workload from 0)."""
+        self.scheduled_s += dt_s
+        for name in ("sent_s", "first_token_s", "last_token_s"):
+            if getattr(self, name) is not None:
+                setattr(self, name, getattr(self, name) + dt_s)
+        self.token_times = [[round(t + dt_s, 5), n] for t, n in self.token_times]
+
     def to_dict(self) -> dict:
         return asdict(self)
 

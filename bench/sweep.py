@@ -9,8 +9,11 @@ ShareGPT + MT-Bench, long ShareGPT summaries; 60/20/20; Poisson or gamma arrival
 unloaded TPOT measured once (policy none, batch 1, as the replica measures it) and sent as absolute ms, so
 every policy faces the same targets; every request also has the server's default TTFT SLO (10x its prompt's idle
 prefill + 1 s; ``--no-ttft`` for the paper's TPOT-only setting), and the summaries report attainment both ways
-(TTFT+TPOT and TPOT only), refusals counting as misses. A policy name may end in ``+noadmission``: the same policy
-with FIFO prefill and no fail-fast (the ablation of the TTFT scheduling). Outputs under ``--out`` (default bench/runs/sweep-<time>/):
+(TTFT+TPOT and TPOT only), refusals counting as misses. A policy name may carry the simulator's ``+`` options
+(``bench.simulate.POLICY_OPTIONS``), e.g. ``adaserve+noadmission`` (FIFO prefill, no fail fast: the ablation of the
+TTFT scheduling) or ``dynamic-tree+slochunk`` (the SLO pace plan under another policy). ``--interleave K`` runs
+each rate's workload as K blocks of consecutive arrivals, every policy on a block before the next block, so that a
+change in the shared machine's speed over the minutes of a sweep falls on every policy alike. Outputs under ``--out`` (default bench/runs/sweep-<time>/):
 requests.jsonl (one line per request), summary.json / summary.csv (per policy x rate x class), steps.json
 (per-run step statistics), profile_cpu.json (the latency profile the simulator uses), the acceptance trace
 of the speculative runs (trace.jsonl), and the plots (bench/plots.py).
@@ -32,6 +35,7 @@ import numpy as np
 
 from bench.loadgen import format_summary, run_engine, run_http, server_accepted_tokens_per_step, summarize, write_jsonl
 from bench.paths import run_dir
+from bench.simulate import POLICY_OPTIONS
 from bench.workloads import CATEGORIES, build_workload, slo_targets_ms
 
 POLICIES = ["none", "chain:4", "chain:6", "chain:8", "static-tree", "dynamic-tree", "adaserve"]
@@ -120,6 +124,7 @@ def sweep_engine(args) -> None:
     engine = LLMEngine(EngineConfig(draft=args.draft, policy="none", device="cpu", kv_cache_memory_gb=1.0,
                                     max_num_seqs=args.max_num_seqs, token_budget=args.token_budget,
                                     profile_latency=False))
+    base_config = engine.config
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:  # a fresh profile, under today's load, not a cached one
         target = profile_target(engine.runner, "embedded", Path(tmp))
@@ -147,21 +152,34 @@ def sweep_engine(args) -> None:
         wl = build_workload(args.num_requests, rate=rate, seed=args.seed, mix=tuple(args.mix), arrival=args.arrival,
                             cv=args.cv, max_tokens_cap=args.max_tokens, prompt_char_cap=args.prompt_chars)
         prompt_ids = [encode_chat(engine, r.messages) for r in wl]
-        current["workload"] = wl
+        runs = {pol: ([], []) for pol in args.policies}  # policy -> (records, steps) over its blocks
+        blocks = arrival_blocks([r.arrival_s for r in wl], args.interleave)
+        for b, idx in enumerate(blocks):
+            # block b: every policy serves the same requests (arrivals from the block's first one), in an order that
+            # rotates from block to block, so that a drift of the machine's speed falls on all policies alike
+            t_block = wl[idx[0]].arrival_s
+            sub = [dataclasses.replace(wl[i], arrival_s=wl[i].arrival_s - t_block) for i in idx]
+            current["workload"] = sub
+            k = b % len(args.policies)
+            for pol in args.policies[k:] + args.policies[:k]:
+                current["policy"] = pol
+                engine.config = engine.scheduler.config = dataclasses.replace(base_config, **_policy_options(pol))
+                t_run = time.perf_counter()
+                recs, steps = run_engine(engine, sub, pol.split("+")[0], slo_ms, max_duration_s=args.max_duration,
+                                         prompt_ids=[prompt_ids[i] for i in idx], ttft=None if args.no_ttft else
+                                         (args.ttft_x_prefill, args.ttft_allowance_ms))
+                for rec in recs:
+                    rec.policy = pol
+                    rec.shift(t_block)
+                runs[pol][0].extend(recs)
+                runs[pol][1].extend(steps)
+                if len(blocks) > 1:
+                    print(f"{pol} @ {rate} req/s, block {b + 1}/{len(blocks)}: {len(recs)} requests in "
+                          f"{time.perf_counter() - t_run:.0f} s", flush=True)
+                recorder.flush()  # write what we have; keep recording
         for pol in args.policies:
-            current["policy"] = pol
-            base, _, option = pol.partition("+")
-            if option not in ("", "noadmission"):
-                raise SystemExit(f"unknown policy option {option!r} in {pol!r} (known: +noadmission)")
-            # "+noadmission": the same policy without TTFT deadline scheduling and fail-fast (FIFO, as before)
-            engine.config = engine.scheduler.config = dataclasses.replace(engine.config,
-                                                                          ttft_admission=option != "noadmission")
-            t_run = time.perf_counter()
-            recs, steps = run_engine(engine, wl, base, slo_ms, max_duration_s=args.max_duration,
-                                     prompt_ids=prompt_ids, ttft=None if args.no_ttft else
-                                     (args.ttft_x_prefill, args.ttft_allowance_ms))
-            for rec in recs:
-                rec.policy = pol
+            recs, steps = runs[pol]
+            recs.sort(key=lambda r: r.index)
             s = summarize(recs)
             steps_d = [{k: getattr(st, k) for k in ("num_tokens", "num_decodes", "num_trees", "num_tree_nodes",
                                                      "num_accepted", "draft_s", "select_s", "verify_s", "accept_s",
@@ -173,9 +191,8 @@ def sweep_engine(args) -> None:
                               **{f"mean_{k}": float(np.mean([d[k] for d in steps_d])) if steps_d else None
                                  for k in ("num_tokens", "num_decodes", "num_tree_nodes", "num_accepted", "draft_s",
                                            "verify_s", "step_s")}})
-            print(format_summary(s, f"{pol} @ {rate} req/s (run {time.perf_counter() - t_run:.0f} s)"), flush=True)
+            print(format_summary(s, f"{pol} @ {rate} req/s"), flush=True)
             write_summaries(out, rows)
-            recorder.flush()  # write what we have; keep recording
     recorder.close()
     from bench.traces import gzip_file
 
@@ -192,6 +209,22 @@ def sweep_engine(args) -> None:
     print(f"host overhead per step {overhead * 1e3:.1f} ms (+{spec_overhead * 1e3:.1f} ms when speculating)")
 
 
+def arrival_blocks(arrival_s: list[float], num_blocks: int) -> list[np.ndarray]:
+    """Indices of the requests in ``num_blocks`` blocks of consecutive arrivals (sizes differ by at most one)."""
+    order = np.argsort(np.asarray(arrival_s, np.float64), kind="stable")
+    return [b for b in np.array_split(order, max(int(num_blocks), 1)) if b.size]
+
+
+def _policy_options(policy: str) -> dict:
+    """The engine options a policy name's ``+`` suffixes set (``bench.simulate.POLICY_OPTIONS``, the simulator's
+    table): ``adaserve+noadmission`` is adaserve with ``ttft_admission: false``."""
+    base, *suffixes = policy.split("+")
+    unknown = sorted(set(suffixes) - set(POLICY_OPTIONS))
+    if unknown:
+        raise SystemExit(f"unknown policy options {unknown} in {policy!r} (known: {', '.join(POLICY_OPTIONS)})")
+    return {k: v for suffix in suffixes for k, v in POLICY_OPTIONS[suffix].items()}
+
+
 def _http_config(tmp: Path, policy: str, token_budget: int | None, threads: int, max_num_seqs: int,
                  draft: str) -> Path:
     from bench import serve as serve_bench
@@ -201,10 +234,12 @@ def _http_config(tmp: Path, policy: str, token_budget: int | None, threads: int,
 
     raw = yaml.safe_load(path.read_text())
     eng = raw["applications"][0]["args"]["engine"]
-    eng.update({"policy": policy, "draft": draft if policy != "none" else None, "max_num_seqs": max_num_seqs})
+    base = policy.split("+")[0]
+    eng.update({"policy": base, "draft": draft if base != "none" else None, "max_num_seqs": max_num_seqs,
+                **_policy_options(policy)})
     if token_budget is not None:
         eng["token_budget"] = token_budget
-    out = tmp / f"serve_{policy.replace(':', '_')}.yaml"
+    out = tmp / f"serve_{policy.replace(':', '_').replace('+', '_')}.yaml"
     out.write_text(yaml.safe_dump(raw, sort_keys=False))
     return out
 
@@ -272,7 +307,11 @@ def main() -> None:
                     help="engine step token budget (roots included); the profiled default is ~2 on this CPU")
     ap.add_argument("--max-num-seqs", type=int, default=32)
     ap.add_argument("--draft", default="feature,ngram", help="draft sources for the engine (e.g. feature, distilled,ngram)")
-    ap.add_argument("--max-duration", type=float, default=150.0, help="per run (policy x rate)")
+    ap.add_argument("--max-duration", type=float, default=150.0, help="per run (policy x rate x block)")
+    ap.add_argument("--interleave", type=int, default=1, metavar="K",
+                    help="split each rate's workload into K blocks of consecutive arrivals and run every policy on "
+                         "block 1, then block 2, ... (policy order rotating): ratios between policies then see the "
+                         "same machine; each block starts from an idle engine")
     ap.add_argument("--absolute-ms", type=float, nargs=3, default=None, metavar=("CODING", "CHAT", "SUMM"))
     ap.add_argument("--ttft-x-prefill", type=float, default=10.0,
                     help="every request's TTFT SLO: this x the idle prefill time of its prompt ... (the server's default)")
@@ -283,6 +322,12 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=run_dir("sweep"), help="default: a fresh bench/runs/sweep-<time>/")
     ap.add_argument("--no-plots", action="store_true")
     args = ap.parse_args()
+    if args.mode == "http" and args.interleave != 1:
+        ap.error("--interleave applies to --mode engine (an HTTP run starts one server per policy)")
+    if args.interleave < 1:
+        ap.error(f"--interleave must be >= 1, got {args.interleave}")
+    for pol in args.policies:
+        _policy_options(pol)  # a misspelled option fails before any run
     (sweep_engine if args.mode == "engine" else sweep_http)(args)
     if not args.no_plots:
         from bench.plots import plot_sweep

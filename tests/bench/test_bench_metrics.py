@@ -53,3 +53,18 @@ def test_percentiles_and_record_tokens():
     r.add_tokens(0.9, 0)
     assert (r.first_token_s, r.last_token_s, r.num_tokens) == (0.5, 0.7, 3)
     assert tpot_s(r) == pytest.approx(0.1) and attained(r)
+
+
+def test_record_shift_moves_every_time():
+    r = RequestRecord(0, "chat", "chat", "none", 100.0, scheduled_s=0.1)
+    r.sent_s = 0.1
+    r.add_tokens(0.5, 1)
+    r.add_tokens(0.7, 2)
+    before = (ttft_s(r), tpot_s(r))
+    r.shift(10.0)
+    assert (r.scheduled_s, r.sent_s, r.first_token_s, r.last_token_s) == pytest.approx((10.1, 10.1, 10.5, 10.7))
+    assert [t for t, _ in r.token_times] == pytest.approx([10.5, 10.7])
+    assert (ttft_s(r), tpot_s(r)) == pytest.approx(before)
+    unsent = RequestRecord(1, "chat", "chat", "none", 100.0, scheduled_s=1.0)
+    unsent.shift(2.0)
+    assert unsent.scheduled_s == 3.0 and unsent.first_token_s is None
