@@ -182,7 +182,8 @@ def run_engine(engine, workload: list[WorkloadRequest], policy: str, slo_ms: dic
     (between steps, as the replica's loop does), every step's new tokens are stamped when the step returns.
     ``ttft``: (x idle prefill, allowance ms), every request's relative TTFT SLO, as the server's default.
     Returns the records and the engine's StepResults of this run. Requests still running at
-    ``max_duration_s`` are aborted and recorded with error "timeout"; refused ones with "slo_unattainable"."""
+    ``max_duration_s`` are aborted and recorded with error "timeout"; refused ones (on arrival, or later in the queue
+    when their TTFT became unattainable) with "slo_unattainable", failed ones with "error"."""
     from app.engine.config import SamplingParams
     from app.engine.errors import SLOUnattainableError
 
@@ -234,6 +235,8 @@ def run_engine(engine, workload: list[WorkloadRequest], policy: str, slo_ms: dic
             rec.add_tokens(t, len(o.new_token_ids))
             if o.finished:
                 live.discard(o.request_id)
+                if o.finish_reason in ("slo_unattainable", "error", "abort"):  # refused in the queue, or failed
+                    rec.error = o.finish_reason
                 if o.metrics is not None:
                     rec.spec_steps, rec.accepted_draft_tokens = o.metrics.num_spec_steps, o.metrics.num_accepted_draft_tokens
                 bar.update(1)

@@ -68,3 +68,35 @@ def test_record_shift_moves_every_time():
     unsent = RequestRecord(1, "chat", "chat", "none", 100.0, scheduled_s=1.0)
     unsent.shift(2.0)
     assert unsent.scheduled_s == 3.0 and unsent.first_token_s is None
+
+
+class _QueueRefusingEngine:
+    """run_engine's view of an engine: request "1" is refused in the queue (after it was admitted), "0" decodes."""
+
+    def __init__(self):
+        self.requests, self.num_steps, self.step_history = {}, 0, []
+
+    def add_request(self, prompt_ids, sampling, *, request_id, **kw):
+        from types import SimpleNamespace
+
+        self.requests[request_id] = SimpleNamespace(ttft_slo_ms=1000.0)
+
+    def step(self):
+        from app.engine.request import RequestOutput
+
+        self.num_steps += 1
+        if self.num_steps == 1:
+            return [RequestOutput("0", [5], "x", False), RequestOutput("1", [], "", True, "slo_unattainable")]
+        return [RequestOutput("0", [6], "y", True, "length")]
+
+
+def test_run_engine_records_a_refusal_in_the_queue():
+    from bench.loadgen import run_engine
+    from bench.workloads import WorkloadRequest
+
+    wl = [WorkloadRequest(i, "chat", "chat", [{"role": "user", "content": "hi"}], 2, 0.0, "test") for i in range(2)]
+    recs, _ = run_engine(_QueueRefusingEngine(), wl, "adaserve", {"chat": 100.0}, progress=False,
+                         prompt_ids=[[1, 2], [3, 4]], ttft=(10.0, 1000.0))
+    assert recs[0].error is None and recs[0].num_tokens == 2
+    assert recs[1].error == "slo_unattainable" and recs[1].num_tokens == 0
+    assert summarize(recs)["overall"]["rejected"] == 1
