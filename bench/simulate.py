@@ -103,6 +103,7 @@ POLICY_OPTIONS = {  # "POLICY+name": the engine option a simulated run sets
     "slochunk": {"slo_prefill": True},
     "noslochunk": {"slo_prefill": False},
     "noadmission": {"ttft_admission": False},
+    "calib": {"calibrate_latency": True},  # an engine option; a no-op here, where steps take the profile's time
 }
 
 

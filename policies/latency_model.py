@@ -132,6 +132,16 @@ class LatencyModel:
         y = np.asarray(self.tokens(num_tokens)) + self.context_s_per_token * ctx
         return float(y) if y.ndim == 0 else y
 
+    def scaled(self, factor: float) -> "LatencyModel":
+        """This model with every prediction multiplied by ``factor`` (> 0): the profile recalibrated to the speed
+        the steps are measured at now."""
+        f = float(factor)
+        if not f > 0:
+            raise ValueError(f"a latency model's scale must be > 0, got {factor}")
+        pw = self.tokens
+        return LatencyModel(PiecewiseLinear(pw.knots, tuple(v * f for v in pw.values), pw.tail_slope * f),
+                            self.context_s_per_token * f)
+
     def to_dict(self) -> dict:
         """JSON-ready dict; ``from_dict`` inverts it."""
         return {

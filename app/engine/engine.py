@@ -528,6 +528,7 @@ class LLMEngine:
             "draft_tokens_accepted": t.accepted,
             "prefill_held_steps": t.prefill_held_steps,  # steps the TPOT SLOs kept prompts waiting
             "prefill_queue_s": self.scheduler.queue_drain_s(time.perf_counter()),  # queued prefill at full speed
+            "latency_scale": self.scheduler.latency_scale,  # measured / profiled step time, recent steps
             # where the engine's time went, over all steps so far
             "step_time_split_s": {k: getattr(t, k) for k in ("draft_s", "select_s", "verify_s", "accept_s", "step_s")},
         }

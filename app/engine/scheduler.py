@@ -28,13 +28,18 @@ from policies.step_plan import split_step_tokens
 from policies.tree_selection import SLOState, parse_policy, required_acceptance
 
 
+LATENCY_EMA = 0.05  # weight of the newest step in ``latency_scale``: ~20 steps, a second or two of serving
+
+
 class Scheduler:
     def __init__(self, config: EngineConfig, kv_cache: KVCache, *, speculative: bool,
                  latency_model: LatencyModel | None = None, token_budget: int | None = None):
         self.config = config
         self.kv = kv_cache
         self.speculative = speculative  # a draft source is loaded (a request may speculate)
-        self.latency_model = latency_model  # None: no priced cut-offs and no SLO pace plan
+        self.latency_model = latency_model  # the profile; None: no priced cut-offs and no SLO pace plan
+        self.latency_scale = 1.0  # measured / predicted step time, EMA over recent steps (priced in: ``calibrate_latency``)
+        self._scaled: tuple[LatencyModel, float, LatencyModel] | None = None
         self.token_budget = token_budget or config.max_num_batched_tokens  # B: step tokens, roots included
         self.default_policy = parse_policy(config.policy)
         self.max_tree_nodes = min(config.max_tree_nodes, MAX_TREE_TOKENS - 1)  # the root takes one mask bit
@@ -57,6 +62,17 @@ class Scheduler:
 
     def policy_of(self, req: Request):
         return parse_policy(req.policy) if req.policy else self.default_policy
+
+    @property
+    def model(self) -> LatencyModel | None:
+        """The latency profile every plan and admission decision is priced with: scaled to the measured speed where
+        ``calibrate_latency`` is on."""
+        base = self.latency_model
+        if base is None or self.latency_scale == 1.0 or not self.config.calibrate_latency:
+            return base
+        if self._scaled is None or self._scaled[0] is not base or self._scaled[1] != self.latency_scale:
+            self._scaled = (base, self.latency_scale, base.scaled(self.latency_scale))
+        return self._scaled[2]
 
     # ---- the plan -------------------------------------------------------------------------------------------
     def schedule(self, now: float) -> StepPlan:
@@ -156,7 +172,7 @@ class Scheduler:
             return np.ones(len(queued), bool), queued
         if extra is not None:
             args["deadline_s"][queued.index(extra)] = extra.arrival_time + extra.ttft_slo_ms / 1e3 * (1.0 - headroom)
-        return ttft_feasible(self.latency_model, **args), queued
+        return ttft_feasible(self.model, **args), queued
 
     def _queued_with(self, extra: Request | None) -> list[Request]:
         """The prefill candidates in service order, with ``extra`` (a newcomer) in its EDF place among the waiting."""
@@ -177,7 +193,7 @@ class Scheduler:
         reqs = [r for r in self.running if r.is_decoding] + queued
         floor, _ = self._ttft_floor(queued, now)
         return tpot_pace_admits(
-            self.latency_model, newcomer=reqs.index(extra), tpot_slo_s=self._pace_slo_s(reqs),
+            self.model, newcomer=reqs.index(extra), tpot_slo_s=self._pace_slo_s(reqs),
             remaining_tokens=np.array([r.sampling.max_tokens - max(r.num_output_tokens, 1) for r in reqs]),
             decode_time_s=np.array([r.decode_time_s(now) for r in reqs]),
             decoded_tokens=np.array([max(r.num_output_tokens - 1, 0) for r in reqs]), prefill_floor_tokens=floor,
@@ -214,7 +230,7 @@ class Scheduler:
         args = self._ttft_inputs(queued, now)
         if args is None:
             return 0, np.ones(len(queued), bool)
-        return ttft_prefill_floor(self.latency_model, **args)
+        return ttft_prefill_floor(self.model, **args)
 
     def _ttft_inputs(self, queued: list[Request], now: float) -> dict | None:
         """The service model's inputs for ``policies.admission`` (None: TTFT scheduling is off or has no profile)."""
@@ -289,7 +305,7 @@ class Scheduler:
             return cfg.max_num_batched_tokens, 0
         ttft_floor, _ = self._ttft_floor(queued, now)
         prefill, nodes = slo_step_plan(
-            self.latency_model, root_tokens=len(decodes), decode_time_s=np.array([r.decode_time_s(now) for r in decodes]),
+            self.model, root_tokens=len(decodes), decode_time_s=np.array([r.decode_time_s(now) for r in decodes]),
             decoded_tokens=np.array([max(r.num_output_tokens - 1, 0) for r in decodes]),
             tpot_slo_s=self._pace_slo_s(decodes),
             remaining_tokens=np.array([r.sampling.max_tokens - r.num_output_tokens for r in decodes]),
@@ -305,13 +321,13 @@ class Scheduler:
             return
         expected = roots * self.totals.tokens_per_tree_step
         plan.pricing = NodePricing(
-            latency_model=self.latency_model, base_tokens=roots + prefill, context_tokens=context, num_roots=roots,
-            min_path_prob=min_worthwhile_path_prob(self.latency_model, roots + prefill, context, expected),
+            latency_model=self.model, base_tokens=roots + prefill, context_tokens=context, num_roots=roots,
+            min_path_prob=min_worthwhile_path_prob(self.model, roots + prefill, context, expected),
             tokens_per_s=expected / max(plan.predicted_step_s, 1e-6))
 
     def predicted_step_s(self, num_tokens: int, context_tokens: int) -> float:
         if self.latency_model is not None:
-            return float(self.latency_model.predict(num_tokens, context_tokens))
+            return float(self.model.predict(num_tokens, context_tokens))
         return self.step_ema_s or 0.05
 
     def _grow(self, req: Request, num_tokens: int, plan: StepPlan) -> bool:
@@ -341,12 +357,27 @@ class Scheduler:
                 c.request.num_accepted_draft_tokens += tree.num_accepted
             if c.request.status is RequestStatus.RUNNING:
                 self.kv.cache_full_blocks(c.request)  # full blocks of computed tokens join the prefix cache
+        self._calibrate(plan, result)
         self.totals.add(plan, result)
         ema = self.step_ema_s
         self.step_ema_s = result.step_s if ema is None else 0.8 * ema + 0.2 * result.step_s
         if result.num_decodes:
             self.step_overhead_ema_s = (0.9 * self.step_overhead_ema_s
                                         + 0.1 * max(result.step_s - result.verify_s, 0.0))
+
+    def _calibrate(self, plan: StepPlan, result: StepResult) -> None:
+        """Move ``latency_scale`` toward this step's measured / predicted target time (an EMA of its log, each step
+        clipped to [1/4, 4] so that one stalled step cannot swing it). Tracked whether or not it is priced in: the
+        replica exports it as the profile's error. Called before ``update`` advances the requests: the context is
+        what the step read."""
+        if self.latency_model is None or result.num_tokens <= 0:
+            return
+        context = sum(c.request.num_computed_tokens for c in plan.decodes)
+        predicted = float(self.latency_model.predict(result.num_tokens, context))
+        if predicted <= 0 or result.verify_s <= 0:
+            return
+        ratio = min(max(result.verify_s / predicted, 0.25), 4.0)
+        self.latency_scale = float(np.exp((1 - LATENCY_EMA) * np.log(self.latency_scale) + LATENCY_EMA * np.log(ratio)))
 
     def preempt(self, req: Request) -> None:
         self.running.remove(req)

@@ -28,3 +28,9 @@ def test_prefix_cache_gauges_per_replica():
     assert g[("adaserve_replica_prefix_cache_evictions", "r1")] == 7
     assert ("adaserve_replica_prefix_cache_blocks", "r2") not in g
     assert abs(g[("adaserve_replica_kv_usage_ratio", "r1")] - 0.1) < 1e-9
+
+
+def test_latency_scale_gauge_per_replica():
+    g = _gauges(ServeMetrics(lambda: {"r1": {"latency_scale": 1.32}, "r2": {}}))
+    assert g[("adaserve_replica_latency_scale", "r1")] == 1.32
+    assert ("adaserve_replica_latency_scale", "r2") not in g

@@ -4,12 +4,14 @@ relative TTFT targets, and output unchanged by the order (float32, greedy)."""
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 
 import pytest
 
 from app.engine.config import EngineConfig, SamplingParams
 from app.engine.engine import InvalidRequestError, LLMEngine, SLOUnattainableError
+from app.engine.scheduler import LATENCY_EMA
 from policies.latency_model import LatencyModel, PiecewiseLinear
 
 # 10 ms a step plus 1 ms a token: a 16-token chunk takes 26 ms, a 40-token step 50 ms
@@ -22,6 +24,34 @@ def _engine(**kw) -> LLMEngine:
                                     max_num_batched_tokens=40, max_num_seqs=8, dtype="float32", **kw))
     engine.scheduler.latency_model = LINEAR  # the profile a speculating replica measures at start
     return engine
+
+
+def test_the_profile_is_calibrated_to_the_measured_step_time():
+    engine = _engine(calibrate_latency=True)
+    assert engine.scheduler.latency_scale == 1.0 and engine.scheduler.model is LINEAR
+    engine.add_request(LONG, SamplingParams(max_tokens=24), request_id="a")
+    ratios = []
+    while engine.has_unfinished():
+        engine.step()
+        r = engine.step_history[-1]
+        ratios.append(min(max(r.verify_s / LINEAR.predict(r.num_tokens, 0), 0.25), 4.0))
+    scale = engine.scheduler.latency_scale
+    expected = 0.0  # the EMA of the log ratio, from 1 (LINEAR has no context term: the context does not matter)
+    for ratio in ratios:
+        expected = (1 - LATENCY_EMA) * expected + LATENCY_EMA * math.log(ratio)
+    assert scale == pytest.approx(math.exp(expected)) and scale != 1.0
+    assert engine.stats()["latency_scale"] == scale
+    model = engine.scheduler.model
+    assert model.predict(40, 100) == pytest.approx(scale * LINEAR.predict(40, 100))
+    assert engine.scheduler.predicted_step_s(40, 100) == pytest.approx(scale * LINEAR.predict(40, 100))
+    assert engine.idle_prefill_s(100) == pytest.approx(sum(0.01 + 0.001 * min(16, 100 - s) for s in range(0, 100, 16))
+                                                       + engine.scheduler.step_overhead_ema_s * 7)  # SLOs: the profile
+    off = _engine()  # the default: tracked (the replica exports it), not priced in
+    off.add_request(LONG, SamplingParams(max_tokens=4))
+    while off.has_unfinished():
+        off.step()
+    assert off.scheduler.latency_scale != 1.0 and off.scheduler.model is LINEAR
+    assert off.scheduler.predicted_step_s(40, 100) == LINEAR.predict(40, 100)
 
 
 @pytest.fixture

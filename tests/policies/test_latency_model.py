@@ -87,3 +87,14 @@ def test_nnls_matches_scipy():
         ref, _ = scipy_optimize.nnls(a, b)
         assert (x >= 0).all()
         assert np.linalg.norm(a @ x - b) == pytest.approx(np.linalg.norm(a @ ref - b), rel=1e-7, abs=1e-10)
+
+
+def test_scaled_multiplies_every_prediction():
+    model = LatencyModel(PiecewiseLinear((1.0, 16.0, 64.0), (0.01, 0.02, 0.05), 0.001), 1e-5)
+    fast = model.scaled(0.5)
+    sizes, ctx = np.array([1, 8, 16, 40, 64, 200]), np.array([0, 10, 500, 1000, 0, 4000])
+    np.testing.assert_allclose(fast.predict(sizes, ctx), 0.5 * model.predict(sizes, ctx))
+    assert model.scaled(1.0).predict(30, 7) == pytest.approx(model.predict(30, 7))
+    for bad in (0.0, -1.0, float("nan")):
+        with pytest.raises(ValueError, match="scale"):
+            model.scaled(bad)
