@@ -13,10 +13,10 @@ prefill + 1 s; ``--no-ttft`` for the paper's TPOT-only setting), and the summari
 (``bench.simulate.POLICY_OPTIONS``), e.g. ``adaserve+noadmission`` (FIFO prefill, no fail fast: the ablation of the
 TTFT scheduling) or ``dynamic-tree+slochunk`` (the SLO pace plan under another policy). ``--interleave K`` runs
 each rate's workload as K blocks of consecutive arrivals, every policy on a block before the next block, so that a
-change in the shared machine's speed over the minutes of a sweep falls on every policy alike. Outputs under ``--out`` (default bench/runs/sweep-<time>/):
-requests.jsonl (one line per request), summary.json / summary.csv (per policy x rate x class), steps.json
-(per-run step statistics), profile_cpu.json (the latency profile the simulator uses), the acceptance trace
-of the speculative runs (trace.jsonl), and the plots (bench/plots.py).
+change in the shared machine's speed over the minutes of a sweep falls on every policy alike. Outputs under
+``--out`` (default bench/runs/sweep-<time>/): requests.jsonl (one line per request), summary.json / summary.csv
+(per policy x rate x class), steps.json (per-run step statistics), profile_cpu.json (the latency profile the
+simulator uses), the acceptance trace of the speculative runs (trace.jsonl), and the plots (bench/plots.py).
 """
 
 from __future__ import annotations
