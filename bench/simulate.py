@@ -107,6 +107,16 @@ POLICY_OPTIONS = {  # "POLICY+name": the engine option a simulated run sets
 }
 
 
+def split_policy_options(policy: str) -> tuple[str, dict]:
+    """``dynamic-tree+slochunk`` -> ("dynamic-tree", the engine options its ``+`` suffixes set, ``POLICY_OPTIONS``);
+    ValueError on an unknown suffix. ``bench.sweep`` reads policy names the same way."""
+    base, *suffixes = policy.split("+")
+    unknown = sorted(set(suffixes) - set(POLICY_OPTIONS))
+    if unknown:
+        raise ValueError(f"unknown policy options {unknown} in {policy!r} (known: {', '.join(POLICY_OPTIONS)})")
+    return base, {k: v for suffix in suffixes for k, v in POLICY_OPTIONS[suffix].items()}
+
+
 @dataclass(frozen=True)
 class SimConfig:
     """A simulated replica is an engine with this ``EngineConfig`` (its defaults, its names)."""
@@ -121,13 +131,8 @@ class SimConfig:
     def of(cls, policy: str, *, num_replicas: int = 1, seed: int = 0, max_sim_s: float = 3600.0,
            **engine_options) -> "SimConfig":
         """``policy`` may carry ``+`` suffixes from ``POLICY_OPTIONS``; other engine fields as keywords."""
-        base, *suffixes = policy.split("+")
-        unknown = sorted(set(suffixes) - set(POLICY_OPTIONS))
-        if unknown:
-            raise ValueError(f"unknown policy options {unknown} (known: {', '.join(POLICY_OPTIONS)})")
-        for suffix in suffixes:
-            engine_options.update(POLICY_OPTIONS[suffix])
-        return cls(EngineConfig(policy=base, **engine_options), policy, num_replicas, seed, max_sim_s)
+        base, options = split_policy_options(policy)
+        return cls(EngineConfig(policy=base, **engine_options, **options), policy, num_replicas, seed, max_sim_s)
 
     @property
     def policy(self) -> str:
@@ -729,9 +734,7 @@ def calibrated_profile(profile: Profile, steps: list[dict]) -> Profile:
 
 def scaled_profile(profile: Profile, factor: float) -> Profile:
     """Every cost x factor (the machine got uniformly slower or faster: shared cores)."""
-    t = profile.target
-    pw = PiecewiseLinear(t.tokens.knots, tuple(v * factor for v in t.tokens.values), t.tokens.tail_slope * factor)
-    return Profile(profile.name, LatencyModel(pw, t.context_s_per_token * factor), profile.draft_level_s * factor,
+    return Profile(profile.name, profile.target.scaled(factor), profile.draft_level_s * factor,
                    profile.draft_token_s * factor, profile.overhead_s * factor, profile.spec_overhead_s * factor)
 
 
@@ -871,6 +874,11 @@ def main() -> None:
     args = ap.parse_args()
     if not args.confidence_z >= 0:
         ap.error(f"--confidence-z must be >= 0, got {args.confidence_z}")
+    for pol in args.policies:
+        try:
+            split_policy_options(pol)
+        except ValueError as exc:
+            ap.error(str(exc))
     if args.headline is not None:
         rows = json.loads(args.headline.read_text())
         for focus in sorted({r["policy"] for r in rows if r["policy"].startswith("adaserve")}):

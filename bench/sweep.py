@@ -35,7 +35,7 @@ import numpy as np
 
 from bench.loadgen import format_summary, run_engine, run_http, server_accepted_tokens_per_step, summarize, write_jsonl
 from bench.paths import run_dir
-from bench.simulate import POLICY_OPTIONS
+from bench.simulate import split_policy_options
 from bench.workloads import CATEGORIES, build_workload, slo_targets_ms
 
 POLICIES = ["none", "chain:4", "chain:6", "chain:8", "static-tree", "dynamic-tree", "adaserve"]
@@ -216,13 +216,12 @@ def arrival_blocks(arrival_s: list[float], num_blocks: int) -> list[np.ndarray]:
 
 
 def _policy_options(policy: str) -> dict:
-    """The engine options a policy name's ``+`` suffixes set (``bench.simulate.POLICY_OPTIONS``, the simulator's
-    table): ``adaserve+noadmission`` is adaserve with ``ttft_admission: false``."""
-    base, *suffixes = policy.split("+")
-    unknown = sorted(set(suffixes) - set(POLICY_OPTIONS))
-    if unknown:
-        raise SystemExit(f"unknown policy options {unknown} in {policy!r} (known: {', '.join(POLICY_OPTIONS)})")
-    return {k: v for suffix in suffixes for k, v in POLICY_OPTIONS[suffix].items()}
+    """The engine options a policy name's ``+`` suffixes set (``bench.simulate.split_policy_options``, the
+    simulator's table): ``adaserve+noadmission`` is adaserve with ``ttft_admission: false``. A bad name exits."""
+    try:
+        return split_policy_options(policy)[1]
+    except ValueError as exc:
+        raise SystemExit(str(exc)) from None
 
 
 def _http_config(tmp: Path, policy: str, token_budget: int | None, threads: int, max_num_seqs: int,
