@@ -35,7 +35,7 @@ _REPLICA_GAUGES = (
     ("unloaded_tpot_seconds", "unloaded_tpot_s", "TPOT of one request on the idle replica (SLO baseline)"),
     ("prefill_held_steps", "prefill_held_steps", "Engine steps whose prompts waited for the running TPOT SLOs"),
     ("latency_scale", "latency_scale",
-     "Measured / profiled target step time over recent steps: planning and admission price steps with the profile x this"),
+     "Measured / profiled target step time over recent steps (priced into planning with calibrate_latency)"),
     ("prefix_cache_hit_ratio", "prefix_cache_hit_rate",
      "Admitted prompt tokens whose KV the prefix cache supplied / all admitted prompt tokens, since start"),
     ("prefix_cache_hit_tokens", "prefix_cache_hit_tokens", "Prompt tokens the prefix cache supplied, since start"),
