@@ -506,6 +506,8 @@ class LLMReplica:
             "prefill_held_steps": int(s.get("prefill_held_steps", 0)),
             "prefill_queue_s": float(s.get("prefill_queue_s", 0.0)),
             "latency_scale": float(s.get("latency_scale", 1.0)),
+            "prefill_capacity_tok_s": s.get("prefill_capacity_tok_s"),
+            "shed_cutoff_tokens": s.get("shed_cutoff_tokens"),  # None: every prompt length is admitted
             "slo_rejections": self.loop.num_slo_rejections,
             "prefix_cache_hit_rate": float(prefix.get("hit_rate", 0.0)),  # of admitted prompt tokens, so far
             "prefix_cache_hit_tokens": int(prefix.get("hit_tokens", 0)),

@@ -226,6 +226,8 @@ def run_engine(engine, workload: list[WorkloadRequest], policy: str, slo_ms: dic
             recs[i].ttft_slo_ms = engine.requests[str(i)].ttft_slo_ms
             live.add(str(i))
         if not live:
+            if pos == len(pending):  # the last arrivals were refused: nothing left to serve or send
+                break
             time.sleep(max(0.0, min(workload[pending[pos]].arrival_s - now, 0.5)))
             continue
         outs = engine.step()

@@ -25,7 +25,8 @@ Profiles (``Profile``): measured on this CPU (bench/results/profile_cpu.json, --
 4xA100 (paper: 128 tokens/step ~55 ms, 512 ~125 ms, 1024 ~205 ms; 1B draft ~3 ms per level).
 
 Policies are engine policy names; a ``+`` suffix sets an engine option for that run (``POLICY_OPTIONS``:
-``+notriage`` is ``slo_triage: false``, ``+slochunk`` / ``+noslochunk`` is ``slo_prefill: true / false``).
+``+notriage`` is ``slo_triage: false``, ``+slochunk`` / ``+noslochunk`` is ``slo_prefill: true / false``,
+``+shed`` / ``+noshed`` is ``overload_shedding: true / false``).
 
 CLI: ``python -m bench.simulate --profile 70b --rates 2 4 8 16 -n 2000 --replicas 4``.
 """
@@ -49,7 +50,8 @@ from bench.paths import RESULTS
 from bench.traces import AcceptanceModel, load_trace
 from bench.workloads import SLO_CLASSES, WorkloadRequest
 from policies import routing, token_tree
-from policies.admission import (deadline_order, idle_prefill_s, newcomer_fits, pace_tpot_slo_s, running_finish_times_s,
+from policies.admission import (OfferedPrefill, deadline_order, idle_prefill_s, newcomer_fits, pace_tpot_slo_s,
+                                running_finish_times_s,
                                 slot_ready_times_s, tpot_pace_admits, ttft_feasible, ttft_prefill_floor)
 from policies.budget import choose_token_budget, slo_step_plan, throughput_cut_path_prob
 from policies.step_plan import split_step_tokens
@@ -103,6 +105,8 @@ POLICY_OPTIONS = {  # "POLICY+name": the engine option a simulated run sets
     "slochunk": {"slo_prefill": True},
     "noslochunk": {"slo_prefill": False},
     "noadmission": {"ttft_admission": False},
+    "shed": {"overload_shedding": True},
+    "noshed": {"overload_shedding": False},
     "calib": {"calibrate_latency": True},  # an engine option; a no-op here, where steps take the profile's time
 }
 
@@ -175,6 +179,7 @@ class _Replica:
     busy_s: float = 0.0
     select_s: float = 0.0
     routable: bool = True  # False while starting or draining (bench.simulate_cluster): the router skips it
+    offered: OfferedPrefill = field(default_factory=OfferedPrefill)  # overload shedding's arrivals and capacity
 
 
 class Simulator:
@@ -303,16 +308,27 @@ class Simulator:
             return reps[order[0]]
         for rid in order:
             rep = reps[rid]
+            if self._sheds(rep, i, now):
+                continue
             queued, after_order = self._queued(rep), self._queued(rep, extra=i)
             before = self._feasible(rep, queued, now)
             after = self._feasible(rep, after_order, now, newcomer=i, headroom=e.ttft_admission_headroom)
             if newcomer_fits(queued, before, after_order, after, i) and self._pace_admits(rep, after_order, i, now):
+                rep.offered.observe_admission(now, int(self.prompt[i]))
                 return rep
+            rep.offered.observe_refusal(now)  # the scheduler's: overloaded, overload shedding may choose whom to refuse
         if e.on_unattainable == "best_effort":
             self.best_effort[i] = True
             return reps[order[0]]
         self.refused[i] = True
         return None
+
+    def _sheds(self, rep: _Replica, i: int, now: float) -> bool:
+        """The scheduler's ``shed_cutoff_tokens``: record the arrival; is request i's prompt over the cutoff?"""
+        rep.offered.observe_arrival(now, int(self.prompt[i]))
+        if not (self.cfg.engine.overload_shedding and self.slo_prefill):
+            return False
+        return bool(self.prompt[i] > rep.offered.cutoff_tokens(now))
 
     def _queued(self, rep: _Replica, extra: int | None = None) -> list[int]:
         """Prompts a replica still has to prefill, in service order (the scheduler's ``_prefill_candidates``)."""
@@ -413,8 +429,9 @@ class Simulator:
             rep.waiting = deque(self._edf([i for i in rep.waiting if i not in refuse]))
         candidates = self._queued(rep)
         num_running_prefills = len(candidates) - len(rep.waiting)
+        remaining = [int(self.prompt[i] - self.computed[i]) for i in candidates]
         split = split_step_tokens(
-            num_roots=len(decodes), prefill_remaining=[int(self.prompt[i] - self.computed[i]) for i in candidates],
+            num_roots=len(decodes), prefill_remaining=remaining,
             num_running_prefills=num_running_prefills, free_seq_slots=e.max_num_seqs - len(rep.running),
             max_num_batched_tokens=e.max_num_batched_tokens, prefill_chunk_tokens=e.prefill_chunk_tokens,
             token_budget=self.token_budget, prefill_cap=cap, slo_nodes=slo_nodes)
@@ -441,6 +458,8 @@ class Simulator:
         t_target = float(self.p.target.predict(num_tokens, ctx_all))
         dt = t_target + draft_s + self.p.overhead_s + (self.p.spec_overhead_s if nodes else 0.0)
         rep.busy, rep.steps, rep.busy_s = True, rep.steps + 1, rep.busy_s + dt
+        if sum(remaining) > prefill_tokens:  # the scheduler's prompts_left_waiting: overload shedding's capacity
+            rep.offered.observe_saturated_step(prefill_tokens, dt)
         pending[rep.rid] = (dec, gained, spec_mask, prefills, dt - t_target)
         heapq.heappush(events, (now + dt, seq, rep.rid))
         return seq + 1

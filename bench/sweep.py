@@ -37,6 +37,7 @@ from bench.loadgen import format_summary, run_engine, run_http, server_accepted_
 from bench.paths import run_dir
 from bench.simulate import split_policy_options
 from bench.workloads import CATEGORIES, build_workload, slo_targets_ms
+from policies.admission import OfferedPrefill
 
 POLICIES = ["none", "chain:4", "chain:6", "chain:8", "static-tree", "dynamic-tree", "adaserve"]
 
@@ -164,6 +165,8 @@ def sweep_engine(args) -> None:
             for pol in args.policies[k:] + args.policies[:k]:
                 current["policy"] = pol
                 engine.config = engine.scheduler.config = dataclasses.replace(base_config, **_policy_options(pol))
+                # overload shedding judges the load this policy's run offers, not what the previous runs left
+                engine.scheduler.offered_prefill = OfferedPrefill()
                 t_run = time.perf_counter()
                 recs, steps = run_engine(engine, sub, pol.split("+")[0], slo_ms, max_duration_s=args.max_duration,
                                          prompt_ids=[prompt_ids[i] for i in idx], ttft=None if args.no_ttft else

@@ -266,21 +266,31 @@ class LLMEngine:
         if self.scheduler.latency_model is None or not self.config.ttft_admission:
             return
         now = time.perf_counter()
+        cutoff = self.scheduler.shed_cutoff_tokens(now, req)
+        if req.num_prompt_tokens > cutoff:
+            self._unattainable(req, f"this replica is overloaded and admits prompts of at most {cutoff:.0f} tokens "
+                                    f"now, the shortest first; this one has {req.num_prompt_tokens}", now)
+            return
         before, queued_before = self.scheduler.ttft_feasible(now)
         # the newcomer must fit with headroom: a prediction made now misses the load that arrives after it
         after, queued = self.scheduler.ttft_feasible(now, extra=req, headroom=self.config.ttft_admission_headroom)
         ttft_fits = newcomer_fits([r.request_id for r in queued_before], before, [r.request_id for r in queued],
                                   after, req.request_id)
         if ttft_fits and self.scheduler.pace_admits(now, req, queued):
-            return
-        if self.config.on_unattainable == "best_effort":
-            req.best_effort = True
+            self.scheduler.offered_prefill.observe_admission(now, req.num_prompt_tokens)
             return
         why = ("the prompts queued ahead of it take longer" if not ttft_fits else
                "the requests it already serves leave no room on their TPOT pace for it")
-        raise SLOUnattainableError(
-            f"this replica cannot meet ttft_slo_ms {req.ttft_slo_ms:.4g} and tpot_slo_ms {req.tpot_slo_ms} for a "
-            f"{req.num_prompt_tokens}-token prompt now: {why}", retry_after_s=self.scheduler.queue_drain_s(now))
+        self.scheduler.offered_prefill.observe_refusal(now)  # overloaded: overload shedding may choose whom to refuse
+        self._unattainable(req, f"this replica cannot meet ttft_slo_ms {req.ttft_slo_ms:.4g} and tpot_slo_ms "
+                                f"{req.tpot_slo_ms} for a {req.num_prompt_tokens}-token prompt now: {why}", now)
+
+    def _unattainable(self, req: Request, message: str, now: float) -> None:
+        """``on_unattainable``: serve ``req`` best effort, or refuse it (HTTP 429, retry after the queue drains)."""
+        if self.config.on_unattainable == "best_effort":
+            req.best_effort = True
+            return
+        raise SLOUnattainableError(message, retry_after_s=self.scheduler.queue_drain_s(now))
 
     def abort(self, request_id: str) -> bool:
         """Stop a request and free its KV blocks; False if it is unknown or already finished."""
@@ -529,9 +539,17 @@ class LLMEngine:
             "prefill_held_steps": t.prefill_held_steps,  # steps the TPOT SLOs kept prompts waiting
             "prefill_queue_s": self.scheduler.queue_drain_s(time.perf_counter()),  # queued prefill at full speed
             "latency_scale": self.scheduler.latency_scale,  # measured / profiled step time, recent steps
+            # overload shedding: the prefill tok/s the SLO pace plan leaves (EMA; None before a plan) and the longest
+            # prompt admitted now (None: no cutoff)
+            "prefill_capacity_tok_s": self.scheduler.offered_prefill.capacity_tok_s,
+            "shed_cutoff_tokens": _finite_or_none(self.scheduler.shed_cutoff_now(time.perf_counter())),
             # where the engine's time went, over all steps so far
             "step_time_split_s": {k: getattr(t, k) for k in ("draft_s", "select_s", "verify_s", "accept_s", "step_s")},
         }
         if self.speculator is not None and (source_stats := self.speculator.drafter.stats()):
             out["draft_sources"] = source_stats  # accepted tokens and calibration per source
         return out
+
+
+def _finite_or_none(x: float) -> float | None:
+    return x if x != float("inf") else None

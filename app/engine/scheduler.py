@@ -20,8 +20,8 @@ from app.engine.kv_cache import KVCache
 from app.engine.request import Request, RequestStatus
 from app.engine.step import NodePricing, ScheduledChunk, StepPlan, StepResult, StepTotals
 from kernels.metadata import MAX_TREE_TOKENS
-from policies.admission import (deadline_order, pace_tpot_slo_s, running_finish_times_s, slot_ready_times_s,
-                                tpot_pace_admits, ttft_feasible, ttft_prefill_floor)
+from policies.admission import (OfferedPrefill, deadline_order, pace_tpot_slo_s, running_finish_times_s,
+                                slot_ready_times_s, tpot_pace_admits, ttft_feasible, ttft_prefill_floor)
 from policies.budget import min_worthwhile_path_prob, required_nodes, slo_step_plan, spare_budget
 from policies.latency_model import LatencyModel
 from policies.step_plan import split_step_tokens
@@ -48,6 +48,7 @@ class Scheduler:
         self.totals = StepTotals()
         self.step_ema_s: float | None = None
         self.step_overhead_ema_s = 0.0  # a decoding step's time outside the target forward (draft, select, host)
+        self.offered_prefill = OfferedPrefill()  # overload shedding's window of arrivals and prefill capacity
 
     # ---- queues ---------------------------------------------------------------------------------------------
     def add(self, request: Request) -> None:
@@ -124,6 +125,7 @@ class Scheduler:
                 req.num_computed_tokens = 0
         plan.node_budget, plan.slo_node_budget, plan.prefill_held = (
             split.node_budget, split.slo_node_budget, split.prefill_held)
+        plan.prompts_left_waiting = sum(self._remaining(r) for r in candidates) > split.num_prefill_tokens
         if self.speculative and plan.decodes:
             self._price(plan)
         return plan
@@ -198,6 +200,19 @@ class Scheduler:
             decode_time_s=np.array([r.decode_time_s(now) for r in reqs]),
             decoded_tokens=np.array([max(r.num_output_tokens - 1, 0) for r in reqs]), prefill_floor_tokens=floor,
             **self._pace_kw(sum(r.num_computed_tokens if r.is_decoding else len(r.token_ids) for r in reqs)))
+
+    def shed_cutoff_tokens(self, now: float, extra: Request) -> float:
+        """Overload shedding (``overload_shedding``, where the SLO pace plan runs): record ``extra``'s arrival and
+        return the longest prompt this replica admits now (``policies.admission.shed_cutoff_tokens``; inf: all)."""
+        self.offered_prefill.observe_arrival(now, extra.num_prompt_tokens)
+        return self.shed_cutoff_now(now, extra)
+
+    def shed_cutoff_now(self, now: float, extra: Request | None = None) -> float:
+        """The longest prompt admitted now, without recording an arrival (inf: no cutoff)."""
+        decoding = [r for r in self.running if r.is_decoding]
+        if not self.config.overload_shedding or not self._paced(decoding + ([extra] if extra else [])):
+            return float("inf")
+        return self.offered_prefill.cutoff_tokens(now)
 
     def _paced(self, reqs: list[Request]) -> bool:
         """Whether the SLO pace plan bounds prefill in a step that decodes ``reqs`` (``slo_prefill``; None: where
@@ -358,6 +373,8 @@ class Scheduler:
             if c.request.status is RequestStatus.RUNNING:
                 self.kv.cache_full_blocks(c.request)  # full blocks of computed tokens join the prefix cache
         self._calibrate(plan, result)
+        if plan.prompts_left_waiting:  # overload shedding's capacity: what a saturated step prefills per second
+            self.offered_prefill.observe_saturated_step(plan.num_prefill_tokens, result.step_s)
         self.totals.add(plan, result)
         ema = self.step_ema_s
         self.step_ema_s = result.step_s if ema is None else 0.8 * ema + 0.2 * result.step_s

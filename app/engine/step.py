@@ -52,6 +52,7 @@ class StepPlan:
     node_budget: int = 0  # draft nodes (roots excluded) the step may verify
     slo_node_budget: int = 0  # of which the SLO pace plan reserved this many for the decoding requests' SLOs
     prefill_held: bool = False  # the SLO pace plan, not the step's limits, kept prompt tokens out of this step
+    prompts_left_waiting: bool = False  # prompt tokens were queued that this step did not prefill (it was saturated)
     predicted_step_s: float = 0.0  # the target's predicted time for the planned step (t_step of A(r))
     pricing: NodePricing | None = None  # None without a latency profile: no priced cut-offs
 

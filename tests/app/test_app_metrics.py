@@ -34,3 +34,11 @@ def test_latency_scale_gauge_per_replica():
     g = _gauges(ServeMetrics(lambda: {"r1": {"latency_scale": 1.32}, "r2": {}}))
     assert g[("adaserve_replica_latency_scale", "r1")] == 1.32
     assert ("adaserve_replica_latency_scale", "r2") not in g
+
+
+def test_overload_shedding_gauges_per_replica():
+    g = _gauges(ServeMetrics(lambda: {"r1": {"prefill_capacity_tok_s": 2100.5, "shed_cutoff_tokens": 412.0},
+                                      "r2": {"prefill_capacity_tok_s": 5000.0, "shed_cutoff_tokens": None}}))
+    assert g[("adaserve_replica_prefill_capacity_tokens_per_second", "r1")] == 2100.5
+    assert g[("adaserve_replica_shed_cutoff_tokens", "r1")] == 412.0
+    assert ("adaserve_replica_shed_cutoff_tokens", "r2") not in g  # no cutoff: every prompt length is admitted

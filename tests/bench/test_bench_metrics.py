@@ -100,3 +100,35 @@ def test_run_engine_records_a_refusal_in_the_queue():
     assert recs[0].error is None and recs[0].num_tokens == 2
     assert recs[1].error == "slo_unattainable" and recs[1].num_tokens == 0
     assert summarize(recs)["overall"]["rejected"] == 1
+
+
+class _RefusingEngine(_QueueRefusingEngine):
+    """Refuses request "1" at arrival, the last one sent."""
+
+    def add_request(self, prompt_ids, sampling, *, request_id, **kw):
+        from app.engine.engine import SLOUnattainableError
+
+        if request_id == "1":
+            raise SLOUnattainableError("overloaded", retry_after_s=1.0)
+        super().add_request(prompt_ids, sampling, request_id=request_id, **kw)
+
+    def idle_prefill_s(self, num_prompt_tokens):
+        return 0.01
+
+    def step(self):
+        from app.engine.request import RequestOutput
+
+        self.num_steps += 1
+        return [RequestOutput("0", [5, 6], "xy", True, "length")]
+
+
+def test_run_engine_ends_when_the_last_arrival_is_refused_and_nothing_runs():
+    from bench.loadgen import run_engine
+    from bench.workloads import WorkloadRequest
+
+    wl = [WorkloadRequest(i, "chat", "chat", [{"role": "user", "content": "hi"}], 2, 0.05 * i, "test")
+          for i in range(2)]
+    recs, _ = run_engine(_RefusingEngine(), wl, "adaserve", {"chat": 100.0}, progress=False,
+                         prompt_ids=[[1, 2], [3, 4]], ttft=(10.0, 1000.0))
+    assert recs[0].error is None and recs[0].num_tokens == 2
+    assert recs[1].error == "slo_unattainable" and recs[1].ttft_slo_ms == pytest.approx(10.0 * 10 + 1000.0)

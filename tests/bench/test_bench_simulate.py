@@ -218,3 +218,51 @@ def test_fail_fast_bounds_ttft_under_overload_and_counts_refusals_as_misses():
     assert ttft(served) < ttft(runs["dynamic-tree+noadmission"])  # the queue stays bounded
     s = summarize(runs["dynamic-tree"])["overall"]
     assert s["rejected"] == len(refused) and s["attainment"] <= 1 - len(refused) / len(reqs)
+
+
+def test_simulator_and_engine_shed_the_same_prompts():
+    import time
+
+    from app.engine.config import SamplingParams
+    from app.engine.engine import LLMEngine, SLOUnattainableError
+    from bench.simulate import Simulator, _Replica
+
+    lengths = [10, 30, 119, 400]
+    engine = LLMEngine(EngineConfig(num_kv_blocks=256, dtype="float32", max_num_batched_tokens=64, slo_prefill=True,
+                                    overload_shedding=True))
+    engine.scheduler.latency_model = LatencyModel(PiecewiseLinear((0.0, 1000.0), (0.01, 1.01)), 0.0)
+    sim = Simulator(roofline_70b(), acceptance(), SimConfig.of("adaserve+shed"))
+    sim.prompt = np.array(lengths)
+    decisions = []
+    for i, n in enumerate(lengths):  # each prompt on a replica that has seen the same history, with 25 tok/s
+        engine.scheduler.offered_prefill.arrivals.clear()
+        rep = _Replica(0)
+        now = time.perf_counter()
+        for k in range(9):  # 20 tokens a second over the last 9 s
+            engine.scheduler.offered_prefill.observe_arrival(now - 9.0 + k, 20)
+            rep.offered.observe_arrival(k - 9.0, 20)
+        engine.scheduler.offered_prefill.capacity_tok_s = rep.offered.capacity_tok_s = 25.0
+        engine.scheduler.offered_prefill.observe_refusal(now - 1.0)
+        rep.offered.observe_refusal(-1.0)
+        try:
+            engine.add_request([1] * n, SamplingParams(max_tokens=2), ttft_slo_ms=600_000.0)
+            shed = False
+        except SLOUnattainableError:
+            shed = True
+        assert sim._sheds(rep, i, time.perf_counter() - now) == shed
+        decisions.append(shed)
+    assert decisions == [False, False, True, True]  # a real decision both ways
+
+
+def test_overload_shedding_serves_more_requests_by_refusing_the_longest_prompts():
+    from bench.simulate import with_ttft
+
+    reqs = with_ttft(workload(400, 30.0), roofline_70b(), 10.0, 1000.0)
+    runs = {pol: simulate(reqs, roofline_70b(), acceptance(), SimConfig.of(pol, max_num_seqs=64))[0]
+            for pol in ("adaserve+shed", "adaserve")}
+    att = {pol: summarize(recs)["overall"]["attainment"] for pol, recs in runs.items()}
+    assert att["adaserve+shed"] > att["adaserve"]
+    prompt = {i: r.prompt_tokens for i, r in enumerate(reqs)}
+    refused = [prompt[r["index"]] for r in runs["adaserve+shed"] if r["error"] == "slo_unattainable"]
+    served = [prompt[r["index"]] for r in runs["adaserve+shed"] if not r["error"]]
+    assert np.mean(refused) > 1.2 * np.mean(served)

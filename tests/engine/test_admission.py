@@ -176,3 +176,82 @@ def test_a_newcomer_that_would_break_the_tpot_pace_is_refused_where_the_pace_pla
 
     assert admitted(_engine(slo_prefill=True), 5) == [True] * 4 + [False]
     assert admitted(_engine(slo_prefill=False), 5) == [True] * 5  # no pace plan: only the TTFT rule
+
+
+def _overloaded(engine: LLMEngine, capacity_tok_s: float = 100.0, refusing: bool = True) -> None:
+    """Nine 20-token prompts offered over the last 9 s (20 tok/s) against ``capacity_tok_s`` of prefill, and (if
+    ``refusing``) a refusal by fail fast 5 s ago."""
+    load = engine.scheduler.offered_prefill
+    now = time.perf_counter()
+    for i in range(9):
+        load.observe_arrival(now - 9.0 + i, 20)
+    load.capacity_tok_s = capacity_tok_s
+    if refusing:
+        load.observe_refusal(now - 5.0)
+
+
+@pytest.mark.parametrize("on_unattainable", ["reject", "best_effort"])
+def test_under_overload_the_longest_prompts_are_shed_first(on_unattainable):
+    engine = _engine(slo_prefill=True, overload_shedding=True, on_unattainable=on_unattainable)
+    _overloaded(engine, capacity_tok_s=25.0)
+    n = len(engine.encode_prompt(LONG))
+    # with the newcomer, 10 arrivals span 9 s stretched to 10: the short ones offer 18 tok/s and fit, the long one
+    # on top does not
+    assert 180 / 10.0 <= 25.0 < (180 + n) / 10.0
+    if on_unattainable == "reject":
+        with pytest.raises(SLOUnattainableError, match="overloaded and admits prompts of at most 20 tokens") as err:
+            engine.add_request(LONG, SamplingParams(max_tokens=2), request_id="long", ttft_slo_ms=60_000.0)
+        assert err.value.retry_after_s >= 0 and "long" not in engine.requests
+    else:
+        engine.add_request(LONG, SamplingParams(max_tokens=2), request_id="long", ttft_slo_ms=60_000.0)
+        assert engine.requests["long"].best_effort
+    engine.add_request("Hi", SamplingParams(max_tokens=2), request_id="short", ttft_slo_ms=60_000.0)
+    assert not engine.requests["short"].best_effort
+    assert engine.stats()["shed_cutoff_tokens"] == 20
+
+
+def test_a_fail_fast_refusal_opens_overload_shedding():
+    engine = _engine(slo_prefill=True, overload_shedding=True)
+    _overloaded(engine, capacity_tok_s=25.0, refusing=False)
+    assert engine.stats()["shed_cutoff_tokens"] is None
+    for i in range(4):  # the scenario of test_an_unattainable_ttft_is_refused_at_once_and_the_next_feasible_one_...
+        engine.add_request(LONG, SamplingParams(max_tokens=2), request_id=f"bulk{i}", ttft_slo_ms=60_000.0)
+    for i in range(4):
+        engine.requests[f"bulk{i}"].ttft_slo_ms = 400.0
+    tight_ms = engine.idle_prefill_s(len(engine.encode_prompt(LONG))) * 1e3 * 1.5
+    with pytest.raises(SLOUnattainableError, match="queued ahead"):
+        engine.add_request(LONG, SamplingParams(max_tokens=2), ttft_slo_ms=tight_ms)
+    assert engine.scheduler.offered_prefill.last_refusal_s is not None
+    assert engine.stats()["shed_cutoff_tokens"] is not None
+
+
+def test_no_shedding_without_overload_or_refusals_or_the_pace_plan_or_when_switched_off():
+    on = {"slo_prefill": True, "overload_shedding": True}
+    for kw, capacity, refusing in ((on, 10_000.0, True), (on, 25.0, False), ({**on, "slo_prefill": False}, 25.0, True),
+                                   ({"slo_prefill": True}, 25.0, True)):  # the default: off
+        engine = _engine(**kw)
+        _overloaded(engine, capacity, refusing)
+        engine.add_request(LONG, SamplingParams(max_tokens=2), request_id="long", ttft_slo_ms=60_000.0)
+        assert not engine.requests["long"].best_effort
+        assert engine.stats()["shed_cutoff_tokens"] is None
+
+
+def test_steps_that_leave_prompts_waiting_measure_the_prefill_capacity():
+    engine = _engine()
+    engine.add_request(LONG, SamplingParams(max_tokens=2), ttft_slo_ms=60_000.0)
+    n = engine.requests[next(iter(engine.requests))].num_prompt_tokens
+    assert engine.scheduler.offered_prefill.capacity_tok_s is None
+    while engine.has_unfinished():
+        engine.step()
+    # 16-token chunks: every prefill step but the last left prompt tokens waiting; decode steps had none queued
+    saturated = [r.step_s for r in engine.step_history][: -(-n // 16) - 1]
+    expected = 16 / saturated[0]
+    for step_s in saturated[1:]:
+        expected = 0.95 * expected + 0.05 * 16 / step_s
+    assert engine.stats()["prefill_capacity_tok_s"] == pytest.approx(expected)
+
+    short = _engine()
+    short.add_request([1] * 10, SamplingParams(max_tokens=2))  # one chunk: nothing ever waited
+    while short.has_unfinished():
+        short.step()
+    assert short.stats()["prefill_capacity_tok_s"] is None

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from policies.admission import (deadline_order, first_token_times_s, idle_prefill_s, pace_tpot_slo_s, tpot_pace_admits,
+from policies.admission import (OfferedPrefill, deadline_order, first_token_times_s, idle_prefill_s, pace_tpot_slo_s,
+                                shed_cutoff_tokens, tpot_pace_admits,
                                 ttft_prefill_floor)
 from policies.latency_model import LatencyModel, PiecewiseLinear
 
@@ -127,3 +130,60 @@ def test_the_pace_protects_neither_best_effort_requests_nor_those_that_missed_th
     slo = pace_tpot_slo_s(tpot_slo_s=[0.05, 0.05, 0.05, 0.05, 0.05], first_token_s=[1.0, 3.0, np.nan, np.nan, 1.0],
                           ttft_deadline_s=[2.0, 2.0, 2.0, np.inf, np.inf], best_effort=[False, False, False, False, True])
     assert slo.tolist() == [0.05, np.inf, 0.05, 0.05, np.inf]
+
+
+def test_shed_cutoff_admits_the_shortest_prompts_that_fit_golden():
+    prompts = [100, 50, 800, 50, 200]  # sorted: 50 50 100 200 800, offering 5 10 20 40 120 tok/s cumulated over 10 s
+    assert shed_cutoff_tokens(prompts, 10.0, 120.0) == np.inf  # everything fits: no shedding
+    assert shed_cutoff_tokens(prompts, 10.0, 50.0) == 200  # the 800-token prompt is shed
+    assert shed_cutoff_tokens(prompts, 10.0, 15.0) == 50  # 100 would need 20 tok/s
+    assert shed_cutoff_tokens(prompts, 10.0, 7.0) == 0  # the two 50s go together (10 tok/s) or not at all
+    assert shed_cutoff_tokens(prompts, 10.0, 0.0) == 0
+    assert shed_cutoff_tokens([], 10.0, 1.0) == np.inf and shed_cutoff_tokens(prompts, 0.0, 1.0) == np.inf
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(1, 4000), min_size=1, max_size=60), st.floats(0.5, 60.0), st.floats(0.0, 5000.0))
+def test_shed_cutoff_is_the_largest_length_whose_shorter_prompts_fit(prompts, span_s, capacity):
+    p = np.array(prompts, dtype=np.float64)
+    cutoff = shed_cutoff_tokens(p, span_s, capacity)
+    if cutoff == np.inf:
+        assert p.sum() / span_s <= capacity
+        return
+    assert p[p <= cutoff].sum() / span_s <= capacity  # what it admits fits
+    above = p[p > cutoff]
+    assert above.size and p[p <= above.min()].sum() / span_s > capacity  # the next length up would not
+
+
+def test_offered_prefill_window_span_and_capacity():
+    load = OfferedPrefill(window_s=10.0, min_arrivals=3, capacity_ema=0.5)
+    for t, n in ((0.0, 900), (1.0, 100), (2.0, 100)):
+        load.observe_arrival(t, n)
+    assert load.cutoff_tokens(2.0) == np.inf  # no saturated step yet: no capacity to judge against
+    load.observe_saturated_step(100, 0.5)  # 200 tok/s
+    load.observe_saturated_step(0, 0.5)  # a step whose prompts all waited (the TPOT pace held them): 0 tok/s
+    assert load.capacity_tok_s == pytest.approx(100.0)
+    assert load.cutoff_tokens(2.0) == np.inf  # fail fast has refused no one: the replica is not overloaded
+    load.observe_refusal(1.5)
+    # 3 arrivals span 2 s, stretched to 3 s: 1100 tokens offer 367 tok/s > 100; the two 100s offer 67
+    assert load.cutoff_tokens(2.0) == 100
+    assert load.cutoff_tokens(11.5) == np.inf  # the refusal is 10 s old: out of the window
+    load.observe_refusal(11.0)
+    load.observe_arrival(11.5, 100)  # the 900-token arrival (t = 0) and the one at t = 1 leave the window
+    assert [t for t, _ in load.arrivals] == [2.0, 11.5]
+    assert load.cutoff_tokens(11.5) == np.inf  # 2 arrivals: below min_arrivals, no estimate
+
+
+def test_offered_prefill_capacity_is_at_least_what_was_admitted():
+    load = OfferedPrefill(window_s=30.0, min_arrivals=3)
+    for t, n in ((0.0, 500), (1.0, 100), (2.0, 100), (3.0, 100)):
+        load.observe_arrival(t, n)
+    load.observe_saturated_step(10, 1.0)  # metered steps: 10 tok/s
+    load.observe_refusal(3.0)
+    # 4 arrivals span 3 s, stretched to 4 s: 800 tokens offer 200 tok/s; at 10 tok/s not even a 100-token prompt fits
+    assert load.cutoff_tokens(3.0) == 0
+    for t in (1.0, 2.0, 3.0):
+        load.observe_admission(t, 100)  # it admitted the three 100-token prompts: 75 tok/s, which it serves
+    assert load.cutoff_tokens(3.0) == 100
+    load.observe_admission(3.0, 500)  # and the 500-token one as well: 200 tok/s, everything fits
+    assert load.cutoff_tokens(3.0) == np.inf
