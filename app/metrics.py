@@ -37,7 +37,7 @@ _REPLICA_GAUGES = (
     ("latency_scale", "latency_scale",
      "Measured / profiled target step time over recent steps (priced into planning with calibrate_latency)"),
     ("prefill_capacity_tokens_per_second", "prefill_capacity_tok_s",
-     "Prompt tokens per second the SLO pace plan leaves a step (EMA): overload shedding's capacity"),
+     "Prompt tokens per second prefilled by steps that left prompts waiting (EMA): overload shedding's capacity"),
     ("shed_cutoff_tokens", "shed_cutoff_tokens",
      "Longest prompt the replica admits now under overload shedding (absent: no cutoff)"),
     ("prefix_cache_hit_ratio", "prefix_cache_hit_rate",

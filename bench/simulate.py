@@ -51,8 +51,8 @@ from bench.traces import AcceptanceModel, load_trace
 from bench.workloads import SLO_CLASSES, WorkloadRequest
 from policies import routing, token_tree
 from policies.admission import (OfferedPrefill, deadline_order, idle_prefill_s, newcomer_fits, pace_tpot_slo_s,
-                                running_finish_times_s,
-                                slot_ready_times_s, tpot_pace_admits, ttft_feasible, ttft_prefill_floor)
+                                running_finish_times_s, slot_ready_times_s, tpot_pace_admits, ttft_feasible,
+                                ttft_prefill_floor)
 from policies.budget import choose_token_budget, slo_step_plan, throughput_cut_path_prob
 from policies.step_plan import split_step_tokens
 from policies.latency_model import LatencyModel, PiecewiseLinear

@@ -204,8 +204,9 @@ def shed_cutoff_tokens(prompt_tokens: np.ndarray, span_s: float, prefill_capacit
     miss whatever the replica does, and which ones is a choice: admitting the shortest prompts first serves the most
     requests within their SLOs (a knapsack filled smallest first), whereas refusing whoever arrives when the queue
     happens to be full lets one long prompt take the prefill of several short ones (70B simulation, 3 seeds, 10 /
-    16 req/s: 67.0% / 54.2% against 52.8% / 33.2% attainment). The cutoff is the longest prompt L such that all offered prompts of at most L
-    tokens fit; 0 when not even the shortest does. Equal lengths are admitted or shed together."""
+    16 req/s: 67.0% / 54.2% against 52.8% / 33.2% attainment). The cutoff is the longest prompt L such that all
+    offered prompts of at most L tokens fit; 0 when not even the shortest does. Equal lengths are admitted or shed
+    together."""
     tokens = np.sort(np.asarray(prompt_tokens, np.float64))
     capacity = float(prefill_capacity_tok_s)
     if tokens.size == 0 or not span_s > 0 or not np.isfinite(capacity):

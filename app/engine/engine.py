@@ -539,8 +539,8 @@ class LLMEngine:
             "prefill_held_steps": t.prefill_held_steps,  # steps the TPOT SLOs kept prompts waiting
             "prefill_queue_s": self.scheduler.queue_drain_s(time.perf_counter()),  # queued prefill at full speed
             "latency_scale": self.scheduler.latency_scale,  # measured / profiled step time, recent steps
-            # overload shedding: the prefill tok/s the SLO pace plan leaves (EMA; None before a plan) and the longest
-            # prompt admitted now (None: no cutoff)
+            # overload shedding: the prompt tok/s prefilled by steps that left prompts waiting (EMA; None before such a
+            # step) and the longest prompt admitted now (None: no cutoff)
             "prefill_capacity_tok_s": self.scheduler.offered_prefill.capacity_tok_s,
             "shed_cutoff_tokens": _finite_or_none(self.scheduler.shed_cutoff_now(time.perf_counter())),
             # where the engine's time went, over all steps so far

@@ -38,7 +38,7 @@ class Scheduler:
         self.kv = kv_cache
         self.speculative = speculative  # a draft source is loaded (a request may speculate)
         self.latency_model = latency_model  # the profile; None: no priced cut-offs and no SLO pace plan
-        self.latency_scale = 1.0  # measured / predicted step time, EMA over recent steps (priced in: ``calibrate_latency``)
+        self.latency_scale = 1.0  # measured / predicted step time, EMA of recent steps (priced in: calibrate_latency)
         self._scaled: tuple[LatencyModel, float, LatencyModel] | None = None
         self.token_budget = token_budget or config.max_num_batched_tokens  # B: step tokens, roots included
         self.default_policy = parse_policy(config.policy)
@@ -94,8 +94,9 @@ class Scheduler:
         while True:
             candidates = self._prefill_candidates()
             num_running_prefills = len(candidates) - len(self.waiting)
+            remaining = [self._remaining(r) for r in candidates]
             split = split_step_tokens(
-                num_roots=len(plan.decodes), prefill_remaining=[self._remaining(r) for r in candidates],
+                num_roots=len(plan.decodes), prefill_remaining=remaining,
                 num_running_prefills=num_running_prefills,
                 free_seq_slots=self.config.max_num_seqs - len(self.running),
                 max_num_batched_tokens=limit, prefill_chunk_tokens=self.config.prefill_chunk_tokens,
@@ -125,7 +126,7 @@ class Scheduler:
                 req.num_computed_tokens = 0
         plan.node_budget, plan.slo_node_budget, plan.prefill_held = (
             split.node_budget, split.slo_node_budget, split.prefill_held)
-        plan.prompts_left_waiting = sum(self._remaining(r) for r in candidates) > split.num_prefill_tokens
+        plan.prompts_left_waiting = sum(remaining) > split.num_prefill_tokens
         if self.speculative and plan.decodes:
             self._price(plan)
         return plan
