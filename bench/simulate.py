@@ -434,7 +434,8 @@ class Simulator:
             num_roots=len(decodes), prefill_remaining=remaining,
             num_running_prefills=num_running_prefills, free_seq_slots=e.max_num_seqs - len(rep.running),
             max_num_batched_tokens=e.max_num_batched_tokens, prefill_chunk_tokens=e.prefill_chunk_tokens,
-            token_budget=self.token_budget, prefill_cap=cap, slo_nodes=slo_nodes)
+            token_budget=self.token_budget, prefill_cap=cap, slo_nodes=slo_nodes,
+            gain_measured=bool(self.spec_steps.any()))
         prefills = [(i, k) for i, k in zip(candidates, split.prefill_tokens) if k]
         for _ in range(sum(1 for k in split.prefill_tokens[num_running_prefills:] if k)):  # in order: a prefix
             rep.running.append(rep.waiting.popleft())

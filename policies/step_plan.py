@@ -9,7 +9,8 @@ then prefill chunks (running partial prefills, then waiting prompts in FIFO orde
 and what is left goes to speculative tree nodes, up to the step's token budget B (roots included). Prefill thus
 comes before speculation, as in AdaServe. An optional ``prefill_cap`` (the SLO pace plan,
 ``policies.budget.slo_step_plan``) bounds the step's prefill and reserves ``slo_nodes`` for the decoding
-requests' SLOs, which the node budget then keeps even where B is spent.
+requests' SLOs, which the node budget then keeps even where B is spent; a step the cap held prompts out of
+verifies those nodes and no more.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ def split_step_tokens(
     prefill_cap: int | None = None,
     slo_nodes: int = 0,
     max_admitted: int | None = None,
+    gain_measured: bool = True,
 ) -> TokenSplit:
     """Split one step's tokens between roots, prefill chunks and tree nodes.
 
@@ -52,7 +54,13 @@ def split_step_tokens(
     only when some request decodes (a step without roots has no TPOT to protect).
 
     The node budget is ``min(tokens left in the step, max(B - roots - prefill, slo_nodes))``: B bounds the tree
-    nodes, except that nodes the SLO plan reserved are kept as long as the step's limit allows.
+    nodes, except that nodes the SLO plan reserved are kept as long as the step's limit allows. A step whose
+    prefill the cap held back (``prefill_held``) verifies only the reserved nodes: the plan chose that step's size
+    (the most prefill per second that keeps every protected request on pace), and nodes past it would lengthen
+    the very step the plan kept prompts waiting to keep short (docs/results.md, 2026-12-07). That needs the plan's price of a node,
+    the measured gain per step: until a tree has been verified (``gain_measured`` False) the plan knows no
+    acceptance and reserves no nodes, so held steps keep B's nodes; otherwise a replica whose first steps are
+    held would never speculate and never measure it.
     """
     budget = max(int(max_num_batched_tokens) - int(num_roots), 0)
     prefill_budget = budget
@@ -79,6 +87,8 @@ def split_step_tokens(
     prefill = sum(taken)
     held = capped and prefill_budget == 0 and any(r > t for r, t in zip(prefill_remaining, taken))
     node_budget = min(budget - prefill, max(int(token_budget) - int(num_roots) - prefill, reserved))
+    if held and gain_measured:  # the plan sized this step (roots + prefill + its nodes) to keep the pace
+        node_budget = min(node_budget, reserved)
     if num_roots == 0:  # only decoding requests grow trees
         node_budget = 0
     return TokenSplit(tuple(taken), max(node_budget, 0), reserved, held)

@@ -100,7 +100,8 @@ class Scheduler:
                 num_running_prefills=num_running_prefills,
                 free_seq_slots=self.config.max_num_seqs - len(self.running),
                 max_num_batched_tokens=limit, prefill_chunk_tokens=self.config.prefill_chunk_tokens,
-                token_budget=self.token_budget, prefill_cap=cap, slo_nodes=slo_nodes, max_admitted=max_admitted)
+                token_budget=self.token_budget, prefill_cap=cap, slo_nodes=slo_nodes, max_admitted=max_admitted,
+                gain_measured=self.totals.tree_requests > 0)
             num_preempted = len(plan.preempted)
             stop = self._allocate(candidates, num_running_prefills, split.prefill_tokens, plan)
             if len(plan.preempted) > num_preempted:  # the queues changed: plan again

@@ -85,7 +85,7 @@ def test_chunked_prefill_and_decode_share_steps(engine):
     engine.kv.allocator.__init__(engine.kv.allocator.num_blocks, engine.kv.block_size)
 
 
-def test_prefill_cap_bounds_the_steps_prefill_and_leaves_the_rest_to_speculation(engine, monkeypatch):
+def test_prefill_cap_bounds_the_steps_prefill_and_its_tree_nodes(engine, monkeypatch):
     sched = engine.scheduler
     engine.kv.reset_prefix_cache()  # the chunk sizes below are a cold cache's
     long_ids = engine.encode_prompt(PROMPTS[4])
@@ -101,16 +101,21 @@ def test_prefill_cap_bounds_the_steps_prefill_and_leaves_the_rest_to_speculation
     sched.running[0].num_computed_tokens = len(sched.running[0].token_ids)
     sched.running[0].token_ids.append(0)  # as if its first token were sampled: now decoding
     engine.add_request(long_ids, SamplingParams(max_tokens=2), request_id="long")
+    monkeypatch.setattr(sched.totals, "tree_requests", 0)
     plan = sched.schedule(time.perf_counter())
     assert seen == [["short"]] and [c.request.request_id for c in plan.decodes] == ["short"]
-    assert not plan.prefills and plan.node_budget == 40 - 1  # the prompt waits; the budget goes to trees
+    assert not plan.prefills and plan.node_budget == 40 - 1  # no tree verified yet: the plan cannot price nodes
+    monkeypatch.setattr(sched.totals, "tree_requests", 1)
+    plan = sched.schedule(time.perf_counter())
+    # the prompt waits so that the step stays as small as the plan made it: no nodes past the reserved ones
+    assert not plan.prefills and plan.node_budget == 0
     assert plan.prefill_held
     assert [r.request_id for r in sched.waiting] == ["long"]
     cap_with((5, 7))
     plan = sched.schedule(time.perf_counter())
     assert [(c.request.request_id, c.num_tokens) for c in plan.prefills] == [("long", 5)]
-    assert plan.node_budget == 40 - 1 - 5 and plan.prefill_held  # the rest of its chunk waits
-    assert plan.slo_node_budget == 7  # the nodes the cap reserved for the decoding requests' SLOs
+    assert plan.prefill_held  # the rest of its chunk waits
+    assert plan.node_budget == plan.slo_node_budget == 7  # the nodes the cap reserved, not B's 40 - 1 - 5
     cap_with((10_000, 0))
     plan = sched.schedule(time.perf_counter())  # never above the step's own limits
     assert [(c.request.request_id, c.num_tokens) for c in plan.prefills] == [("long", 16)]

@@ -48,6 +48,20 @@ def test_prefill_cap_holds_prompts_and_reserves_slo_nodes():
     assert s.prefill_tokens == (3,) and not s.prefill_held  # nothing left waiting
 
 
+def test_a_held_step_verifies_only_the_reserved_nodes():
+    # B leaves 24 - 2 - 5 = 17 nodes, but the plan sized this step with 3: prompts wait so that it stays that short
+    s = split(num_roots=2, prefill_remaining=[40], prefill_cap=5, slo_nodes=3)
+    assert s.prefill_held and s.prefill_tokens == (5,) and s.node_budget == 3
+    s = split(num_roots=2, prefill_remaining=[40], prefill_cap=5, slo_nodes=0)
+    assert s.prefill_held and s.node_budget == 0
+    # nothing held back (every prompt fits under the cap): B's nodes as before
+    s = split(num_roots=2, prefill_remaining=[3], prefill_cap=5, slo_nodes=3)
+    assert not s.prefill_held and s.node_budget == 24 - 2 - 3
+    # no tree verified yet: the plan cannot price a node, so B's nodes, or the replica would never measure the gain
+    s = split(num_roots=2, prefill_remaining=[40], prefill_cap=5, slo_nodes=0, gain_measured=False)
+    assert s.prefill_held and s.node_budget == 24 - 2 - 5
+
+
 def test_no_budget_left():
     s = split(num_roots=64, prefill_remaining=[10])
     assert s.prefill_tokens == (0,) and s.node_budget == 0
@@ -56,14 +70,15 @@ def test_no_budget_left():
 @settings(max_examples=300, deadline=None)
 @given(num_roots=st.integers(0, 80), remaining=st.lists(st.integers(1, 100), max_size=8),
        running=st.integers(0, 8), slots=st.integers(0, 8), limit=st.integers(1, 128), chunk=st.integers(1, 64),
-       budget=st.integers(1, 128), cap=st.none() | st.integers(0, 128), slo_nodes=st.integers(0, 64))
+       budget=st.integers(1, 128), cap=st.none() | st.integers(0, 128), slo_nodes=st.integers(0, 64),
+       measured=st.booleans())
 def test_every_split_stays_within_the_steps_limits(num_roots, remaining, running, slots, limit, chunk, budget, cap,
-                                                   slo_nodes):
+                                                   slo_nodes, measured):
     running = min(running, len(remaining))
     num_roots = min(num_roots, limit)
     s = split_step_tokens(num_roots=num_roots, prefill_remaining=remaining, num_running_prefills=running,
                           free_seq_slots=slots, max_num_batched_tokens=limit, prefill_chunk_tokens=chunk,
-                          token_budget=budget, prefill_cap=cap, slo_nodes=slo_nodes)
+                          token_budget=budget, prefill_cap=cap, slo_nodes=slo_nodes, gain_measured=measured)
     taken = s.prefill_tokens
     assert len(taken) == len(remaining)
     assert all(0 <= t <= min(r, chunk) for t, r in zip(taken, remaining))
@@ -77,3 +92,5 @@ def test_every_split_stays_within_the_steps_limits(num_roots, remaining, running
         assert not s.prefill_held and s.slo_node_budget == 0
     if num_roots:
         assert s.node_budget >= min(limit - num_roots - sum(taken), s.slo_node_budget)
+    if s.prefill_held and measured:
+        assert s.node_budget <= s.slo_node_budget
