@@ -54,13 +54,14 @@ def split_step_tokens(
     only when some request decodes (a step without roots has no TPOT to protect).
 
     The node budget is ``min(tokens left in the step, max(B - roots - prefill, slo_nodes))``: B bounds the tree
-    nodes, except that nodes the SLO plan reserved are kept as long as the step's limit allows. A step whose
-    prefill the cap held back (``prefill_held``) verifies only the reserved nodes: the plan chose that step's size
-    (the most prefill per second that keeps every protected request on pace), and nodes past it would lengthen
-    the very step the plan kept prompts waiting to keep short (docs/results.md, 2026-12-07). That needs the plan's price of a node,
-    the measured gain per step: until a tree has been verified (``gain_measured`` False) the plan knows no
-    acceptance and reserves no nodes, so held steps keep B's nodes; otherwise a replica whose first steps are
-    held would never speculate and never measure it.
+    nodes, except that nodes the SLO plan reserved are kept as long as the step's limit allows.
+
+    A step whose prefill the cap held back (``prefill_held``) verifies only the reserved nodes: the plan chose that
+    step's size (the most prefill per second that keeps every protected request on pace), and nodes past it would
+    lengthen the very step the plan kept prompts waiting to keep short (docs/results.md, 2026-12-07). The plan
+    prices a node at the measured gain per step, so until a tree has been verified (``gain_measured`` False) it
+    reserves none, and held steps keep B's nodes: otherwise a replica whose first steps are held would never
+    speculate and never measure the gain.
     """
     budget = max(int(max_num_batched_tokens) - int(num_roots), 0)
     prefill_budget = budget
