@@ -141,16 +141,17 @@ def sweep_engine(args) -> None:
     recorder = None
     all_steps: list[dict] = []
     meta = {"unloaded_tpot_ms": unloaded * 1e3, "slo_ms": slo_ms, "token_budget": engine.token_budget,
-            "num_requests": args.num_requests, "rates": args.rates, "policies": args.policies, "seed": args.seed,
-            "max_tokens": args.max_tokens, "arrival": args.arrival, "cv": args.cv, "mode": "engine",
-            "threads": args.threads, "max_num_seqs": args.max_num_seqs}
+            "num_requests": args.num_requests, "cell_duration_s": args.cell_duration_s, "rates": args.rates,
+            "policies": args.policies, "seed": args.seed, "max_tokens": args.max_tokens, "arrival": args.arrival,
+            "cv": args.cv, "mode": "engine", "threads": args.threads, "max_num_seqs": args.max_num_seqs}
     (out / "meta.json").write_text(json.dumps(meta, indent=1))
     current = {"policy": "", "workload": []}
 
     recorder = TraceRecorder(engine, out / "trace.jsonl", policy_of=lambda rid: current["policy"],
                              category_of=lambda rid: current["workload"][int(rid)].slo_class)
     for rate in args.rates:
-        wl = build_workload(args.num_requests, rate=rate, seed=args.seed, mix=tuple(args.mix), arrival=args.arrival,
+        wl = build_workload(cell_requests(args.num_requests, rate, args.cell_duration_s), rate=rate, seed=args.seed,
+                            mix=tuple(args.mix), arrival=args.arrival,
                             cv=args.cv, max_tokens_cap=args.max_tokens, prompt_char_cap=args.prompt_chars)
         prompt_ids = [encode_chat(engine, r.messages) for r in wl]
         runs = {pol: ([], []) for pol in args.policies}  # policy -> (records, steps) over its blocks
@@ -164,9 +165,7 @@ def sweep_engine(args) -> None:
             k = b % len(args.policies)
             for pol in args.policies[k:] + args.policies[:k]:
                 current["policy"] = pol
-                engine.config = engine.scheduler.config = dataclasses.replace(base_config, **_policy_options(pol))
-                # overload shedding judges the load this policy's run offers, not what the previous runs left
-                engine.scheduler.offered_prefill = OfferedPrefill()
+                start_run(engine, base_config, pol)
                 t_run = time.perf_counter()
                 recs, steps = run_engine(engine, sub, pol.split("+")[0], slo_ms, max_duration_s=args.max_duration,
                                          prompt_ids=[prompt_ids[i] for i in idx], ttft=None if args.no_ttft else
@@ -210,6 +209,28 @@ def sweep_engine(args) -> None:
     (out / "step_samples.json").write_text(json.dumps(
         [{k: (round(v, 5) if isinstance(v, float) else v) for k, v in d.items()} for d in all_steps]))
     print(f"host overhead per step {overhead * 1e3:.1f} ms (+{spec_overhead * 1e3:.1f} ms when speculating)")
+
+
+def start_run(engine, base_config, policy: str) -> None:
+    """Set up the idle engine for one policy's run on a block that other policies served before it.
+
+    - the policy's engine options (its ``+`` suffixes) over the sweep's base configuration;
+    - overload shedding judges the load this run offers, not what the previous runs left;
+    - a cold prefix cache: the previous runs prefilled the same prompts, and a run that found them cached would
+      skip most of its prefill, the very work that overloads this CPU. Within a run the cache works as served."""
+    engine.config = engine.scheduler.config = dataclasses.replace(base_config, **_policy_options(policy))
+    engine.scheduler.offered_prefill = OfferedPrefill()
+    engine.kv.reset_prefix_cache()
+
+
+def cell_requests(num_requests: int, rate_rps: float, cell_duration_s: float | None) -> int:
+    """Requests in one rate's cell: ``num_requests``, or more so that arrivals span ``cell_duration_s``.
+
+    A fixed count gives a high rate only a few seconds of arrivals, too short for a queue to build: an overloaded
+    policy then looks as good as its first seconds. Equal durations judge every rate over the same span."""
+    if cell_duration_s is None:
+        return num_requests
+    return max(num_requests, int(np.ceil(rate_rps * cell_duration_s - 1e-9)))  # 0.7 x 60 is 42, not 43
 
 
 def arrival_blocks(arrival_s: list[float], num_blocks: int) -> list[np.ndarray]:
@@ -265,7 +286,8 @@ def sweep_http(args) -> None:
         try:
             print(f"{pol}: server up in {server.wait_first_answer():.0f} s (logs {tmp})", flush=True)
             for rate in args.rates:
-                wl = build_workload(args.num_requests, rate=rate, seed=args.seed, mix=tuple(args.mix),
+                wl = build_workload(cell_requests(args.num_requests, rate, args.cell_duration_s), rate=rate,
+                                    seed=args.seed, mix=tuple(args.mix),
                                     arrival=args.arrival, cv=args.cv, max_tokens_cap=args.max_tokens,
                                     prompt_char_cap=args.prompt_chars)
                 # None: the server resolves relative classes against ITS unloaded TPOT (the first server's
@@ -290,7 +312,8 @@ def sweep_http(args) -> None:
             server.stop()
     (out / "meta.json").write_text(json.dumps({"mode": "http", "slo_ms": slo_ms, "rates": args.rates,
                                                "policies": args.policies, "num_requests": args.num_requests,
-                                               "seed": args.seed, "max_tokens": args.max_tokens}, indent=1))
+                                               "cell_duration_s": args.cell_duration_s, "seed": args.seed,
+                                               "max_tokens": args.max_tokens}, indent=1))
 
 
 def main() -> None:
@@ -299,6 +322,8 @@ def main() -> None:
     ap.add_argument("--policies", nargs="+", default=POLICIES)
     ap.add_argument("--rates", type=float, nargs="+", default=[0.25, 0.5, 1.0, 2.0])
     ap.add_argument("-n", "--num-requests", type=int, default=16)
+    ap.add_argument("--cell-duration-s", type=float, default=None,
+                    help="at least this many seconds of arrivals per rate (more requests at higher rates than -n)")
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--prompt-chars", type=int, default=1200)
     ap.add_argument("--mix", type=float, nargs=3, default=(0.6, 0.2, 0.2))
@@ -328,6 +353,8 @@ def main() -> None:
         ap.error("--interleave applies to --mode engine (an HTTP run starts one server per policy)")
     if args.interleave < 1:
         ap.error(f"--interleave must be >= 1, got {args.interleave}")
+    if args.cell_duration_s is not None and not args.cell_duration_s > 0:
+        ap.error(f"--cell-duration-s must be > 0, got {args.cell_duration_s}")
     for pol in args.policies:
         _policy_options(pol)  # a misspelled option fails before any run
     (sweep_engine if args.mode == "engine" else sweep_http)(args)

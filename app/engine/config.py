@@ -71,8 +71,9 @@ class EngineConfig:
     # serves it after every protected request
     overload_shedding: bool = False  # where the SLO pace plan runs and fail fast is refusing anyway: when the prompts
     # offered over the last 30 s ask for more prefill per second than the replica serves, refuse the longest first
-    # (policies.admission.shed_cutoff_tokens; refused or best effort as on_unattainable says). 70B simulation, 10-20
-    # req/s: attainment up 18-28 points; the 2-core CPU: no gain (more refusals), so opt-in (serve_config.gpu.yaml)
+    # (policies.admission.shed_cutoff_tokens; refused or best effort as on_unattainable says). It serves more requests
+    # within their SLOs under overload (docs/results.md) and costs the long prompts, so the shipped YAMLs turn it on
+    # and a bare EngineConfig keeps the neutral rule: refuse only what cannot be served on time, whatever its length
     cpu_weight_prepack: bool = True  # CPU: the matmul weights packed for oneDNN at load (app/engine/layers.py), where
     # ATen's MKL GEMMs stream them at a third of the bandwidth; same float32 maths, summed in another order
     cpu_kernel_cache_entries: int = 128  # CPU: shapes oneDNN (ONEDNN_PRIMITIVE_CACHE_CAPACITY) and ideep

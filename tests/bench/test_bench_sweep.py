@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from bench.simulate import POLICY_OPTIONS
-from bench.sweep import _policy_options, arrival_blocks
+from bench.sweep import _policy_options, arrival_blocks, cell_requests
 
 
 def test_policy_options_are_the_simulators():
@@ -26,3 +26,30 @@ def test_arrival_blocks_cover_every_request_once_in_arrival_order():
     assert np.all(np.diff(np.asarray(arrival)[flat]) >= 0)  # consecutive arrivals, blocks in order
     assert [b.tolist() for b in arrival_blocks(arrival, 1)] == [np.argsort(arrival).tolist()]
     assert len(arrival_blocks(arrival[:2], 5)) == 2  # never an empty block
+
+
+def test_cell_requests_span_the_cell_duration_never_fewer_than_asked():
+    assert cell_requests(64, 3.0, None) == 64
+    assert cell_requests(64, 3.0, 60.0) == 180  # 60 s of arrivals at 3 req/s
+    assert cell_requests(64, 1.0, 60.0) == 64  # the floor -n
+    assert cell_requests(10, 2.5, 9.9) == 25  # rounded up: never shorter than the duration
+    assert cell_requests(10, 0.7, 60.0) == 42  # not 43 from 0.7 x 60's rounding error
+
+
+def test_each_run_starts_with_its_policy_options_and_a_cold_prefix_cache():
+    from app.engine.config import EngineConfig, SamplingParams
+    from app.engine.engine import LLMEngine
+    from bench.sweep import start_run
+
+    engine = LLMEngine(EngineConfig(num_kv_blocks=64, dtype="float32", profile_latency=False))
+    base = engine.config
+    engine.generate(["The same prompt that the previous policy's run prefilled. " * 4],
+                    SamplingParams(max_tokens=2, ignore_eos=True))
+    assert engine.kv.allocator.num_cached > 0  # the previous run left its prompt's blocks cached
+    engine.scheduler.offered_prefill.observe_arrival(0.0, 100)
+    start_run(engine, base, "adaserve+shed")
+    assert engine.kv.allocator.num_cached == 0
+    assert engine.config.overload_shedding and engine.scheduler.config is engine.config
+    assert not engine.scheduler.offered_prefill.arrivals
+    start_run(engine, base, "none")
+    assert engine.config == base
