@@ -13,7 +13,9 @@ prefill + 1 s; ``--no-ttft`` for the paper's TPOT-only setting), and the summari
 (``bench.simulate.POLICY_OPTIONS``), e.g. ``adaserve+noadmission`` (FIFO prefill, no fail fast: the ablation of the
 TTFT scheduling) or ``dynamic-tree+slochunk`` (the SLO pace plan under another policy). ``--interleave K`` runs
 each rate's workload as K blocks of consecutive arrivals, every policy on a block before the next block, so that a
-change in the shared machine's speed over the minutes of a sweep falls on every policy alike. Outputs under
+change in the shared machine's speed over the minutes of a sweep falls on every policy alike; every run starts with
+an empty prefix cache, so none finds the prompts the runs before it prefilled. ``--cell-duration-s S`` gives every rate
+at least S seconds of arrivals, so that a high rate is judged over as long a span as a low one. Outputs under
 ``--out`` (default bench/runs/sweep-<time>/): requests.jsonl (one line per request), summary.json / summary.csv
 (per policy x rate x class), steps.json (per-run step statistics), profile_cpu.json (the latency profile the
 simulator uses), the acceptance trace of the speculative runs (trace.jsonl), and the plots (bench/plots.py).
@@ -338,7 +340,7 @@ def main() -> None:
     ap.add_argument("--interleave", type=int, default=1, metavar="K",
                     help="split each rate's workload into K blocks of consecutive arrivals and run every policy on "
                          "block 1, then block 2, ... (policy order rotating): ratios between policies then see the "
-                         "same machine; each block starts from an idle engine")
+                         "same machine; each run starts from an idle engine with a cold prefix cache")
     ap.add_argument("--absolute-ms", type=float, nargs=3, default=None, metavar=("CODING", "CHAT", "SUMM"))
     ap.add_argument("--ttft-x-prefill", type=float, default=10.0,
                     help="every request's TTFT SLO: this x the idle prefill time of its prompt ... (the server's default)")
