@@ -3,7 +3,8 @@ in-process engine (same engine, same policies; arrival-driven loop), one record 
 
 Records (one JSONL line per request; times in seconds from the run start):
     index, category, slo_class, policy, tpot_slo_ms, ttft_slo_ms, scheduled_s, sent_s, first_token_s,
-    last_token_s, token_times [[t, n_tokens], ...], num_tokens, error, spec_steps, accepted_draft_tokens
+    last_token_s, token_times [[t, n_tokens], ...], num_tokens, error, refusal (which admission rule refused it, in-process
+    runs), spec_steps, accepted_draft_tokens
 Client-side TPOT = (last token time - first token time) / (num_tokens - 1) (vLLM's definition, and the
 engine's); over HTTP the token count of each SSE chunk is unknown (merged deltas), so every token time is
 the chunk's arrival and the count comes from ``usage``.
@@ -48,6 +49,7 @@ class RequestRecord:
     max_tokens: int = 0
     prompt_tokens: int | None = None
     error: str | None = None
+    refusal: str | None = None  # which rule refused it (SLOUnattainableError.reason; "ttft_late": later, in the queue)
     spec_steps: int | None = None
     accepted_draft_tokens: int | None = None
 
@@ -218,8 +220,8 @@ def run_engine(engine, workload: list[WorkloadRequest], policy: str, slo_ms: dic
                                    ttft_slo_x_prefill=ttft[0] if ttft else None,
                                    ttft_allowance_ms=ttft[1] if ttft else 0.0,
                                    policy=policy, arrival_time=t0 + r.arrival_s)
-            except SLOUnattainableError:
-                recs[i].error = "slo_unattainable"
+            except SLOUnattainableError as exc:
+                recs[i].error, recs[i].refusal = "slo_unattainable", exc.reason
                 recs[i].ttft_slo_ms = ttft[0] * engine.idle_prefill_s(len(prompt_ids[i])) * 1e3 + ttft[1]
                 bar.update(1)
                 continue
@@ -239,6 +241,8 @@ def run_engine(engine, workload: list[WorkloadRequest], policy: str, slo_ms: dic
                 live.discard(o.request_id)
                 if o.finish_reason in ("slo_unattainable", "error", "abort"):  # refused in the queue, or failed
                     rec.error = o.finish_reason
+                    if o.finish_reason == "slo_unattainable":
+                        rec.refusal = "ttft_late"
                 if o.metrics is not None:
                     rec.spec_steps, rec.accepted_draft_tokens = o.metrics.num_spec_steps, o.metrics.num_accepted_draft_tokens
                 bar.update(1)

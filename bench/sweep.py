@@ -39,6 +39,7 @@ from bench.loadgen import format_summary, run_engine, run_http, server_accepted_
 from bench.paths import run_dir
 from bench.simulate import split_policy_options
 from bench.workloads import CATEGORIES, build_workload, slo_targets_ms
+from app.engine.step import StepTotals
 from policies.admission import OfferedPrefill
 
 POLICIES = ["none", "chain:4", "chain:6", "chain:8", "static-tree", "dynamic-tree", "adaserve"]
@@ -219,9 +220,13 @@ def start_run(engine, base_config, policy: str) -> None:
     - the policy's engine options (its ``+`` suffixes) over the sweep's base configuration;
     - overload shedding judges the load this run offers, not what the previous runs left;
     - a cold prefix cache: the previous runs prefilled the same prompts, and a run that found them cached would
-      skip most of its prefill, the very work that overloads this CPU. Within a run the cache works as served."""
+      skip most of its prefill, the very work that overloads this CPU. Within a run the cache works as served;
+    - no measured gain per step: the scheduler prices tree nodes, the pace plan and admission with the tokens a
+      tree has gained over the replica's life (``StepTotals``), and another policy's trees (dynamic-tree fills the
+      step budget) gain differently from this one's. Each run measures its own, as a fresh replica does."""
     engine.config = engine.scheduler.config = dataclasses.replace(base_config, **_policy_options(policy))
     engine.scheduler.offered_prefill = OfferedPrefill()
+    engine.scheduler.totals = StepTotals()
     engine.kv.reset_prefix_cache()
 
 

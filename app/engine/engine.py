@@ -269,7 +269,7 @@ class LLMEngine:
         cutoff = self.scheduler.shed_cutoff_tokens(now, req)
         if req.num_prompt_tokens > cutoff:
             self._unattainable(req, f"this replica is overloaded and admits prompts of at most {cutoff:.0f} tokens "
-                                    f"now, the shortest first; this one has {req.num_prompt_tokens}", now)
+                                    f"now, the shortest first; this one has {req.num_prompt_tokens}", now, "overloaded")
             return
         before, queued_before = self.scheduler.ttft_feasible(now)
         # the newcomer must fit with headroom: a prediction made now misses the load that arrives after it
@@ -279,18 +279,18 @@ class LLMEngine:
         if ttft_fits and self.scheduler.pace_admits(now, req, queued):
             self.scheduler.offered_prefill.observe_admission(now, req.num_prompt_tokens)
             return
-        why = ("the prompts queued ahead of it take longer" if not ttft_fits else
-               "the requests it already serves leave no room on their TPOT pace for it")
+        reason, why = (("ttft", "the prompts queued ahead of it take longer") if not ttft_fits else
+                       ("tpot_pace", "the requests it already serves leave no room on their TPOT pace for it"))
         self.scheduler.offered_prefill.observe_refusal(now)  # overloaded: overload shedding may choose whom to refuse
         self._unattainable(req, f"this replica cannot meet ttft_slo_ms {req.ttft_slo_ms:.4g} and tpot_slo_ms "
-                                f"{req.tpot_slo_ms} for a {req.num_prompt_tokens}-token prompt now: {why}", now)
+                                f"{req.tpot_slo_ms} for a {req.num_prompt_tokens}-token prompt now: {why}", now, reason)
 
-    def _unattainable(self, req: Request, message: str, now: float) -> None:
+    def _unattainable(self, req: Request, message: str, now: float, reason: str) -> None:
         """``on_unattainable``: serve ``req`` best effort, or refuse it (HTTP 429, retry after the queue drains)."""
         if self.config.on_unattainable == "best_effort":
             req.best_effort = True
             return
-        raise SLOUnattainableError(message, retry_after_s=self.scheduler.queue_drain_s(now))
+        raise SLOUnattainableError(message, retry_after_s=self.scheduler.queue_drain_s(now), reason=reason)
 
     def abort(self, request_id: str) -> bool:
         """Stop a request and free its KV blocks; False if it is unknown or already finished."""

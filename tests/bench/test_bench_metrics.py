@@ -98,7 +98,8 @@ def test_run_engine_records_a_refusal_in_the_queue():
     recs, _ = run_engine(_QueueRefusingEngine(), wl, "adaserve", {"chat": 100.0}, progress=False,
                          prompt_ids=[[1, 2], [3, 4]], ttft=(10.0, 1000.0))
     assert recs[0].error is None and recs[0].num_tokens == 2
-    assert recs[1].error == "slo_unattainable" and recs[1].num_tokens == 0
+    assert recs[1].error == "slo_unattainable" and recs[1].refusal == "ttft_late" and recs[1].num_tokens == 0
+    assert recs[0].refusal is None
     assert summarize(recs)["overall"]["rejected"] == 1
 
 
@@ -109,7 +110,7 @@ class _RefusingEngine(_QueueRefusingEngine):
         from app.engine.engine import SLOUnattainableError
 
         if request_id == "1":
-            raise SLOUnattainableError("overloaded", retry_after_s=1.0)
+            raise SLOUnattainableError("overloaded", retry_after_s=1.0, reason="overloaded")
         super().add_request(prompt_ids, sampling, request_id=request_id, **kw)
 
     def idle_prefill_s(self, num_prompt_tokens):
@@ -131,4 +132,5 @@ def test_run_engine_ends_when_the_last_arrival_is_refused_and_nothing_runs():
     recs, _ = run_engine(_RefusingEngine(), wl, "adaserve", {"chat": 100.0}, progress=False,
                          prompt_ids=[[1, 2], [3, 4]], ttft=(10.0, 1000.0))
     assert recs[0].error is None and recs[0].num_tokens == 2
-    assert recs[1].error == "slo_unattainable" and recs[1].ttft_slo_ms == pytest.approx(10.0 * 10 + 1000.0)
+    assert recs[1].error == "slo_unattainable" and recs[1].refusal == "overloaded"
+    assert recs[1].ttft_slo_ms == pytest.approx(10.0 * 10 + 1000.0)

@@ -36,7 +36,7 @@ def test_cell_requests_span_the_cell_duration_never_fewer_than_asked():
     assert cell_requests(10, 0.7, 60.0) == 42  # not 43 from 0.7 x 60's rounding error
 
 
-def test_each_run_starts_with_its_policy_options_and_a_cold_prefix_cache():
+def test_each_run_starts_with_its_policy_options_a_cold_prefix_cache_and_no_measured_gain():
     from app.engine.config import EngineConfig, SamplingParams
     from app.engine.engine import LLMEngine
     from bench.sweep import start_run
@@ -46,9 +46,11 @@ def test_each_run_starts_with_its_policy_options_and_a_cold_prefix_cache():
     engine.generate(["The same prompt that the previous policy's run prefilled. " * 4],
                     SamplingParams(max_tokens=2, ignore_eos=True))
     assert engine.kv.allocator.num_cached > 0  # the previous run left its prompt's blocks cached
+    engine.scheduler.totals.tree_requests, engine.scheduler.totals.accepted = 10, 25  # another policy's trees
     engine.scheduler.offered_prefill.observe_arrival(0.0, 100)
     start_run(engine, base, "adaserve+shed")
     assert engine.kv.allocator.num_cached == 0
+    assert engine.scheduler.totals.tree_requests == 0 and engine.scheduler.totals.tokens_per_tree_step == 1.0
     assert engine.config.overload_shedding and engine.scheduler.config is engine.config
     assert not engine.scheduler.offered_prefill.arrivals
     start_run(engine, base, "none")

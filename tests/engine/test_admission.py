@@ -84,7 +84,7 @@ def test_an_unattainable_ttft_is_refused_at_once_and_the_next_feasible_one_is_se
         engine.requests[f"bulk{i}"].ttft_slo_ms = 400.0  # now the queue needs all its time
     with pytest.raises(SLOUnattainableError) as err:
         engine.add_request(LONG, SamplingParams(max_tokens=2), request_id="tight", ttft_slo_ms=tight_ms)
-    assert err.value.retry_after_s > 0 and "tight" not in engine.requests
+    assert err.value.retry_after_s > 0 and err.value.reason == "ttft" and "tight" not in engine.requests
     engine.add_request("Hi", SamplingParams(max_tokens=2), request_id="loose", ttft_slo_ms=60_000.0)  # feasible
     done = set()
     while engine.has_unfinished():
@@ -170,7 +170,7 @@ def test_a_newcomer_that_would_break_the_tpot_pace_is_refused_where_the_pace_pla
                                    ttft_slo_ms=60_000.0)
                 ok.append(True)
             except SLOUnattainableError as err:
-                assert "TPOT pace" in str(err) and err.retry_after_s >= 0
+                assert "TPOT pace" in str(err) and err.reason == "tpot_pace" and err.retry_after_s >= 0
                 ok.append(False)
         return ok
 
@@ -201,7 +201,7 @@ def test_under_overload_the_longest_prompts_are_shed_first(on_unattainable):
     if on_unattainable == "reject":
         with pytest.raises(SLOUnattainableError, match="overloaded and admits prompts of at most 20 tokens") as err:
             engine.add_request(LONG, SamplingParams(max_tokens=2), request_id="long", ttft_slo_ms=60_000.0)
-        assert err.value.retry_after_s >= 0 and "long" not in engine.requests
+        assert err.value.retry_after_s >= 0 and err.value.reason == "overloaded" and "long" not in engine.requests
     else:
         engine.add_request(LONG, SamplingParams(max_tokens=2), request_id="long", ttft_slo_ms=60_000.0)
         assert engine.requests["long"].best_effort
