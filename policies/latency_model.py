@@ -142,6 +142,22 @@ class LatencyModel:
         return LatencyModel(PiecewiseLinear(pw.knots, tuple(v * f for v in pw.values), pw.tail_slope * f),
                             self.context_s_per_token * f)
 
+    def rescaled(self, knot_factors: ArrayLike) -> "LatencyModel":
+        """This model with each token knot's time multiplied by its own factor ([K] > 0, one per knot; the tail
+        slope takes the last one), kept non-decreasing; the context cost stays as profiled.
+
+        Why per size: under load a step departs from the idle profile by different ratios at different sizes (the
+        2-core CPU, one run: 1.20x for 1-16-token steps, 1.66x for 40-100, 1.19x past 300), so one factor for every
+        size overprices the small decode steps whenever a few large prefill steps ran slow, and refuses load the
+        replica could serve."""
+        pw = self.tokens
+        f = np.asarray(knot_factors, dtype=np.float64).ravel()
+        if f.size != len(pw.knots) or not np.all(f > 0):
+            raise ValueError(f"a latency model's knot scales must be {len(pw.knots)} values > 0, got {knot_factors!r}")
+        values = np.maximum.accumulate(np.asarray(pw.values) * f)
+        return LatencyModel(PiecewiseLinear(pw.knots, tuple(map(float, values)), pw.tail_slope * float(f[-1])),
+                            self.context_s_per_token)
+
     def to_dict(self) -> dict:
         """JSON-ready dict; ``from_dict`` inverts it."""
         return {
@@ -166,3 +182,26 @@ class LatencyModel:
 
 # The draft step has the same shape (tokens drafted this step, context the draft reads); one class serves both.
 DraftLatencyModel = LatencyModel
+
+
+def update_knot_log_scales(log_scales: np.ndarray, knots: Sequence[float], num_tokens: float, log_ratio: float,
+                           weight: float) -> np.ndarray:
+    """Per-knot log factors (``LatencyModel.rescaled``) after one step of ``num_tokens`` tokens that took
+    ``exp(log_ratio)`` times what the rescaled model predicted: the two knots around that size move by ``weight`` x
+    ``log_ratio``, shared as linear interpolation shares the prediction between them (a size at or beyond the first
+    or the last knot moves that knot alone). An EMA of each size's error, in log space so that a step twice as slow
+    and one half as slow cancel."""
+    out = np.array(log_scales, dtype=np.float64)
+    k = np.asarray(knots, dtype=np.float64)
+    n = float(num_tokens)
+    if n <= k[0]:
+        share = {0: 1.0}
+    elif n >= k[-1]:
+        share = {k.size - 1: 1.0}
+    else:
+        i = int(np.searchsorted(k, n, side="right")) - 1
+        w = (n - k[i]) / (k[i + 1] - k[i])
+        share = {i: 1.0 - w, i + 1: w}
+    for j, s in share.items():
+        out[j] += float(weight) * s * float(log_ratio)
+    return out

@@ -58,10 +58,10 @@ class EngineConfig:
     # gain: headroom for unlucky acceptance (70B simulation, 10 req/s: z = 1 / 2 / 3 gives 83% / 91% / 96% attainment,
     # 475 / 436 / 350 tok/s goodput)
     profile_latency: bool = True  # profile the target's step latency at start-up (cached per model+device)
-    calibrate_latency: bool = False  # price planning and admission with the profile x ``latency_scale`` (the
-    # measured / predicted time of recent steps, tracked either way): under load the CPU's steps ran 1.32x the
-    # profile (p90 1.93x), yet correcting it changed no attainment measurably (2-core CPU, adaserve at 2 req/s,
-    # 3 seeds: 64.7% vs 66.7%; 4 req/s: 22% vs 20%), so it stays opt-in
+    calibrate_latency: bool = False  # price planning and admission with the profile rescaled, step size by step
+    # size, to the measured / predicted time of recent steps (``Scheduler.knot_log_scales``; ``latency_scale``, one
+    # factor for all sizes, is tracked and exported either way): under load the CPU's steps run 1.2-1.7x the idle
+    # profile depending on their size. Opt-in until measured to pay (docs/design.md, calibration)
     ttft_admission: bool = True  # serve prompts earliest TTFT deadline first, never let the SLO pace plan hold back
     # what feasible deadlines need, and act on unattainable ones (on_unattainable); False: FIFO, as before TTFT SLOs
     ttft_admission_headroom: float = 0.2  # a newcomer is admitted only if predicted to get its first token within

@@ -23,7 +23,7 @@ from kernels.metadata import MAX_TREE_TOKENS
 from policies.admission import (OfferedPrefill, deadline_order, pace_tpot_slo_s, running_finish_times_s,
                                 slot_ready_times_s, tpot_pace_admits, ttft_feasible, ttft_prefill_floor)
 from policies.budget import min_worthwhile_path_prob, required_nodes, slo_step_plan, spare_budget
-from policies.latency_model import LatencyModel
+from policies.latency_model import LatencyModel, update_knot_log_scales
 from policies.step_plan import split_step_tokens
 from policies.tree_selection import SLOState, parse_policy, required_acceptance
 
@@ -38,8 +38,10 @@ class Scheduler:
         self.kv = kv_cache
         self.speculative = speculative  # a draft source is loaded (a request may speculate)
         self.latency_model = latency_model  # the profile; None: no priced cut-offs and no SLO pace plan
-        self.latency_scale = 1.0  # measured / predicted step time, EMA of recent steps (priced in: calibrate_latency)
-        self._scaled: tuple[LatencyModel, float, LatencyModel] | None = None
+        self.latency_scale = 1.0  # measured / profiled step time, EMA of recent steps (exported: the profile's error)
+        # per token knot of the profile, log of measured / predicted step time (priced in: calibrate_latency)
+        self.knot_log_scales: np.ndarray | None = None
+        self._scaled: tuple[LatencyModel, LatencyModel] | None = None  # (profile, profile rescaled by those)
         self.token_budget = token_budget or config.max_num_batched_tokens  # B: step tokens, roots included
         self.default_policy = parse_policy(config.policy)
         self.max_tree_nodes = min(config.max_tree_nodes, MAX_TREE_TOKENS - 1)  # the root takes one mask bit
@@ -66,14 +68,17 @@ class Scheduler:
 
     @property
     def model(self) -> LatencyModel | None:
-        """The latency profile every plan and admission decision is priced with: scaled to the measured speed where
-        ``calibrate_latency`` is on."""
+        """The latency profile every plan and admission decision is priced with: rescaled, step size by step size, to
+        the measured speed where ``calibrate_latency`` is on (``policies.latency_model.LatencyModel.rescaled``)."""
         base = self.latency_model
-        if base is None or self.latency_scale == 1.0 or not self.config.calibrate_latency:
+        if base is None or not self.config.calibrate_latency or self.knot_log_scales is None:
             return base
-        if self._scaled is None or self._scaled[0] is not base or self._scaled[1] != self.latency_scale:
-            self._scaled = (base, self.latency_scale, base.scaled(self.latency_scale))
-        return self._scaled[2]
+        if self._scaled is None or self._scaled[0] is not base:
+            if self.knot_log_scales.size != len(base.tokens.knots):  # a new profile: its error is not yet measured
+                self.knot_log_scales = None
+                return base
+            self._scaled = (base, base.rescaled(np.exp(self.knot_log_scales)))
+        return self._scaled[1]
 
     # ---- the plan -------------------------------------------------------------------------------------------
     def schedule(self, now: float) -> StepPlan:
@@ -385,18 +390,30 @@ class Scheduler:
                                         + 0.1 * max(result.step_s - result.verify_s, 0.0))
 
     def _calibrate(self, plan: StepPlan, result: StepResult) -> None:
-        """Move ``latency_scale`` toward this step's measured / predicted target time (an EMA of its log, each step
-        clipped to [1/4, 4] so that one stalled step cannot swing it). Tracked whether or not it is priced in: the
-        replica exports it as the profile's error. Called before ``update`` advances the requests: the context is
-        what the step read."""
-        if self.latency_model is None or result.num_tokens <= 0:
+        """Move ``latency_scale`` toward this step's measured / profiled target time (an EMA of its log, each step
+        clipped to [1/4, 4] so that one stalled step cannot swing it): tracked whether or not it is priced in, the
+        replica exports it as the profile's error. With ``calibrate_latency`` also move the per-knot scales the plans
+        are priced with (``policies.latency_model.update_knot_log_scales``) by this step's error against the
+        rescaled profile, same weight and clip. Called before ``update`` advances the requests: the context is what
+        the step read."""
+        base = self.latency_model
+        if base is None or result.num_tokens <= 0 or result.verify_s <= 0:
             return
         context = sum(c.request.num_computed_tokens for c in plan.decodes)
-        predicted = float(self.latency_model.predict(result.num_tokens, context))
-        if predicted <= 0 or result.verify_s <= 0:
+        predicted = float(base.predict(result.num_tokens, context))
+        if predicted <= 0:
             return
         ratio = min(max(result.verify_s / predicted, 0.25), 4.0)
         self.latency_scale = float(np.exp((1 - LATENCY_EMA) * np.log(self.latency_scale) + LATENCY_EMA * np.log(ratio)))
+        if not self.config.calibrate_latency:
+            return
+        if self.knot_log_scales is None or self.knot_log_scales.size != len(base.tokens.knots):
+            self.knot_log_scales, self._scaled = np.zeros(len(base.tokens.knots)), None
+        rescaled = float(self.model.predict(result.num_tokens, context))
+        error = min(max(result.verify_s / rescaled, 0.25), 4.0)
+        self.knot_log_scales = update_knot_log_scales(self.knot_log_scales, base.tokens.knots, result.num_tokens,
+                                                      float(np.log(error)), LATENCY_EMA)
+        self._scaled = None
 
     def preempt(self, req: Request) -> None:
         self.running.remove(req)

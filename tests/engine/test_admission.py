@@ -7,12 +7,13 @@ import dataclasses
 import math
 import time
 
+import numpy as np
 import pytest
 
 from app.engine.config import EngineConfig, SamplingParams
 from app.engine.engine import InvalidRequestError, LLMEngine, SLOUnattainableError
 from app.engine.scheduler import LATENCY_EMA
-from policies.latency_model import LatencyModel, PiecewiseLinear
+from policies.latency_model import LatencyModel, PiecewiseLinear, update_knot_log_scales
 
 # 10 ms a step plus 1 ms a token: a 16-token chunk takes 26 ms, a 40-token step 50 ms
 LINEAR = LatencyModel(PiecewiseLinear((0.0, 1000.0), (0.01, 1.01)), 0.0)
@@ -30,27 +31,34 @@ def test_the_profile_is_calibrated_to_the_measured_step_time():
     engine = _engine(calibrate_latency=True)
     assert engine.scheduler.latency_scale == 1.0 and engine.scheduler.model is LINEAR
     engine.add_request(LONG, SamplingParams(max_tokens=24), request_id="a")
-    ratios = []
+    ratios, logs = [], np.zeros(2)
     while engine.has_unfinished():
         engine.step()
         r = engine.step_history[-1]
         ratios.append(min(max(r.verify_s / LINEAR.predict(r.num_tokens, 0), 0.25), 4.0))
+        # the per-knot scales follow each step's error against the profile as rescaled so far
+        now = LINEAR.rescaled(np.exp(logs)).predict(r.num_tokens, 0)
+        logs = update_knot_log_scales(logs, LINEAR.tokens.knots, r.num_tokens,
+                                      math.log(min(max(r.verify_s / now, 0.25), 4.0)), LATENCY_EMA)
     scale = engine.scheduler.latency_scale
     expected = 0.0  # the EMA of the log ratio, from 1 (LINEAR has no context term: the context does not matter)
     for ratio in ratios:
         expected = (1 - LATENCY_EMA) * expected + LATENCY_EMA * math.log(ratio)
     assert scale == pytest.approx(math.exp(expected)) and scale != 1.0
     assert engine.stats()["latency_scale"] == scale
+    np.testing.assert_allclose(engine.scheduler.knot_log_scales, logs)
     model = engine.scheduler.model
-    assert model.predict(40, 100) == pytest.approx(scale * LINEAR.predict(40, 100))
-    assert engine.scheduler.predicted_step_s(40, 100) == pytest.approx(scale * LINEAR.predict(40, 100))
+    assert model.predict(40, 100) == pytest.approx(LINEAR.rescaled(np.exp(logs)).predict(40, 100))
+    assert model.predict(40, 100) != pytest.approx(LINEAR.predict(40, 100))
+    assert engine.scheduler.predicted_step_s(40, 100) == pytest.approx(model.predict(40, 100))
     assert engine.idle_prefill_s(100) == pytest.approx(sum(0.01 + 0.001 * min(16, 100 - s) for s in range(0, 100, 16))
                                                        + engine.scheduler.step_overhead_ema_s * 7)  # SLOs: the profile
-    off = _engine()  # the default: tracked (the replica exports it), not priced in
+    off = _engine()  # the default: the scale tracked (the replica exports it), nothing priced in
     off.add_request(LONG, SamplingParams(max_tokens=4))
     while off.has_unfinished():
         off.step()
     assert off.scheduler.latency_scale != 1.0 and off.scheduler.model is LINEAR
+    assert off.scheduler.knot_log_scales is None
     assert off.scheduler.predicted_step_s(40, 100) == LINEAR.predict(40, 100)
 
 

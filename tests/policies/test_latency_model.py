@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from policies.latency_model import DraftLatencyModel, LatencyModel, PiecewiseLinear, nnls
+from policies.latency_model import DraftLatencyModel, LatencyModel, PiecewiseLinear, nnls, update_knot_log_scales
 
 
 def true_step_s(n, ctx):
@@ -98,3 +98,37 @@ def test_scaled_multiplies_every_prediction():
     for bad in (0.0, -1.0, float("nan")):
         with pytest.raises(ValueError, match="scale"):
             model.scaled(bad)
+
+
+def test_rescaled_multiplies_each_knot_by_its_own_factor_and_stays_non_decreasing():
+    model = LatencyModel(PiecewiseLinear((1.0, 16.0, 64.0), (0.01, 0.02, 0.05), 0.001), 1e-5)
+    slow_mid = model.rescaled([1.0, 2.0, 1.0])
+    # knot 16 doubles to 0.04; halfway to 64 interpolates 0.04 -> 0.05; the context cost is the profile's
+    assert slow_mid.predict(16, 0) == pytest.approx(0.04)
+    assert slow_mid.predict(40, 1000) == pytest.approx(0.045 + 0.01)
+    assert slow_mid.predict(1, 0) == pytest.approx(0.01) and slow_mid.predict(100, 0) == pytest.approx(0.05 + 0.036)
+    sizes = np.arange(1, 300)
+    np.testing.assert_allclose(model.rescaled([1.5] * 3).predict(sizes, 0), 1.5 * model.predict(sizes, 0))
+    dip = model.rescaled([1.0, 3.0, 1.0])  # 0.06 at 16 would fall to 0.05 at 64: held at 0.06 instead
+    assert np.all(np.diff(dip.predict(sizes, 0)) >= 0) and dip.predict(64, 0) == pytest.approx(0.06)
+    assert dip.predict(100, 0) == pytest.approx(0.06 + 0.036)  # the tail slope takes the last knot's factor
+    for bad in ([1.0, 1.0], [1.0, 0.0, 1.0], [1.0, float("nan"), 1.0]):
+        with pytest.raises(ValueError, match="knot scales"):
+            model.rescaled(bad)
+
+
+def test_a_step_moves_the_two_knots_around_its_size_as_interpolation_shares_it():
+    knots, zeros = (1.0, 16.0, 64.0), np.zeros(3)
+    np.testing.assert_allclose(update_knot_log_scales(zeros, knots, 28, 0.4, 0.5), [0.0, 0.15, 0.05])  # 1/4 of the way
+    np.testing.assert_allclose(update_knot_log_scales(zeros, knots, 16, 0.4, 0.5), [0.0, 0.2, 0.0])
+    np.testing.assert_allclose(update_knot_log_scales(zeros, knots, 500, -0.4, 0.5), [0.0, 0.0, -0.2])
+    np.testing.assert_allclose(update_knot_log_scales(zeros, knots, 1, 0.4, 0.5), [0.2, 0.0, 0.0])
+    assert not zeros.any()  # a new array: the caller's is left as it was
+    # repeated steps of one size converge on that size's ratio, and leave the far knot alone
+    model = LatencyModel(PiecewiseLinear(knots, (0.01, 0.02, 0.05)))
+    logs = zeros
+    for _ in range(200):
+        measured = 1.6 * model.predict(16)
+        logs = update_knot_log_scales(logs, knots, 16, np.log(measured / model.rescaled(np.exp(logs)).predict(16)), 0.05)
+    assert model.rescaled(np.exp(logs)).predict(16) == pytest.approx(1.6 * 0.02, rel=1e-3)
+    assert logs[0] == 0.0 and logs[2] == 0.0
