@@ -61,7 +61,8 @@ class EngineConfig:
     calibrate_latency: bool = False  # price planning and admission with the profile rescaled, step size by step
     # size, to the measured / predicted time of recent steps (``Scheduler.knot_log_scales``; ``latency_scale``, one
     # factor for all sizes, is tracked and exported either way): under load the CPU's steps run 1.2-1.7x the idle
-    # profile depending on their size. Opt-in until measured to pay (docs/design.md, calibration)
+    # profile depending on their size. On in the CPU YAMLs (2-core CPU, 3 seeds: +9 / +4 / +7 / -2 points of attainment
+    # at 1 / 1.5 / 2 / 3 req/s); off here and in the GPU YAML, where it is unmeasured (docs/design.md, calibration)
     ttft_admission: bool = True  # serve prompts earliest TTFT deadline first, never let the SLO pace plan hold back
     # what feasible deadlines need, and act on unattainable ones (on_unattainable); False: FIFO, as before TTFT SLOs
     ttft_admission_headroom: float = 0.2  # a newcomer is admitted only if predicted to get its first token within
