@@ -35,7 +35,7 @@ _REPLICA_GAUGES = (
     ("unloaded_tpot_seconds", "unloaded_tpot_s", "TPOT of one request on the idle replica (SLO baseline)"),
     ("prefill_held_steps", "prefill_held_steps", "Engine steps whose prompts waited for the running TPOT SLOs"),
     ("latency_scale", "latency_scale",
-     "Measured / profiled target step time over recent steps (priced into planning with calibrate_latency)"),
+     "Measured / profiled target step time over recent steps (calibrate_latency prices it in, per step size)"),
     ("prefill_capacity_tokens_per_second", "prefill_capacity_tok_s",
      "Prompt tokens per second prefilled by steps that left prompts waiting (EMA): overload shedding's capacity"),
     ("shed_cutoff_tokens", "shed_cutoff_tokens",
