@@ -3,8 +3,8 @@ in-process engine (same engine, same policies; arrival-driven loop), one record 
 
 Records (one JSONL line per request; times in seconds from the run start):
     index, category, slo_class, policy, tpot_slo_ms, ttft_slo_ms, scheduled_s, sent_s, first_token_s,
-    last_token_s, token_times [[t, n_tokens], ...], num_tokens, error, refusal (which admission rule refused it, in-process
-    runs), spec_steps, accepted_draft_tokens
+    last_token_s, token_times [[t, n_tokens], ...], num_tokens, error, refusal (which admission rule refused it,
+    in-process runs), spec_steps, accepted_draft_tokens
 Client-side TPOT = (last token time - first token time) / (num_tokens - 1) (vLLM's definition, and the
 engine's); over HTTP the token count of each SSE chunk is unknown (merged deltas), so every token time is
 the chunk's arrival and the count comes from ``usage``.

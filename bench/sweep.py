@@ -35,11 +35,11 @@ from pathlib import Path
 
 import numpy as np
 
+from app.engine.step import StepTotals
 from bench.loadgen import format_summary, run_engine, run_http, server_accepted_tokens_per_step, summarize, write_jsonl
 from bench.paths import run_dir
 from bench.simulate import split_policy_options
 from bench.workloads import CATEGORIES, build_workload, slo_targets_ms
-from app.engine.step import StepTotals
 from policies.admission import OfferedPrefill
 
 POLICIES = ["none", "chain:4", "chain:6", "chain:8", "static-tree", "dynamic-tree", "adaserve"]

@@ -71,14 +71,17 @@ class Scheduler:
         """The latency profile every plan and admission decision is priced with: rescaled, step size by step size, to
         the measured speed where ``calibrate_latency`` is on (``policies.latency_model.LatencyModel.rescaled``)."""
         base = self.latency_model
-        if base is None or not self.config.calibrate_latency or self.knot_log_scales is None:
+        logs = self._knot_log_scales(base) if base is not None and self.config.calibrate_latency else None
+        if logs is None:
             return base
         if self._scaled is None or self._scaled[0] is not base:
-            if self.knot_log_scales.size != len(base.tokens.knots):  # a new profile: its error is not yet measured
-                self.knot_log_scales = None
-                return base
-            self._scaled = (base, base.rescaled(np.exp(self.knot_log_scales)))
+            self._scaled = (base, base.rescaled(np.exp(logs)))
         return self._scaled[1]
+
+    def _knot_log_scales(self, base: LatencyModel) -> np.ndarray | None:
+        """The per-knot scales measured for ``base``'s knots (None: none yet, or measured for another profile)."""
+        logs = self.knot_log_scales
+        return logs if logs is not None and logs.size == len(base.tokens.knots) else None
 
     # ---- the plan -------------------------------------------------------------------------------------------
     def schedule(self, now: float) -> StepPlan:
@@ -407,11 +410,13 @@ class Scheduler:
         self.latency_scale = float(np.exp((1 - LATENCY_EMA) * np.log(self.latency_scale) + LATENCY_EMA * np.log(ratio)))
         if not self.config.calibrate_latency:
             return
-        if self.knot_log_scales is None or self.knot_log_scales.size != len(base.tokens.knots):
-            self.knot_log_scales, self._scaled = np.zeros(len(base.tokens.knots)), None
-        rescaled = float(self.model.predict(result.num_tokens, context))
+        logs = self._knot_log_scales(base)
+        if logs is None:  # the first step priced with this profile: its scales start at 1
+            logs, rescaled = np.zeros(len(base.tokens.knots)), predicted
+        else:
+            rescaled = float(self.model.predict(result.num_tokens, context))
         error = min(max(result.verify_s / rescaled, 0.25), 4.0)
-        self.knot_log_scales = update_knot_log_scales(self.knot_log_scales, base.tokens.knots, result.num_tokens,
+        self.knot_log_scales = update_knot_log_scales(logs, base.tokens.knots, result.num_tokens,
                                                       float(np.log(error)), LATENCY_EMA)
         self._scaled = None
 
