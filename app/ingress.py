@@ -236,7 +236,7 @@ class _Relay:
             async for msg in self.gen:
                 if msg["type"] == "error":
                     if msg.get("code") == "slo_unattainable":
-                        metrics.observe_rejected(self.slo.slo_class)
+                        metrics.observe_rejected(self.slo.slo_class, msg.get("reason"))
                     raise APIError.from_message(msg)
                 self.num_tokens += len(msg["token_ids"])
                 metrics.generation_tokens.inc(len(msg["token_ids"]))
@@ -479,7 +479,7 @@ class OpenAIIngress:
                 avoid.append(refused_by)
                 continue
             if first.get("code") == "slo_unattainable":
-                self.metrics.observe_rejected(slo.slo_class)
+                self.metrics.observe_rejected(slo.slo_class, first.get("reason"))
             return self._fail(endpoint, APIError.from_message(first))
         relay = _Relay(self, endpoint, body, slo, request_id, gen, first["prompt_tokens"])
         if body.stream:

@@ -160,8 +160,9 @@ class ServeMetrics:
                                     "Requests with an SLO, by outcome (attained: true | false | rejected)",
                                     ["slo_class", "attained"], registry=r)
         self.slo_rejections = Counter("adaserve_slo_rejections",
-                                      "Requests refused because no replica could meet their TTFT SLO (429)",
-                                      ["slo_class"], registry=r)
+                                      "Requests refused because no replica could meet their SLOs (429), by the rule "
+                                      "that refused them (reason: overloaded | ttft | tpot_pace | ttft_late)",
+                                      ["slo_class", "reason"], registry=r)
         self.slo_attainment = Gauge("adaserve_slo_attainment_ratio", "Attained / finished requests with an SLO",
                                     ["slo_class"], registry=r)
         self.goodput_tokens = Counter("adaserve_goodput_tokens", "Tokens of requests that attained their SLO",
@@ -173,9 +174,10 @@ class ServeMetrics:
         r.register(ScalingDecisionCollector(lambda: self.scaling_decisions))
         self._slo_counts: dict[str, list[int]] = {}  # class -> [attained, finished]
 
-    def observe_rejected(self, slo_class: str) -> None:
-        """A request refused for an unattainable TTFT SLO: a miss for its class's attainment."""
-        self.slo_rejections.labels(slo_class).inc()
+    def observe_rejected(self, slo_class: str, reason: str | None) -> None:
+        """A request refused because its SLOs were unattainable here (``reason``: the rule that refused it, from the
+        replica's error; "unknown" if it named none): a miss for its class's attainment."""
+        self.slo_rejections.labels(slo_class, reason or "unknown").inc()
         self.slo_requests.labels(slo_class, "rejected").inc()
         counts = self._slo_counts.setdefault(slo_class, [0, 0])
         counts[1] += 1

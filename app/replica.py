@@ -65,9 +65,12 @@ release_free_heap = _load_malloc_trim()
 
 
 def _error(status: int, message: str, param: str | None = None, code: str | None = None,
-           retry_after_s: float | None = None) -> dict[str, Any]:
+           retry_after_s: float | None = None, reason: str | None = None) -> dict[str, Any]:
+    """A replica's error message. ``reason``: for a 429 ``slo_unattainable``, which rule refused the request
+    (``SLOUnattainableError.reason``, or "ttft_late" for a prompt refused later, in the queue); /metrics counts
+    rejections by it."""
     return {"type": "error", "status": status, "message": message, "param": param, "code": code,
-            "retry_after_s": retry_after_s}
+            "retry_after_s": retry_after_s, "reason": reason}
 
 
 class EngineLoop:
@@ -254,7 +257,7 @@ class EngineLoop:
                                     policy=payload.get("policy"), arrival_time=payload.get("arrival_time"))
         except SLOUnattainableError as exc:  # fail fast: the ingress tries another replica, else answers 429
             self.num_slo_rejections += 1
-            sink(_error(429, str(exc), "ttft_slo_ms", "slo_unattainable", exc.retry_after_s))
+            sink(_error(429, str(exc), "ttft_slo_ms", "slo_unattainable", exc.retry_after_s, exc.reason))
             return
         except ValueError as exc:  # InvalidRequestError is a ValueError; so are SamplingParams' checks
             sink(_error(400, str(exc), param_from_message(str(exc))))
@@ -327,7 +330,7 @@ class EngineLoop:
         if out.finish_reason == "slo_unattainable":  # refused in the queue: its TTFT SLO can no longer be met
             self.num_slo_rejections += 1
             sink(_error(429, "this replica can no longer meet the request's TTFT SLO", "ttft_slo_ms",
-                        "slo_unattainable", self.engine.scheduler.queue_drain_s(time.perf_counter())))
+                        "slo_unattainable", self.engine.scheduler.queue_drain_s(time.perf_counter()), "ttft_late"))
             return
         sink({"type": "delta", "text": out.new_text, "token_ids": list(out.new_token_ids),
               "finished": out.finished, "finish_reason": out.finish_reason,

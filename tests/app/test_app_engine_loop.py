@@ -23,7 +23,8 @@ class FakeEngine:
         if not prompt:
             raise ValueError("prompt is empty")
         if prompt == "too late":
-            raise SLOUnattainableError("this replica cannot meet ttft_slo_ms 5 now", retry_after_s=2.5)
+            raise SLOUnattainableError("this replica cannot meet ttft_slo_ms 5 now", retry_after_s=2.5,
+                                       reason="tpot_pace")
         self.requests[request_id] = SimpleNamespace(num_prompt_tokens=len(prompt), n=0, max=sampling.max_tokens)
 
     def abort(self, request_id: str) -> bool:
@@ -74,7 +75,7 @@ def test_requests_stream_and_errors_come_back_as_messages() -> None:
         assert good.messages[0] == {"type": "accepted", "prompt_tokens": 2}
         assert "".join(m["text"] for m in good.messages[1:]) == "t1t2t3"
         assert bad.messages == [{"type": "error", "status": 400, "message": "prompt is empty", "param": "prompt",
-                                 "code": None, "retry_after_s": None}]
+                                 "code": None, "retry_after_s": None, "reason": None}]
         bad_params = Inbox()
         loop.add("c", {"prompt": "hi", "sampling": {"temperature": -1}}, bad_params)
         assert bad_params.done.wait(5) and bad_params.messages[0]["param"] == "temperature"
@@ -163,7 +164,8 @@ def test_an_unattainable_ttft_is_refused_with_429_and_the_next_request_is_served
         loop.add("ok", {"prompt": "hi", "sampling": {"max_tokens": 2}}, served)
         assert refused.done.wait(5) and served.done.wait(5)
         assert refused.messages == [{"type": "error", "status": 429, "message": "this replica cannot meet ttft_slo_ms 5 now",
-                                     "param": "ttft_slo_ms", "code": "slo_unattainable", "retry_after_s": 2.5}]
+                                     "param": "ttft_slo_ms", "code": "slo_unattainable", "retry_after_s": 2.5,
+                                     "reason": "tpot_pace"}]
         assert served.messages[0]["type"] == "accepted" and served.messages[-1]["finished"]
         assert loop.num_slo_rejections == 1
     finally:

@@ -42,3 +42,17 @@ def test_overload_shedding_gauges_per_replica():
     assert g[("adaserve_replica_prefill_capacity_tokens_per_second", "r1")] == 2100.5
     assert g[("adaserve_replica_shed_cutoff_tokens", "r1")] == 412.0
     assert ("adaserve_replica_shed_cutoff_tokens", "r2") not in g  # no cutoff: every prompt length is admitted
+
+
+def test_rejections_are_counted_per_class_and_reason():
+    metrics = ServeMetrics(lambda: {})
+    for slo_class, reason in [("coding", "overloaded"), ("coding", "overloaded"), ("coding", "tpot_pace"),
+                              ("chat", "ttft_late"), ("chat", None)]:
+        metrics.observe_rejected(slo_class, reason)
+    counts = {tuple(sorted(s.labels.items())): s.value
+              for family in text_string_to_metric_families(metrics.render().decode()) for s in family.samples
+              if s.name == "adaserve_slo_rejections_total"}
+    assert counts == {(("reason", "overloaded"), ("slo_class", "coding")): 2.0,
+                      (("reason", "tpot_pace"), ("slo_class", "coding")): 1.0,
+                      (("reason", "ttft_late"), ("slo_class", "chat")): 1.0,
+                      (("reason", "unknown"), ("slo_class", "chat")): 1.0}
