@@ -83,7 +83,7 @@ def engine_steady_load(engine: Any, prefill_tokens_per_s: float = 0.0) -> float:
     slo_s = [r.tpot_slo_ms / 1e3 if r.tpot_slo_ms else float("inf") for r in running]
     context = sum(r.num_computed_tokens for r in running)
     full_step_s = sched.predicted_step_s(sched.token_budget, context) + sched.step_overhead_ema_s
-    tokens_per_step = sched.totals.tokens_per_tree_step or 1.0
+    tokens_per_step = sched.gain_stats()[0]
     expected = max(tokens_per_step - 1.0, 0.0)
     return steady_slo_load(slo_s, len(sched.waiting), full_step_s, expected / (1.0 + expected), sched.token_budget,
                            engine.config.max_tree_nodes, engine.config.max_draft_depth, prefill_tokens_per_s)

@@ -26,7 +26,7 @@ Profiles (``Profile``): measured on this CPU (bench/results/profile_cpu.json, --
 
 Policies are engine policy names; a ``+`` suffix sets an engine option for that run (``POLICY_OPTIONS``:
 ``+notriage`` is ``slo_triage: false``, ``+slochunk`` / ``+noslochunk`` is ``slo_prefill: true / false``,
-``+shed`` / ``+noshed`` is ``overload_shedding: true / false``).
+``+shed`` / ``+noshed`` is ``overload_shedding: true / false``, ``+noprior`` is ``gain_prior_steps: 0``).
 
 CLI: ``python -m bench.simulate --profile 70b --rates 2 4 8 16 -n 2000 --replicas 4``.
 """
@@ -37,7 +37,6 @@ import argparse
 import dataclasses
 import heapq
 import json
-import math
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -53,7 +52,7 @@ from policies import routing, token_tree
 from policies.admission import (OfferedPrefill, deadline_order, idle_prefill_s, newcomer_fits, pace_tpot_slo_s,
                                 running_finish_times_s, slot_ready_times_s, tpot_pace_admits, ttft_feasible,
                                 ttft_prefill_floor)
-from policies.budget import choose_token_budget, slo_step_plan, throughput_cut_path_prob
+from policies.budget import choose_token_budget, gain_per_step, slo_step_plan, throughput_cut_path_prob
 from policies.step_plan import split_step_tokens
 from policies.latency_model import LatencyModel, PiecewiseLinear
 from policies.tree_selection import SLOState, cap_tree_size, draft_shape, parse_policy, select
@@ -108,6 +107,7 @@ POLICY_OPTIONS = {  # "POLICY+name": the engine option a simulated run sets
     "shed": {"overload_shedding": True},
     "noshed": {"overload_shedding": False},
     "calib": {"calibrate_latency": True},  # an engine option; a no-op here, where steps take the profile's time
+    "noprior": {"gain_prior_steps": 0.0},  # the gain per step measured alone, 1 token a step before any tree
 }
 
 
@@ -380,11 +380,12 @@ class Simulator:
             confidence_z=e.slo_prefill_confidence_z)
 
     def _gain_stats(self) -> tuple[float, float, float]:
-        """(per-token acceptance, tokens per speculating step, its standard deviation), as the engine measures them."""
-        spec_steps = int(self.spec_steps.sum())
-        e = float(self.accepted.sum()) / spec_steps if spec_steps else 0.0
-        sd = math.sqrt(max(self.gain_sq / spec_steps - (1.0 + e) ** 2, 0.0)) if spec_steps else 0.0
-        return e / (1.0 + e), 1.0 + e, sd
+        """(per-token acceptance, tokens per speculating step, its standard deviation), as the scheduler's
+        ``gain_stats`` takes them: the measurement shrunk toward the engine's prior."""
+        e = self.cfg.engine
+        gain, sd = gain_per_step(int(self.spec_steps.sum()), float(self.accepted.sum()), self.gain_sq,
+                                 prior_tokens_per_step=e.gain_prior_tokens_per_step, prior_steps=e.gain_prior_steps)
+        return (gain - 1.0) / gain, gain, sd
 
     def _ttft_floor(self, rep: _Replica, queued: list[int], now: float) -> tuple[int, np.ndarray]:
         args = self._ttft_inputs(rep, queued, now)
@@ -400,8 +401,7 @@ class Simulator:
         dec = np.asarray([i for i in rep.running if self.out[i] > 0], dtype=np.int64)
         context = float((self.prompt[dec] + self.out[dec]).sum())
         run = np.asarray(rep.running, dtype=np.int64)
-        spec_steps = int(self.spec_steps.sum())
-        gain = 1.0 + float(self.accepted.sum()) / spec_steps if spec_steps else 1.0
+        gain = self._gain_stats()[1] if self.spec.kind != "none" else 1.0
         finish = running_finish_times_s(now, self.maxtok[run] - self.out[run], gain,
                                         float(self.p.target.predict(dec.size, context)) + self.step_overhead_s)
         waiting = q.size - sum(1 for i in rep.running if self.out[i] == 0)  # queued without a sequence slot

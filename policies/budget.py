@@ -141,6 +141,29 @@ def throughput_cut_path_prob(path_probs: np.ndarray, model: LatencyModel, step_t
     return float(v)
 
 
+def gain_per_step(tree_steps: int, accepted_tokens: float, gain_sq: float, *, prior_tokens_per_step: float,
+                  prior_steps: float) -> tuple[float, float]:
+    """(mean, standard deviation) of the tokens a speculating request gains per step (accepted draft tokens + the
+    bonus token): what the replica measured over ``tree_steps`` verified trees (``accepted_tokens`` in all, squared
+    gains summing to ``gain_sq``), shrunk toward a prior worth ``prior_steps`` trees whose mean is
+    ``prior_tokens_per_step`` and whose spread equals its accepted tokens (sd = prior - 1).
+
+    Why a prior: the SLO pace plan and fail fast price every TPOT pace with this gain. Measured alone it is 1 token
+    per step until a tree has been verified, and noisy over the first few; at 1 token per step a tight class (1.2x
+    the unloaded TPOT) cannot be kept even by an idle replica, so fail fast judges each newcomer as having no TPOT
+    SLO and the plan protects no one. A replica that starts into a burst (a scale-up, a restart, each run of a
+    sweep) then admits every arrival unprotected, and the TTFT floor's prefill takes their pace. ``prior_steps`` 0:
+    the measurement alone (1 token per step, spread 0, before any tree)."""
+    prior = max(float(prior_tokens_per_step), 1.0)
+    weight = max(float(prior_steps), 0.0)
+    n = int(tree_steps) + weight
+    if n <= 0:
+        return 1.0, 0.0
+    mean = (int(tree_steps) + float(accepted_tokens) + weight * prior) / n
+    second = (float(gain_sq) + weight * (prior**2 + (prior - 1.0) ** 2)) / n
+    return mean, math.sqrt(max(second - mean**2, 0.0))
+
+
 class PacePlan(NamedTuple):
     """What ``slo_pace_plan`` decided: the step's prefill and reserved SLO nodes, which requests it protects, and
     whether one step size keeps every protected request on its pace (False: the plan is over-committed and the

@@ -57,6 +57,10 @@ class EngineConfig:
     slo_prefill_confidence_z: float = 2.0  # the pace plan's cushion, in standard deviations of a request's remaining
     # gain: headroom for unlucky acceptance (70B simulation, 10 req/s: z = 1 / 2 / 3 gives 83% / 91% / 96% attainment,
     # 475 / 436 / 350 tok/s goodput)
+    gain_prior_tokens_per_step: float = 2.0  # the gain per step the pace plan and fail fast assume before the
+    # replica has measured its own: a prior worth gain_prior_steps verified trees (policies.budget.gain_per_step).
+    # Without it a cold replica prices every pace at 1 token per step and admits a burst unprotected
+    gain_prior_steps: float = 16.0  # 0: the measured gain alone
     profile_latency: bool = True  # profile the target's step latency at start-up (cached per model+device)
     calibrate_latency: bool = False  # price planning and admission with the profile rescaled, step size by step
     # size, to the measured / predicted time of recent steps (``Scheduler.knot_log_scales``; ``latency_scale``, one
@@ -96,6 +100,9 @@ class EngineConfig:
             raise ValueError(f"ttft_admission_headroom must be in [0, 1), got {self.ttft_admission_headroom}")
         if self.on_unattainable not in ("reject", "best_effort"):
             raise ValueError(f"on_unattainable must be reject or best_effort, got {self.on_unattainable!r}")
+        if not (self.gain_prior_tokens_per_step >= 1 and self.gain_prior_steps >= 0):
+            raise ValueError(f"gain_prior_tokens_per_step must be >= 1 and gain_prior_steps >= 0, got "
+                             f"{self.gain_prior_tokens_per_step} and {self.gain_prior_steps}")
         if self.max_prefill_wait_s is not None and not self.max_prefill_wait_s >= 0:
             raise ValueError(f"max_prefill_wait_s must be >= 0, got {self.max_prefill_wait_s}")
 

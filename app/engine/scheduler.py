@@ -22,7 +22,7 @@ from app.engine.step import NodePricing, ScheduledChunk, StepPlan, StepResult, S
 from kernels.metadata import MAX_TREE_TOKENS
 from policies.admission import (OfferedPrefill, deadline_order, pace_tpot_slo_s, running_finish_times_s,
                                 slot_ready_times_s, tpot_pace_admits, ttft_feasible, ttft_prefill_floor)
-from policies.budget import min_worthwhile_path_prob, required_nodes, slo_step_plan, spare_budget
+from policies.budget import gain_per_step, min_worthwhile_path_prob, required_nodes, slo_step_plan, spare_budget
 from policies.latency_model import LatencyModel, update_knot_log_scales
 from policies.step_plan import split_step_tokens
 from policies.tree_selection import SLOState, parse_policy, required_acceptance
@@ -241,12 +241,20 @@ class Scheduler:
             np.array([np.nan if r.first_token_time is None else r.first_token_time for r in reqs]),
             np.array([r.ttft_deadline for r in reqs]), np.array([r.best_effort for r in reqs]))
 
+    def gain_stats(self) -> tuple[float, float]:
+        """(mean, sd) of the tokens a speculating request gains per step, as every plan and price here takes them:
+        the measurement so far shrunk toward the configured prior (``policies.budget.gain_per_step``). The exported
+        ``accepted_tokens_per_step`` stays the measurement alone."""
+        t, cfg = self.totals, self.config
+        return gain_per_step(t.tree_requests, t.accepted, t.tree_gain_sq,
+                             prior_tokens_per_step=cfg.gain_prior_tokens_per_step, prior_steps=cfg.gain_prior_steps)
+
     def _pace_kw(self, context_tokens: float) -> dict:
-        """The pace plan's inputs besides the requests: the measured gain per step and the step's limits."""
-        gain = self.totals.tokens_per_tree_step
+        """The pace plan's inputs besides the requests: the gain per step (``gain_stats``) and the step's limits."""
+        gain, gain_sd = self.gain_stats()
         limit = self.config.max_num_batched_tokens
         return dict(context_tokens=context_tokens, acceptance_rate=(gain - 1.0) / gain, tokens_per_step=gain,
-                    tokens_per_step_sd=self.totals.tokens_per_tree_step_sd,
+                    tokens_per_step_sd=gain_sd,
                     max_nodes_per_request=self.max_tree_nodes if self.speculative else 0,
                     max_tokens=limit, max_prefill_tokens=limit, overhead_s=self.step_overhead_ema_s,
                     confidence_z=self.config.slo_prefill_confidence_z)
@@ -266,7 +274,7 @@ class Scheduler:
         waiting = [r for r in queued if r.status is RequestStatus.WAITING]
         finish = running_finish_times_s(
             now, np.array([r.sampling.max_tokens - r.num_output_tokens for r in self.running]),
-            self.totals.tokens_per_tree_step if self.speculative else 1.0,
+            self.gain_stats()[0] if self.speculative else 1.0,
             self.step_ema_s or self.predicted_step_s(len(decoding), context))
         ready = np.full(len(queued), now)
         ready[len(queued) - len(waiting):] = slot_ready_times_s(
@@ -344,7 +352,7 @@ class Scheduler:
         plan.predicted_step_s = self.predicted_step_s(roots + prefill + plan.node_budget, context)
         if self.latency_model is None:
             return
-        expected = roots * self.totals.tokens_per_tree_step
+        expected = roots * self.gain_stats()[0]
         plan.pricing = NodePricing(
             latency_model=self.model, base_tokens=roots + prefill, context_tokens=context, num_roots=roots,
             min_path_prob=min_worthwhile_path_prob(self.model, roots + prefill, context, expected),
@@ -449,7 +457,7 @@ class Scheduler:
         needs to reach A(r) this step (policies.budget.required_nodes).
         """
         decoding = [r for r in self.running if r.first_token_time is not None]
-        expected = self.totals.tokens_per_tree_step - 1.0
+        expected = self.gain_stats()[0] - 1.0
         need = np.zeros(0, dtype=np.int64)
         if decoding and self.speculative:
             slo = SLOState(

@@ -51,7 +51,7 @@ def test_prefill_rate_counts_the_window_only() -> None:
 def test_engine_steady_load_reads_the_scheduler() -> None:
     running = [SimpleNamespace(tpot_slo_ms=60.0, num_computed_tokens=100) for _ in range(10)]
     sched = SimpleNamespace(running=running, waiting=[], step_overhead_ema_s=0.0, token_budget=40,
-                            totals=SimpleNamespace(tokens_per_tree_step=1.0),
+                            gain_stats=lambda: (1.0, 0.0),
                             predicted_step_s=lambda tokens, context: 0.010 + 0.001 * tokens)
     engine = SimpleNamespace(scheduler=sched, config=SimpleNamespace(max_tree_nodes=32, max_draft_depth=8))
     # a full-budget step (40 tokens) takes 50 ms, under the 60 ms SLO: a root token each -> 10 / 40

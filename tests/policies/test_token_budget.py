@@ -5,7 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from policies.budget import adaptive_shape, choose_token_budget, required_nodes, slo_step_plan, spare_budget
+from policies.admission import tpot_pace_admits
+from policies.budget import (adaptive_shape, choose_token_budget, gain_per_step, required_nodes, slo_step_plan,
+                             spare_budget)
 from policies.latency_model import LatencyModel, PiecewiseLinear
 
 # 20 ms floor up to 64 tokens, then 1 ms per token; 1 us per context token
@@ -214,3 +216,36 @@ def test_slo_plan_keeps_every_protected_request_on_pace_and_in_the_step():
         # the reserved nodes buy every protected request its pace in the planned step (chain model)
         assert np.all(need[protected] <= g_max + 1e-9)
         assert nodes == required_nodes(np.fmax(need[protected], 1.0), a, 8).sum()
+
+
+def test_gain_per_step_shrinks_the_measurement_toward_the_prior_golden():
+    prior = dict(prior_tokens_per_step=2.0, prior_steps=16.0)
+    assert gain_per_step(0, 0, 0, **prior) == pytest.approx((2.0, 1.0))  # nothing measured: the prior, sd = 2 - 1
+    # 16 trees of 3 tokens each (2 accepted + the bonus): half measurement, half prior
+    mean, sd = gain_per_step(16, 32, 16 * 9, **prior)
+    assert mean == pytest.approx(2.5)
+    assert sd == pytest.approx(np.sqrt((16 * 9 + 16 * 5) / 32 - 2.5**2))
+    # the measurement takes over: 10 000 trees of gains 1 and 3 alike (mean 2, sd 1) against a prior of 4
+    mean, sd = gain_per_step(10_000, 10_000, 5_000 * (1 + 9), prior_tokens_per_step=4.0, prior_steps=16.0)
+    assert mean == pytest.approx(2.0, abs=0.01) and sd == pytest.approx(1.0, abs=0.02)
+    # no prior: the measurement alone, 1 token a step and no spread before any tree
+    assert gain_per_step(0, 0, 0, prior_tokens_per_step=2.0, prior_steps=0.0) == (1.0, 0.0)
+    assert gain_per_step(4, 4, 4 * 4, prior_tokens_per_step=2.0, prior_steps=0.0) == (2.0, 0.0)
+
+
+def test_a_cold_replica_priced_at_one_token_a_step_admits_what_breaks_a_tight_pace():
+    """Why the prior: at 1 token a step no replica could keep an 8 ms pace (a one-root step takes 11 ms), so fail
+    fast judges the tight newcomer as having no SLO and lets its 200-token prompt in; priced at the prior's gain,
+    the running tight request is protected and the prompt's TTFT floor would break its pace."""
+    linear = LatencyModel(PiecewiseLinear((0.0, 1000.0), (0.01, 1.01)), 0.0)  # 10 ms + 1 ms a token
+
+    def admits(prior_steps: float) -> bool:
+        gain, sd = gain_per_step(0, 0, 0, prior_tokens_per_step=2.0, prior_steps=prior_steps)
+        return tpot_pace_admits(
+            linear, newcomer=1, tpot_slo_s=np.array([0.008, 0.008]), remaining_tokens=np.array([30.0, 30.0]),
+            decode_time_s=np.zeros(2), decoded_tokens=np.zeros(2), prefill_floor_tokens=200, context_tokens=0.0,
+            acceptance_rate=(gain - 1.0) / gain, tokens_per_step=gain, tokens_per_step_sd=sd,
+            max_nodes_per_request=8, max_tokens=512, max_prefill_tokens=510, overhead_s=0.0)
+
+    assert admits(prior_steps=0.0)
+    assert not admits(prior_steps=16.0)
