@@ -305,6 +305,7 @@ def test_slo_prefill_plans_a_cushion_from_the_measured_gain_spread(random_draft_
         return sched.prefill_cap(decodes, time.perf_counter())
 
     sched.step_overhead_ema_s = 0.0
+    sched.config = dataclasses.replace(sched.config, gain_prior_steps=0.0)  # the measured gain alone
     # every tree gained 1 token: no spread, so ~1 s steps of ~19 tokens keep the 1 s SLO for the 15 left
     sched.totals = StepTotals(tree_requests=100, accepted=0, tree_gain_sq=100)
     steady, nodes = cap()
