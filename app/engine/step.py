@@ -148,9 +148,3 @@ class StepTotals:
     def tokens_per_tree_step(self) -> float:
         """Tokens a speculating request gains per step so far (accepted draft tokens + the bonus token)."""
         return 1.0 + (self.accepted / self.tree_requests if self.tree_requests else 0.0)
-
-    @property
-    def tokens_per_tree_step_sd(self) -> float:
-        if not self.tree_requests:
-            return 0.0
-        return max(self.tree_gain_sq / self.tree_requests - self.tokens_per_tree_step ** 2, 0.0) ** 0.5
