@@ -94,11 +94,11 @@ class Load:
         return self.outcomes
 
 
-def _wait_replicas(predicate, timeout_s: float) -> int:
+def _wait_replicas(predicate, timeout_s: float, base_url: str) -> int:
     deadline = time.monotonic() + timeout_s
     while (n := _running_replicas()) is not None and not predicate(n):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{n} running replicas after {timeout_s} s")
+        if time.monotonic() > deadline:  # say why the scaler held: its last decision's gauges
+            raise AssertionError(f"{n} running replicas after {timeout_s} s; {_autoscaling_gauges(base_url)}")
         time.sleep(0.5)
     return n
 
@@ -114,7 +114,7 @@ def test_ramp_scales_up_then_back_down_without_losing_a_stream(server) -> None:
     assert _running_replicas() == 1
     ramp = Load(base_url, workers=2 * MAX_NUM_SEQS, max_tokens=24)  # twice what one replica's slots hold
     try:
-        _wait_replicas(lambda n: n >= 2, timeout_s=120)
+        _wait_replicas(lambda n: n >= 2, timeout_s=120, base_url=base_url)
         time.sleep(2.0)  # both replicas serve for a moment
     finally:
         ramp_outcomes = ramp.stop()
@@ -124,7 +124,7 @@ def test_ramp_scales_up_then_back_down_without_losing_a_stream(server) -> None:
     # a trickle of long streams while the scaler removes a replica: the one it removes must finish its stream
     trickle = Load(base_url, workers=2, max_tokens=64)
     try:
-        _wait_replicas(lambda n: n == 1, timeout_s=120)
+        _wait_replicas(lambda n: n == 1, timeout_s=120, base_url=base_url)
     finally:
         trickle_outcomes = trickle.stop()
     outcomes = ramp_outcomes + trickle_outcomes
