@@ -58,10 +58,10 @@ def split_step_tokens(
 
     A step whose prefill the cap held back (``prefill_held``) verifies only the reserved nodes: the plan chose that
     step's size (the most prefill per second that keeps every protected request on pace), and nodes past it would
-    lengthen the very step the plan kept prompts waiting to keep short (docs/results.md, 2026-12-07). The plan
-    prices a node at the measured gain per step, so until a tree has been verified (``gain_measured`` False) it
-    reserves none, and held steps keep B's nodes: otherwise a replica whose first steps are held would never
-    speculate and never measure the gain.
+    lengthen the very step the plan kept prompts waiting to keep short (docs/results.md, 2026-12-07). Until a tree
+    has been verified (``gain_measured`` False) the plan prices nodes at an assumed gain (the prior of
+    ``policies.budget.gain_per_step``; without one, 1 token a step, which reserves no nodes at all), so held steps
+    keep B's nodes: otherwise a replica whose first steps are held might never speculate and never measure the gain.
     """
     budget = max(int(max_num_batched_tokens) - int(num_roots), 0)
     prefill_budget = budget
