@@ -10,6 +10,13 @@ over repeats is reported, with each engine's ratio to transformers and the packe
 Also prints KV bytes per token, the engine's peak KV use per request, and the batch-1 ceiling that the weights'
 bytes and this machine's memory bandwidth set.
 
+    python -m bench.engine --step-shapes [--context 256] [--repeats 7]
+
+--step-shapes: float32 against bfloat16 on this machine, one target forward per shape (requests x tokens after
+--context cached tokens), the two dtypes taking turns; best of --repeats per shape, and each shape's cost as a
+multiple of its dtype's one-token step (how flat the verify cost is, which decides whether trees pay). This is what
+``dtype: auto`` is chosen by on a CPU.
+
 --profile: torch profiler over a decode step (one request, one token after --context) and a verify step (one
 --tree-nodes chain tree), packed and unpacked: ms per step by operator, and by part of the model (each projection, the LM head, the
 attention ops, the rest) from the operators' self times and weight shapes.
@@ -108,6 +115,45 @@ def step_fns(runner: ModelRunner, context: int, tree_nodes: int) -> dict:
             f"verify{tree_nodes}": lambda: runner.run([SeqInput(blocks, context, [5] * tree_nodes, chain, "all")])}
 
 
+STEP_SHAPES = ((1, 1), (1, 8), (1, 16), (1, 32), (4, 16), (1, 256))  # (requests, tokens each)
+
+
+def step_shape_inputs(runner: ModelRunner, num_requests: int, num_tokens: int, context: int) -> list[SeqInput]:
+    """num_requests verify-shaped sequences of num_tokens after context cached tokens: a chain tree up to the tree
+    attention's size limit, a causal prefill chunk beyond it. The caller releases the blocks."""
+    seqs = []
+    for _ in range(num_requests):
+        blocks: list[int] = []
+        if not runner.kv.ensure_capacity(blocks, context + num_tokens):
+            raise RuntimeError("the KV cache cannot hold the timed shape")
+        parents = [-1] + list(range(num_tokens - 1)) if num_tokens <= 32 else None
+        seqs.append(SeqInput(blocks, context, [5] * num_tokens, parents, "all" if parents else "last"))
+    return seqs
+
+
+def time_step_shapes(engines: dict[str, LLMEngine], context: int, repeats: int) -> None:
+    print(f"context {context}, best of {repeats} (the dtypes take turns); x1: the shape's time / its dtype's 1-token step")
+    names = list(engines)
+    print(f"{'requests x tokens':>17} " + " ".join(f"{n + ' ms':>12} {'x1':>5}" for n in names)
+          + f" {names[-1] + ' / ' + names[0]:>22}")
+    one_token: dict[str, float] = {}
+    for n, t in STEP_SHAPES:
+        seqs = {name: step_shape_inputs(e.runner, n, t, context) for name, e in engines.items()}
+        best = {name: float("inf") for name in names}
+        for i in range(repeats + 1):  # the first turn warms up
+            for name, e in engines.items():
+                t0 = time.perf_counter()
+                e.runner.run(seqs[name])
+                if i:
+                    best[name] = min(best[name], time.perf_counter() - t0)
+        for name, e in engines.items():
+            for s in seqs[name]:
+                e.kv.release(s.block_ids)
+        one_token = one_token or dict(best)
+        print(f"{f'{n} x {t}':>17} " + " ".join(f"{best[k] * 1e3:>12.1f} {best[k] / one_token[k]:>5.2f}" for k in names)
+              + f" {best[names[-1]] / best[names[0]]:>22.2f}", flush=True)
+
+
 def model_part(name: str, shapes: list, config) -> str:
     """Which part of the model an operator belongs to: matmuls by their weight's shape, attention ops by name."""
     if name in ("mkldnn::_linear_pointwise", "aten::mm", "aten::addmm") and len(shapes) > 1 and shapes[1]:
@@ -164,18 +210,22 @@ def main() -> None:
     ap.add_argument("--no-unpacked", action="store_true", help="skip the engine without oneDNN weight packing")
     ap.add_argument("--skip-hf", action="store_true", help="skip transformers generate")
     ap.add_argument("--profile", action="store_true", help="profile a decode and a verify step instead")
-    ap.add_argument("--context", type=int, default=200, help="--profile: cached tokens before the step")
+    ap.add_argument("--step-shapes", action="store_true", help="time float32 against bfloat16 steps instead")
+    ap.add_argument("--context", type=int, default=200, help="--profile, --step-shapes: cached tokens before the step")
     ap.add_argument("--tree-nodes", type=int, default=16, help="--profile: nodes of the verify step's tree")
     args = ap.parse_args()
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    def make(prepack: bool) -> LLMEngine:
-        return LLMEngine(EngineConfig(model=args.model, device=args.device, dtype=args.dtype, max_num_seqs=64,
+    def make(prepack: bool, dtype: str = args.dtype) -> LLMEngine:
+        return LLMEngine(EngineConfig(model=args.model, device=args.device, dtype=dtype, max_num_seqs=64,
                                       max_num_batched_tokens=2048, prefill_chunk_tokens=2048,
                                       kv_cache_memory_gb=0.5, cpu_weight_prepack=prepack))
 
+    if args.step_shapes:
+        time_step_shapes({d: make(True, d) for d in ("float32", "bfloat16")}, args.context, args.repeats)
+        return
     engine = make(True)
     print(f"device={engine.device} dtype={engine.dtype} threads={torch.get_num_threads()} "
           f"packed={engine.model.packed} KV bytes/token={engine.model.kv_bytes_per_token()}")

@@ -24,7 +24,8 @@ class EngineConfig:
     draft: str | None = None  # draft sources: "feature", "distilled", "ngram", a model id/path, or a comma list to merge
     policy: str = "none"  # speculation policy: none | chain:k | static-tree | dynamic-tree | adaserve
     device: str = "auto"  # cpu | cuda | auto
-    dtype: str = "auto"  # float32 | bfloat16 | float16 | auto (bfloat16 on CUDA and AMX CPUs, else float32)
+    dtype: str = "auto"  # float32 | bfloat16 | float16 | auto (bfloat16 on CUDA and on CPUs with native bf16
+    # matmul, AMX or AVX512-BF16; else float32)
     block_size: int = 16
     num_kv_blocks: int | None = None  # KV blocks of the target and of each draft model; None: the memory plan sizes
     # them (app/engine/memory_plan.py), the same token capacity for all

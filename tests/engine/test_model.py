@@ -201,3 +201,14 @@ def test_cpu_kernel_caches_are_bounded_unless_the_environment_says_otherwise(mon
     assert bound_cpu_kernel_caches(64) == {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "64", "LRU_CACHE_CAPACITY": "7"}
     with pytest.raises(ValueError, match="cpu_kernel_cache_entries must be positive"):
         EngineConfig(cpu_kernel_cache_entries=0)
+
+
+@pytest.mark.parametrize("amx, avx512_bf16, expected", [(False, False, torch.float32), (True, False, torch.bfloat16),
+                                                        (False, True, torch.bfloat16)])
+def test_auto_dtype_is_bf16_only_where_the_cpu_multiplies_bf16_natively(monkeypatch, amx, avx512_bf16, expected):
+    from app.engine.engine import resolve_dtype
+
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    assert resolve_dtype("auto", torch.device("cpu")) == expected
+    assert resolve_dtype("float32", torch.device("cpu")) == torch.float32  # an explicit dtype is kept
