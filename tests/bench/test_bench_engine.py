@@ -3,22 +3,16 @@ back (a leak would make the later shapes time a fuller cache)."""
 
 from __future__ import annotations
 
-import json
-
 from bench.engine import STEP_SHAPES, step_shape_inputs, time_step_shapes
-
-TINY = {"model_type": "llama", "vocab_size": 384, "hidden_size": 64, "intermediate_size": 128,
-        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
-        "max_position_embeddings": 1024, "tie_word_embeddings": False, "eos_token_id": 2}
+from tests.engine.test_dummy import write_config
 
 
 def tiny_engine(tmp_path, dtype: str):
     from app.engine.config import EngineConfig
     from app.engine.engine import LLMEngine
 
-    (tmp_path / "config.json").write_text(json.dumps(TINY))
-    return LLMEngine(EngineConfig(model=str(tmp_path), load_format="dummy", device="cpu", dtype=dtype,
-                                  num_kv_blocks=256, block_size=8, profile_latency=False))
+    return LLMEngine(EngineConfig(model=str(write_config(tmp_path / "tiny")), load_format="dummy", device="cpu",
+                                  dtype=dtype, num_kv_blocks=256, block_size=8, profile_latency=False))
 
 
 def test_step_shape_inputs_are_chain_trees_up_to_32_tokens_then_prefill_chunks(tmp_path):
