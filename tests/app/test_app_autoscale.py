@@ -51,10 +51,11 @@ def _running_replicas() -> int:
 
 
 class Load:
-    """``workers`` threads streaming completions back to back until stopped; every outcome is kept."""
+    """``workers`` threads streaming completions until stopped, each ``pause_s`` after its last one ended; every
+    outcome is kept."""
 
-    def __init__(self, base_url: str, workers: int, max_tokens: int):
-        self.base_url, self.max_tokens = base_url, max_tokens
+    def __init__(self, base_url: str, workers: int, max_tokens: int, pause_s: float = 0.0):
+        self.base_url, self.max_tokens, self.pause_s = base_url, max_tokens, pause_s
         self.outcomes: list[str] = []  # finish_reason of a complete stream, else what went wrong
         self._stop = threading.Event()
         self._threads = [threading.Thread(target=self._work, daemon=True) for _ in range(workers)]
@@ -65,6 +66,7 @@ class Load:
         with httpx.Client(timeout=120) as client:
             while not self._stop.is_set():
                 self.outcomes.append(self._one(client))
+                self._stop.wait(self.pause_s)
 
     def _one(self, client: httpx.Client) -> str:
         body = {"model": MODEL, "prompt": "Count slowly:", "max_tokens": self.max_tokens, "ignore_eos": True,
@@ -121,8 +123,11 @@ def test_ramp_scales_up_then_back_down_without_losing_a_stream(server) -> None:
     gauges = _autoscaling_gauges(base_url)
     assert gauges['adaserve_autoscaling_desired_replicas{"deployment": "LLMReplica"}'] >= 1
     assert any(k.startswith("adaserve_autoscaling_reason") for k in gauges)
-    # a trickle of long streams while the scaler removes a replica: the one it removes must finish its stream
-    trickle = Load(base_url, workers=2, max_tokens=64)
+    # a trickle of long streams while the scaler removes a replica: the one it removes must finish its stream.
+    # The pause keeps a worker's next request from overlapping the end of its last one on the replicas' load
+    # samples: back to back, two workers read as three streams at the window's peak (0.75 of a replica), above what
+    # scale-down allows (0.55), and the scaler held 2 replicas
+    trickle = Load(base_url, workers=2, max_tokens=64, pause_s=0.5)
     try:
         _wait_replicas(lambda n: n == 1, timeout_s=120, base_url=base_url)
     finally:
