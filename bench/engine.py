@@ -132,7 +132,8 @@ def step_shape_inputs(runner: ModelRunner, num_requests: int, num_tokens: int, c
 
 
 def time_step_shapes(engines: dict[str, LLMEngine], context: int, repeats: int) -> None:
-    print(f"context {context}, best of {repeats} (the dtypes take turns); x1: the shape's time / its dtype's 1-token step")
+    print(f"context {context}, best of {repeats} (the dtypes take turns); "
+          "x1: the shape's time / its dtype's 1-token step")
     names = list(engines)
     print(f"{'requests x tokens':>17} " + " ".join(f"{n + ' ms':>12} {'x1':>5}" for n in names)
           + f" {names[-1] + ' / ' + names[0]:>22}")
