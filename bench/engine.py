@@ -35,6 +35,7 @@ import torch
 from app.engine.config import EngineConfig, SamplingParams
 from app.engine.engine import LLMEngine
 from app.engine.runner import ModelRunner, SeqInput
+from kernels.metadata import MAX_TREE_TOKENS
 
 PROMPTS = [
     "Explain how a transformer language model generates text, step by step.",
@@ -105,30 +106,27 @@ def hf_decode_tps(model, tokenizer, prompts: list[list[int]], new_tokens: int) -
     return len(prompts) * (new_tokens - 1) / max(total_s - prefill_s, 1e-9)
 
 
-def step_fns(runner: ModelRunner, context: int, tree_nodes: int) -> dict:
-    """A decode step and a chain-tree verify step of one request after `context` cached tokens."""
-    blocks: list[int] = []
-    if not runner.kv.ensure_capacity(blocks, context + tree_nodes):
-        raise RuntimeError("the KV cache cannot hold the profiled request")
-    chain = [-1] + list(range(tree_nodes - 1))
-    return {"decode": lambda: runner.run([SeqInput(blocks, context, [5])]),
-            f"verify{tree_nodes}": lambda: runner.run([SeqInput(blocks, context, [5] * tree_nodes, chain, "all")])}
-
-
 STEP_SHAPES = ((1, 1), (1, 8), (1, 16), (1, 32), (4, 16), (1, 256))  # (requests, tokens each)
 
 
 def step_shape_inputs(runner: ModelRunner, num_requests: int, num_tokens: int, context: int) -> list[SeqInput]:
     """num_requests verify-shaped sequences of num_tokens after context cached tokens: a chain tree up to the tree
-    attention's size limit, a causal prefill chunk beyond it. The caller releases the blocks."""
+    attention's size limit (``MAX_TREE_TOKENS``), a causal prefill chunk beyond it. The caller releases the blocks."""
     seqs = []
     for _ in range(num_requests):
         blocks: list[int] = []
         if not runner.kv.ensure_capacity(blocks, context + num_tokens):
             raise RuntimeError("the KV cache cannot hold the timed shape")
-        parents = [-1] + list(range(num_tokens - 1)) if num_tokens <= 32 else None
+        parents = [-1] + list(range(num_tokens - 1)) if num_tokens <= MAX_TREE_TOKENS else None
         seqs.append(SeqInput(blocks, context, [5] * num_tokens, parents, "all" if parents else "last"))
     return seqs
+
+
+def step_fns(runner: ModelRunner, context: int, tree_nodes: int) -> dict:
+    """A decode step and a chain-tree verify step of one request after `context` cached tokens."""
+    verify = step_shape_inputs(runner, 1, tree_nodes, context)[0]
+    decode = SeqInput(verify.block_ids, context, [5])
+    return {"decode": lambda: runner.run([decode]), f"verify{tree_nodes}": lambda: runner.run([verify])}
 
 
 def time_step_shapes(engines: dict[str, LLMEngine], context: int, repeats: int) -> None:

@@ -4,18 +4,14 @@ back (a leak would make the later shapes time a fuller cache)."""
 from __future__ import annotations
 
 from bench.engine import STEP_SHAPES, step_shape_inputs, time_step_shapes
-from tests.engine.test_dummy import write_config
+from tests.engine.test_dummy import engine, write_config
 
 
 def tiny_engine(tmp_path, dtype: str):
-    from app.engine.config import EngineConfig
-    from app.engine.engine import LLMEngine
-
-    return LLMEngine(EngineConfig(model=str(write_config(tmp_path / "tiny")), load_format="dummy", device="cpu",
-                                  dtype=dtype, num_kv_blocks=256, block_size=8, profile_latency=False))
+    return engine(str(write_config(tmp_path / "tiny")), dtype=dtype, num_kv_blocks=256)
 
 
-def test_step_shape_inputs_are_chain_trees_up_to_32_tokens_then_prefill_chunks(tmp_path):
+def test_step_shape_inputs_are_chain_trees_up_to_the_tree_limit_then_prefill_chunks(tmp_path):
     eng = tiny_engine(tmp_path, "float32")
     tree = step_shape_inputs(eng.runner, 2, 16, context=8)
     assert len(tree) == 2 and all(s.parents == [-1] + list(range(15)) and s.logits == "all" for s in tree)
